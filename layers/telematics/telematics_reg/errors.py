@@ -1,0 +1,111 @@
+"""Errors raised by the library. Every name ends in ``Error``; callers branch on the class, never on text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One problem with one field, as the upstream's ``Errors[]`` item or our own validation."""
+
+    key: str
+    message: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"Key": self.key, "Message": self.message}
+
+
+class TelematicsError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+# --- input -------------------------------------------------------------------------------------------------
+
+
+class InvalidMessageError(TelematicsError):
+    """A registration message that can never succeed: bad JSON, wrong types, missing or oversized fields.
+
+    It is never sent upstream and never retried; it goes to the dead-letter queue with ``reason`` and
+    ``errors``.
+    """
+
+    def __init__(self, reason: str, errors: list[FieldError] | None = None) -> None:
+        self.reason = reason
+        self.errors = errors or []
+        detail = "; ".join(f"{e.key}: {e.message}" for e in self.errors)
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class UnknownInstanceError(InvalidMessageError):
+    """The message names an instance alias that the credentials secret does not hold."""
+
+
+# --- upstream ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class UpstreamError(TelematicsError):
+    """An answer from the User Service that is not a success, or no answer at all."""
+
+    message: str
+    status: int | None = None
+    errors: list[FieldError] = field(default_factory=list)
+    call: str = ""
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        parts = [self.message]
+        if self.status is not None:
+            parts.append(f"(HTTP {self.status})")
+        if self.errors:
+            parts.append("; ".join(f"{e.key}: {e.message}" for e in self.errors))
+        return " ".join(parts)
+
+
+class RetryableUpstreamError(UpstreamError):
+    """Safe and useful to try again later (after backoff)."""
+
+
+class TransientUpstreamError(RetryableUpstreamError):
+    """5xx, connection failure or timeout where the request provably did nothing (or was safe to repeat)."""
+
+
+@dataclass
+class RateLimitedError(RetryableUpstreamError):
+    """HTTP 429. ``retry_after`` is the server's ``Retry-After`` in seconds, when it sent one."""
+
+    retry_after: float | None = None
+
+
+class OutcomeUnknownError(UpstreamError):
+    """The request may have been committed upstream but its answer was lost (timeout, dropped connection, 5xx
+    after sending). Repeating a Create or CreateMany blindly could make a second user, so it is never retried
+    as is: a Create with a known DeviceToken is recovered by Login; anything else is reported."""
+
+
+class UnauthorizedError(UpstreamError):
+    """HTTP 401: bad instance credentials, or a missing/expired/invalid access token."""
+
+
+class ForbiddenError(UpstreamError):
+    """HTTP 403: wrong token type."""
+
+
+class NotFoundError(UpstreamError):
+    """HTTP 404: no such route (an endpoint not offered) or no such user."""
+
+
+class UpstreamValidationError(UpstreamError):
+    """HTTP 400/422 other than a dead refresh token: the upstream rejected the request permanently; ``errors``
+    holds its ``Errors[]``."""
+
+
+class UserAlreadyExistsError(UpstreamValidationError):
+    """Create with a ``CustomToken`` that is already some user's DeviceToken."""
+
+
+class DeadRefreshTokenError(UpstreamError):
+    """HTTP 400 on Refresh: the refresh token is used, revoked or unknown. Only Login can recover the user."""
