@@ -1,0 +1,152 @@
+"""The public endpoints of the User Service (UPSTREAM.md), over :class:`EmulatorState`."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jwt
+
+from local.emulator.messages import ApiError, FieldError, Reply, Request, envelope
+from local.emulator.schema import CREATE_FIELDS, CREATE_MANY_FIELDS, UPDATE_FIELDS, bind, fold_keys
+from local.emulator.state import EmulatorState, Instance, NewUser, normalize_device_token
+from local.emulator.tokens import TokenIssuer
+
+
+def _object_body(request: Request) -> dict[str, Any]:
+    """The body as an object: an empty body is ``{}``; any other JSON type is a 400."""
+    if request.body is None:
+        return {}
+    if not isinstance(request.body, dict):
+        raise ApiError.single(400, "Body", "The request body must be a JSON object")
+    return request.body
+
+
+def _bind_or_422(body: dict[str, Any], fields: Any) -> dict[str, Any]:
+    values, errors = bind(body, fields)
+    if errors:
+        raise ApiError(422, errors, title="One or more validation errors occurred.")
+    return values
+
+
+class PublicApi:
+    """One method per upstream call; each takes the parsed :class:`Request` and returns a :class:`Reply`."""
+
+    def __init__(self, state: EmulatorState, issuer: TokenIssuer) -> None:
+        self._state = state
+        self._issuer = issuer
+
+    def _instance(self, request: Request) -> Instance:
+        return self._state.authenticate(request.header("InstanceId"), request.header("InstanceKey"))
+
+    def _bearer_claims(self, request: Request) -> dict[str, Any]:
+        """Claims of a valid, unexpired ``Authorization: Bearer`` JWT signed by us; 401 otherwise."""
+        header = request.header("Authorization") or ""
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError.single(401, "Authorization", "A Bearer access token is required")
+        try:
+            return self._issuer.decode(token.strip(), verify_exp=True)
+        except jwt.ExpiredSignatureError:
+            raise ApiError.single(401, "Authorization", "The access token has expired") from None
+        except jwt.PyJWTError:
+            raise ApiError.single(401, "Authorization", "The access token is invalid") from None
+
+    # ------------------------------------------------------------------ registration
+
+    def create(self, request: Request) -> Reply:
+        instance = self._instance(request)
+        values = _bind_or_422(_object_body(request), CREATE_FIELDS)
+        new = NewUser(
+            profile={
+                name: value
+                for name, value in values.items()
+                if name not in {"UserFields", "Status", "CreateAccessToken", "CustomToken"}
+            },
+            user_fields=values.get("UserFields", {}),
+            status=values.get("Status", "Active"),
+            custom_token=values.get("CustomToken"),
+            create_access_token=values.get("CreateAccessToken", True),
+        )
+        return envelope(200, self._state.create(instance, new))
+
+    def create_many(self, request: Request) -> Reply:
+        instance = self._instance(request)
+        values = _bind_or_422(_object_body(request), CREATE_MANY_FIELDS)
+        results = self._state.create_many(
+            instance,
+            values["Quantity"],
+            values.get("CreateAccessToken", True),
+            values.get("CustomFields", {}),
+        )
+        return envelope(200, {"Results": results})
+
+    # ------------------------------------------------------------------ tokens
+
+    def refresh(self, request: Request) -> Reply:
+        body = _object_body(request)
+        errors = [
+            FieldError(name, f"The {name} field is required.")
+            for name in ("AccessToken", "RefreshToken")
+            if not isinstance(body.get(name.lower()), str) or not body[name.lower()]
+        ]
+        if errors:
+            raise ApiError(400, errors)
+        try:
+            claims = self._issuer.decode(body["accesstoken"], verify_exp=False)
+        except jwt.PyJWTError:
+            raise ApiError.single(400, "AccessToken", "The access token is not valid") from None
+        return envelope(200, self._state.refresh(claims, body["refreshtoken"]))
+
+    def login(self, request: Request) -> Reply:
+        try:
+            body = _object_body(request)
+            device_token = self._login_device_token(body)
+        except ApiError:
+            self._state.count_failed_login()
+            raise
+        password = body.get("password")
+        result = self._state.login(
+            request.header("InstanceId"),
+            password if isinstance(password, str) else None,
+            normalize_device_token(device_token),
+        )
+        return envelope(200, result)
+
+    @staticmethod
+    def _login_device_token(body: dict[str, Any]) -> str:
+        """The DeviceToken inside ``LoginFields`` (a JSON string, or an object), keys case-insensitive."""
+        fields = body.get("loginfields")
+        if isinstance(fields, str):
+            try:
+                fields = fold_keys(json.loads(fields))
+            except json.JSONDecodeError:
+                raise ApiError.single(400, "LoginFields", "LoginFields is not valid JSON") from None
+        if not isinstance(fields, dict):
+            raise ApiError.single(400, "LoginFields", "LoginFields must be an object or a JSON string of one")
+        device_token = fields.get("devicetoken")
+        if not isinstance(device_token, str) or not device_token:
+            raise ApiError.single(400, "LoginFields.DeviceToken", "The DeviceToken field is required.")
+        return device_token
+
+    # ------------------------------------------------------------------ users
+
+    def user_exists(self, request: Request) -> Reply:
+        instance = self._instance(request)
+        client_id, email, phone = (request.query.get(name) for name in ("clientid", "email", "phone"))
+        if client_id is None and email is None and phone is None:
+            raise ApiError.single(400, "ClientId", "One of ClientId, Email or Phone is required")
+        exists = self._state.user_exists(instance, client_id=client_id, email=email, phone=phone)
+        return envelope(200, {"UserExists": exists})
+
+    def update_user(self, request: Request) -> Reply:
+        claims = self._bearer_claims(request)
+        changes = _bind_or_422(_object_body(request), UPDATE_FIELDS)
+        self._state.update(claims["DeviceToken"], changes)
+        return envelope(200)
+
+    def delete_user(self, request: Request) -> Reply:
+        claims = self._bearer_claims(request)
+        (device_token,) = request.path_params
+        self._state.delete(claims["InstanceId"], normalize_device_token(device_token))
+        return envelope(200)

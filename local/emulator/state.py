@@ -1,0 +1,428 @@
+"""The emulator's in-memory world: instances, users, refresh tokens, counters and run-time config.
+
+Every read and write of the mutable state happens under one lock, so any number of handler threads
+may call in. Operations raise :class:`ApiError` with the upstream's status codes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from local.emulator.faults import FAULT_KINDS
+from local.emulator.messages import ApiError
+from local.emulator.tokens import TokenIssuer, new_refresh_token
+
+USER_FIELD_DEFAULTS: Mapping[str, Any] = {
+    "EnableTracking": True,
+    "EnableLogging": False,
+    "Enabled": True,
+    "EnableRealtimeLocation": False,
+    "ClientId": None,
+}
+REFRESH_PATHS = ("observed", "spec")
+
+
+@dataclass(frozen=True)
+class Instance:
+    """A user group: ``alias`` is the name in the credentials JSON."""
+
+    alias: str
+    instance_id: str
+    instance_key: str
+
+    def key_matches(self, key: str | None) -> bool:
+        return key is not None and key.strip().lower() == self.instance_key.lower()
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    token_lifetime_s: int = 7200
+    create_many_enabled: bool = True
+    refresh_paths: frozenset[str] = frozenset(REFRESH_PATHS)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "token_lifetime_s": self.token_lifetime_s,
+            "create_many_enabled": self.create_many_enabled,
+            "refresh_paths": [path for path in REFRESH_PATHS if path in self.refresh_paths],
+        }
+
+
+@dataclass
+class User:
+    device_token: str
+    instance_id: str
+    profile: dict[str, Any]
+    user_fields: dict[str, Any]
+    status: str
+    created_at: float
+    source: str
+    refresh_token: str | None = None
+    login_disabled: bool = False
+    tokens_issued: int = 0
+    refreshes: int = 0
+    logins: int = 0
+
+    @property
+    def client_id(self) -> str | None:
+        value = self.user_fields.get("ClientId")
+        return value if isinstance(value, str) and value else None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "DeviceToken": self.device_token,
+            "InstanceId": self.instance_id,
+            "ClientId": self.client_id,
+            "CreatedAt": datetime.fromtimestamp(self.created_at, UTC).isoformat(),
+            "CreatedBy": self.source,
+            "Status": self.status,
+            "Profile": dict(self.profile),
+            "UserFields": dict(self.user_fields),
+            "LoginDisabled": self.login_disabled,
+            "HasRefreshToken": self.refresh_token is not None,
+            "TokensIssued": self.tokens_issued,
+            "Refreshes": self.refreshes,
+            "Logins": self.logins,
+        }
+
+
+@dataclass
+class Counters:
+    creates: int = 0
+    create_many_calls: int = 0
+    create_many_users: int = 0
+    refreshes: int = 0
+    logins: int = 0
+    failed_logins: int = 0
+    rejected_refresh_tokens: int = 0
+    updates: int = 0
+    deletes: int = 0
+    requests_total: int = 0
+    faults_served: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAULT_KINDS, 0))
+
+
+@dataclass(frozen=True)
+class NewUser:
+    """A validated Create body, ready to commit."""
+
+    profile: dict[str, Any]
+    user_fields: dict[str, Any]
+    status: str = "Active"
+    custom_token: str | None = None
+    create_access_token: bool = True
+
+
+def _user_not_found() -> ApiError:
+    return ApiError.single(404, "DeviceToken", "User not found")
+
+
+class EmulatorState:
+    """Users, tokens and counters of all instances, behind one lock."""
+
+    def __init__(self, instances: Sequence[Instance], issuer: TokenIssuer, config: RuntimeConfig) -> None:
+        self._lock = threading.Lock()
+        self._issuer = issuer
+        self._instances = {instance.instance_id.lower(): instance for instance in instances}
+        self._initial_config = config
+        self._config = config
+        self._users: dict[str, User] = {}
+        self._refresh_tokens: dict[str, str] = {}
+        self._users_by_instance: Counter[str] = Counter()
+        self._users_by_client: Counter[tuple[str, str]] = Counter()
+        self._counters = Counters()
+        self._random = random.Random()
+
+    # ----------------------------------------------------------------- credentials
+
+    @property
+    def instances(self) -> tuple[Instance, ...]:
+        return tuple(self._instances.values())
+
+    def instance(self, instance_id: str | None) -> Instance | None:
+        return self._instances.get(instance_id.strip().lower()) if instance_id else None
+
+    def authenticate(self, instance_id: str | None, instance_key: str | None) -> Instance:
+        """The instance whose id and key the headers carry; 401 otherwise."""
+        found = self.instance(instance_id)
+        if found is None or not found.key_matches(instance_key):
+            raise ApiError.single(401, "InstanceKey", "Invalid InstanceId or InstanceKey")
+        return found
+
+    # ----------------------------------------------------------------- counters and config
+
+    def count_request(self) -> None:
+        with self._lock:
+            self._counters.requests_total += 1
+
+    def count_fault(self, kind: str) -> None:
+        with self._lock:
+            self._counters.faults_served[kind] = self._counters.faults_served.get(kind, 0) + 1
+
+    def counters(self) -> dict[str, Any]:
+        with self._lock:
+            counters = self._counters
+            return {
+                "users_total": len(self._users),
+                "users_by_instance": {
+                    instance.instance_id: self._users_by_instance[instance.instance_id]
+                    for instance in self._instances.values()
+                },
+                "users_by_client_id": {
+                    f"{instance_id}/{client_id}": count
+                    for (instance_id, client_id), count in sorted(self._users_by_client.items())
+                    if count
+                },
+                "creates": counters.creates,
+                "create_many_calls": counters.create_many_calls,
+                "create_many_users": counters.create_many_users,
+                "refreshes": counters.refreshes,
+                "logins": counters.logins,
+                "failed_logins": counters.failed_logins,
+                "rejected_refresh_tokens": counters.rejected_refresh_tokens,
+                "updates": counters.updates,
+                "deletes": counters.deletes,
+                "faults_served": dict(counters.faults_served),
+                "requests_total": counters.requests_total,
+            }
+
+    @property
+    def config(self) -> RuntimeConfig:
+        with self._lock:
+            return self._config
+
+    def update_config(self, **changes: Any) -> RuntimeConfig:
+        with self._lock:
+            self._config = replace(self._config, **changes)
+            return self._config
+
+    def reset(self) -> None:
+        """Forget users, tokens and counters; the run-time config returns to its start values."""
+        with self._lock:
+            self._users.clear()
+            self._refresh_tokens.clear()
+            self._users_by_instance.clear()
+            self._users_by_client.clear()
+            self._counters = Counters()
+            self._config = self._initial_config
+
+    # ----------------------------------------------------------------- internals (lock held)
+
+    def _issue(self, user: User) -> dict[str, Any]:
+        """A new token pair for ``user``; its previous refresh token stops working."""
+        if user.refresh_token is not None:
+            self._refresh_tokens.pop(user.refresh_token, None)
+        token, expires_in = self._issuer.access_token(
+            user.device_token, user.instance_id, self._config.token_lifetime_s
+        )
+        refresh_token = new_refresh_token()
+        user.refresh_token = refresh_token
+        user.tokens_issued += 1
+        self._refresh_tokens[refresh_token] = user.device_token
+        return {
+            "DeviceToken": user.device_token,
+            "AccessToken": {"Token": token, "ExpiresIn": expires_in},
+            "RefreshToken": refresh_token,
+        }
+
+    def _insert(self, user: User) -> None:
+        self._users[user.device_token] = user
+        self._users_by_instance[user.instance_id] += 1
+        if user.client_id is not None:
+            self._users_by_client[(user.instance_id, user.client_id)] += 1
+
+    def _remove(self, user: User) -> None:
+        del self._users[user.device_token]
+        if user.refresh_token is not None:
+            self._refresh_tokens.pop(user.refresh_token, None)
+        self._users_by_instance[user.instance_id] -= 1
+        if user.client_id is not None:
+            self._users_by_client[(user.instance_id, user.client_id)] -= 1
+
+    @staticmethod
+    def _without_tokens(device_token: str) -> dict[str, Any]:
+        return {"DeviceToken": device_token, "AccessToken": None, "RefreshToken": None}
+
+    # ----------------------------------------------------------------- public calls
+
+    def create(self, instance: Instance, new: NewUser) -> dict[str, Any]:
+        device_token = new.custom_token or str(uuid.uuid4())
+        user = User(
+            device_token=device_token,
+            instance_id=instance.instance_id,
+            profile=dict(new.profile),
+            user_fields={**USER_FIELD_DEFAULTS, **new.user_fields},
+            status=new.status,
+            created_at=time.time(),
+            source="create",
+        )
+        with self._lock:
+            if device_token in self._users:
+                raise ApiError.single(422, "CustomToken", "A user with this DeviceToken already exists")
+            self._insert(user)
+            self._counters.creates += 1
+            return self._issue(user) if new.create_access_token else self._without_tokens(device_token)
+
+    def create_many(
+        self, instance: Instance, quantity: int, create_access_token: bool, custom_fields: Mapping[str, Any]
+    ) -> list[dict[str, Any]]:
+        now = time.time()
+        results = []
+        with self._lock:
+            for _ in range(quantity):
+                user = User(
+                    device_token=str(uuid.uuid4()),
+                    instance_id=instance.instance_id,
+                    profile={},
+                    user_fields={**USER_FIELD_DEFAULTS, **custom_fields},
+                    status="Active",
+                    created_at=now,
+                    source="create_many",
+                )
+                self._insert(user)
+                results.append(self._issue(user) if create_access_token else self._without_tokens(user.device_token))
+            self._counters.create_many_calls += 1
+            self._counters.create_many_users += quantity
+        return results
+
+    def refresh(self, claims: Mapping[str, Any], refresh_token: str) -> dict[str, Any]:
+        """Rotate the pair of the refresh token's user; ``claims`` are the (possibly expired) JWT's."""
+        with self._lock:
+            device_token = self._refresh_tokens.get(refresh_token)
+            if device_token is None:
+                self._counters.rejected_refresh_tokens += 1
+                raise ApiError.single(400, "RefreshToken", "The refresh token is invalid, used or revoked")
+            if claims.get("DeviceToken") != device_token:
+                raise ApiError.single(400, "AccessToken", "The access token was not issued to this user")
+            user = self._users[device_token]
+            user.refreshes += 1
+            self._counters.refreshes += 1
+            return self._issue(user)
+
+    def login(self, instance_id: str | None, password: str | None, device_token: str) -> dict[str, Any]:
+        instance = self.instance(instance_id)
+        with self._lock:
+            if instance is None or not instance.key_matches(password):
+                self._counters.failed_logins += 1
+                raise ApiError.single(401, "Password", "Invalid InstanceId or password")
+            user = self._users.get(device_token)
+            if user is None or user.instance_id != instance.instance_id:
+                self._counters.failed_logins += 1
+                raise _user_not_found()
+            if user.login_disabled:
+                self._counters.failed_logins += 1
+                raise ApiError.single(401, "DeviceToken", "Login is disabled for this user")
+            user.logins += 1
+            self._counters.logins += 1
+            return self._issue(user)
+
+    def count_failed_login(self) -> None:
+        with self._lock:
+            self._counters.failed_logins += 1
+
+    def user_exists(self, instance: Instance, *, client_id: str | None, email: str | None, phone: str | None) -> bool:
+        with self._lock:
+            if client_id is not None and self._users_by_client[(instance.instance_id, client_id)] > 0:
+                return True
+            if email is None and phone is None:
+                return False
+            for user in self._users.values():
+                if user.instance_id != instance.instance_id:
+                    continue
+                user_email = user.profile.get("Email")
+                if email is not None and isinstance(user_email, str) and user_email.lower() == email.lower():
+                    return True
+                if phone is not None and user.profile.get("Phone") == phone:
+                    return True
+            return False
+
+    def update(self, device_token: str, changes: Mapping[str, Any]) -> None:
+        """Apply a validated update body (profile fields, ``Status``, ``UserFields`` merged by key)."""
+        with self._lock:
+            user = self._users.get(device_token)
+            if user is None:
+                raise _user_not_found()
+            if user.client_id is not None:
+                self._users_by_client[(user.instance_id, user.client_id)] -= 1
+            for name, value in changes.items():
+                if name == "UserFields":
+                    user.user_fields.update(value)
+                elif name == "Status":
+                    user.status = value
+                else:
+                    user.profile[name] = value
+            if user.client_id is not None:
+                self._users_by_client[(user.instance_id, user.client_id)] += 1
+            self._counters.updates += 1
+
+    def delete(self, instance_id: str, device_token: str) -> None:
+        """Delete a user of instance ``instance_id`` (the caller's token's instance)."""
+        with self._lock:
+            user = self._users.get(device_token)
+            if user is None:
+                raise _user_not_found()
+            if user.instance_id.lower() != instance_id.lower():
+                raise ApiError.single(403, "Authorization", "The token's instance does not own this user")
+            self._remove(user)
+            self._counters.deletes += 1
+
+    # ----------------------------------------------------------------- admin
+
+    def revoke(self, device_tokens: Iterable[str] | None = None, fraction: float | None = None) -> list[str]:
+        """Invalidate the current refresh token of the given users, or of ``ceil(fraction * n)`` users."""
+        with self._lock:
+            if fraction is not None:
+                holders = sorted(dt for dt, user in self._users.items() if user.refresh_token is not None)
+                count = min(len(holders), math.ceil(fraction * len(holders)))
+                chosen = self._random.sample(holders, count)
+            else:
+                chosen = list(device_tokens or [])
+            revoked = []
+            for device_token in chosen:
+                user = self._users.get(device_token)
+                if user is None or user.refresh_token is None:
+                    continue
+                self._refresh_tokens.pop(user.refresh_token, None)
+                user.refresh_token = None
+                revoked.append(device_token)
+            return revoked
+
+    def set_login_disabled(self, device_tokens: Iterable[str], disabled: bool) -> list[str]:
+        with self._lock:
+            changed = []
+            for device_token in device_tokens:
+                user = self._users.get(device_token)
+                if user is not None:
+                    user.login_disabled = disabled
+                    changed.append(device_token)
+            return changed
+
+    def describe(self, device_token: str) -> dict[str, Any] | None:
+        with self._lock:
+            user = self._users.get(device_token)
+            return user.describe() if user is not None else None
+
+    def find(self, *, instance_id: str | None = None, client_id: str | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            return [
+                user.describe()
+                for user in self._users.values()
+                if (instance_id is None or user.instance_id.lower() == instance_id.lower())
+                and (client_id is None or user.client_id == client_id)
+            ]
+
+
+def normalize_device_token(value: str) -> str:
+    """The canonical (lower-case) form of a DeviceToken when it is a UUID; the value itself otherwise."""
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        return value
