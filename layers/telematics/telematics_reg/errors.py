@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -109,3 +110,16 @@ class UserAlreadyExistsError(UpstreamValidationError):
 
 class DeadRefreshTokenError(UpstreamError):
     """HTTP 400 on Refresh: the refresh token is used, revoked or unknown. Only Login can recover the user."""
+
+
+@dataclass
+class CreateManyIncompleteError(OutcomeUnknownError):
+    """CreateMany was not offered and the one-Create-per-user fallback stopped part-way.
+
+    ``completed`` holds the users that were created (store them: their tokens exist nowhere else) and
+    ``cause`` the error that stopped the rest. It is an :class:`OutcomeUnknownError` so that a caller which
+    ignores ``completed`` still never repeats the whole call blindly.
+    """
+
+    completed: list[Any] = field(default_factory=list, repr=False)
+    cause: UpstreamError | None = None
