@@ -1,0 +1,57 @@
+"""Refresh worker: refresh jobs from SQS, each user refreshed under a lease and committed by version (flow 3).
+
+Upstream trouble (429, 5xx) does not fail a record: the user gets a RetryAfter and the next sweep takes it, so
+a 429 storm makes the sweep finish later instead of sending jobs to the dead-letter queue. Records fail (and
+are retried by SQS) only when the store could not be written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools.utilities.batch import EventType, process_partial_response
+from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from telematics_reg.batching import ConcurrentBatchProcessor
+from telematics_reg.observability import logger, metrics, tracer
+from telematics_reg.refresh import RefreshJob, TokenRefresher
+from telematics_reg.settings import ServiceSettings
+from telematics_reg.wiring import build_refresher
+
+_settings: ServiceSettings | None = None
+_refresher: TokenRefresher | None = None
+
+
+def _default_refresher() -> TokenRefresher:
+    """Built on the first invocation (from this function's environment) and reused by later ones."""
+    global _settings, _refresher  # noqa: PLW0603 - one per container
+    if _refresher is None:
+        _settings = ServiceSettings()
+        _refresher = build_refresher(_settings)
+    return _refresher
+
+
+def handle_refresh_batch(event: dict[str, Any], refresher: TokenRefresher, *, concurrency: int) -> dict[str, Any]:
+    """Refresh the user of every job in an SQS batch; returns the partial batch response."""
+
+    def record_handler(record: SQSRecord) -> str:
+        # A malformed job raises ValueError: it fails, is retried and ends in the refresh DLQ by redrive.
+        return refresher.refresh_job(RefreshJob.from_body(record.body)).value
+
+    processor = ConcurrentBatchProcessor(EventType.SQS, max_workers=concurrency)
+    return dict(process_partial_response(event=event, record_handler=record_handler, processor=processor))
+
+
+def warm() -> None:
+    """Build this function's dependencies now, from its environment (a local runtime calls this at start)."""
+    _default_refresher()
+
+
+@logger.inject_lambda_context(clear_state=True)
+@metrics.log_metrics(capture_cold_start_metric=True)
+@tracer.capture_lambda_handler(capture_response=False)
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    return handle_refresh_batch(
+        event, _default_refresher(), concurrency=_settings.upstream_concurrency if _settings else 1
+    )

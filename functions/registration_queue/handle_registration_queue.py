@@ -1,0 +1,53 @@
+"""Queue function: registration and bulk messages from SQS, a batch at a time, failures reported per record
+(flow 2). Records of a batch are registered concurrently, bounded by ``UPSTREAM_CONCURRENCY``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools.utilities.batch import EventType, process_partial_response
+from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from telematics_reg.batching import ConcurrentBatchProcessor
+from telematics_reg.intake import RegistrationIntake
+from telematics_reg.observability import logger, metrics, tracer
+from telematics_reg.settings import ServiceSettings
+from telematics_reg.wiring import build_intake
+
+_settings: ServiceSettings | None = None
+_intake: RegistrationIntake | None = None
+
+
+def _default_intake() -> RegistrationIntake:
+    """Built on the first invocation (from this function's environment) and reused by later ones."""
+    global _settings, _intake  # noqa: PLW0603 - one per container
+    if _intake is None:
+        _settings = ServiceSettings()
+        _intake = build_intake(_settings)
+    return _intake
+
+
+def handle_registration_batch(event: dict[str, Any], intake: RegistrationIntake, *, concurrency: int) -> dict[str, Any]:
+    """Register every record of an SQS batch; returns the partial batch response."""
+
+    def record_handler(record: SQSRecord) -> str:
+        return intake.handle(record.body, message_id=record.message_id, source="queue").status
+
+    processor = ConcurrentBatchProcessor(EventType.SQS, max_workers=concurrency)
+    return dict(process_partial_response(event=event, record_handler=record_handler, processor=processor))
+
+
+def warm() -> None:
+    """Build this function's dependencies now, from its environment (a local runtime calls this at start)."""
+    _default_intake()
+
+
+@logger.inject_lambda_context(clear_state=True)
+@metrics.log_metrics(capture_cold_start_metric=True)
+@tracer.capture_lambda_handler(capture_response=False)
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    return handle_registration_batch(
+        event, _default_intake(), concurrency=_settings.upstream_concurrency if _settings else 1
+    )

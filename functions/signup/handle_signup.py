@@ -1,0 +1,51 @@
+"""Signup function: an EventBridge ``UserSignedUp`` event becomes one registered, stored user (flow 1).
+
+Errors worth retrying propagate: Lambda retries the asynchronous invocation, then sends it to the on-failure
+destination. Bad input is dead-lettered at once with its reason and the invocation succeeds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from telematics_reg.intake import MessageResult, RegistrationIntake
+from telematics_reg.observability import logger, metrics, tracer
+from telematics_reg.settings import ServiceSettings
+from telematics_reg.wiring import build_intake
+
+_settings: ServiceSettings | None = None
+_intake: RegistrationIntake | None = None
+
+
+def _default_intake() -> RegistrationIntake:
+    """Built on the first invocation (from this function's environment) and reused by later ones."""
+    global _settings, _intake  # noqa: PLW0603 - one per container
+    if _intake is None:
+        _settings = ServiceSettings()
+        _intake = build_intake(_settings)
+    return _intake
+
+
+def handle_signup(event: dict[str, Any], intake: RegistrationIntake) -> dict[str, Any]:
+    """Register the user an EventBridge event describes; returns what became of it."""
+    detail = event.get("detail")
+    result: MessageResult = intake.handle(
+        detail if isinstance(detail, dict) else str(detail),
+        message_id=str(event.get("id", "")),
+        source="signup",
+    )
+    return {"status": result.status, "deviceToken": result.device_token, "reason": result.reason}
+
+
+def warm() -> None:
+    """Build this function's dependencies now, from its environment (a local runtime calls this at start)."""
+    _default_intake()
+
+
+@logger.inject_lambda_context(correlation_id_path="id", clear_state=True)
+@metrics.log_metrics(capture_cold_start_metric=True)
+@tracer.capture_lambda_handler(capture_response=False)
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    return handle_signup(event, _default_intake())

@@ -1,0 +1,119 @@
+"""Instance credentials: aliases mapped to ``InstanceId`` + ``InstanceKey``, from one Secrets Manager secret.
+
+The secret's value is JSON: ``{"default": {"InstanceId": "...", "InstanceKey": "..."}, "fleet-eu": {...}}``.
+It is fetched through Powertools parameters, which caches it for ``max_age`` seconds across invocations.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from aws_lambda_powertools.utilities import parameters
+from pydantic import ValidationError
+
+from telematics_reg.errors import FieldError, TelematicsError, UnknownInstanceError
+from telematics_reg.models import InstanceCredentials
+
+
+class CredentialsConfigError(TelematicsError):
+    """The credentials secret is missing, unreadable or not in the documented format (never shows its value)."""
+
+
+class CredentialsProvider(Protocol):
+    """Finds the credentials of an instance alias."""
+
+    def get(self, alias: str) -> InstanceCredentials:
+        """Credentials of ``alias``; raises :class:`UnknownInstanceError` when the secret has no such alias."""
+        ...
+
+    def invalidate(self) -> None:
+        """Forget cached credentials (after the upstream answered 401: the secret may have been rotated)."""
+        ...
+
+
+def parse_credentials(document: Mapping[str, Any]) -> dict[str, InstanceCredentials]:
+    """Validate the secret's JSON; the error names the alias and field at fault, never a value.
+
+    Example
+    -------
+    >>> creds = parse_credentials({"default": {"InstanceId": "3c1c8fd7-4133-404a-82e9-93a015d85362",
+    ...                                        "InstanceKey": "1b7cc25f-329e-4482-9dd1-0bb07c0c794b"}})
+    >>> str(creds["default"].instance_id)
+    '3c1c8fd7-4133-404a-82e9-93a015d85362'
+    """
+    if not isinstance(document, Mapping) or not document:
+        raise CredentialsConfigError("credentials secret must be a non-empty JSON object of instance aliases")
+    parsed: dict[str, InstanceCredentials] = {}
+    for alias, value in document.items():
+        try:
+            parsed[str(alias)] = InstanceCredentials.model_validate(value)
+        except ValidationError as exc:
+            fields = ", ".join(".".join(str(p) for p in err["loc"]) or "value" for err in exc.errors())
+            raise CredentialsConfigError(f"credentials secret: instance {alias!r} is invalid ({fields})") from None
+    return parsed
+
+
+def _unknown(alias: str, known: Mapping[str, object]) -> UnknownInstanceError:
+    return UnknownInstanceError(
+        "unknown_instance",
+        [FieldError("Instance", f"no credentials for instance {alias!r}; known: {', '.join(sorted(known))}")],
+    )
+
+
+class SecretsManagerCredentials:
+    """Credentials from the Secrets Manager secret ``secret_id``, cached by Powertools for ``max_age`` s."""
+
+    def __init__(self, secret_id: str, *, max_age: int = 300) -> None:
+        if not secret_id:
+            raise CredentialsConfigError("CREDENTIALS_SECRET_ARN is not set")
+        self._secret_id = secret_id
+        self._max_age = max_age
+        self._force_fetch = False
+        self._parsed: tuple[str, dict[str, InstanceCredentials]] | None = None
+
+    def _load(self) -> dict[str, InstanceCredentials]:
+        try:
+            raw = parameters.get_secret(self._secret_id, max_age=self._max_age, force_fetch=self._force_fetch)
+        except parameters.exceptions.GetParameterError as exc:
+            raise CredentialsConfigError(f"cannot read credentials secret: {type(exc).__name__}") from None
+        self._force_fetch = False
+        text = raw if isinstance(raw, str) else bytes(raw).decode(errors="replace")
+        if self._parsed is not None and self._parsed[0] == text:
+            return self._parsed[1]
+        try:
+            document = json.loads(text)
+        except ValueError:
+            raise CredentialsConfigError("credentials secret is not valid JSON") from None
+        parsed = parse_credentials(document)
+        self._parsed = (text, parsed)
+        return parsed
+
+    def get(self, alias: str) -> InstanceCredentials:
+        known = self._load()
+        if alias not in known:
+            raise _unknown(alias, known)
+        return known[alias]
+
+    def invalidate(self) -> None:
+        self._force_fetch = True
+
+
+class StaticCredentials:
+    """Fixed credentials (tests, and the local stack when no secret is wanted)."""
+
+    def __init__(self, credentials: Mapping[str, InstanceCredentials | Mapping[str, Any]]) -> None:
+        self._known = {
+            alias: value if isinstance(value, InstanceCredentials) else InstanceCredentials.model_validate(value)
+            for alias, value in credentials.items()
+        }
+        self.invalidations = 0
+
+    def get(self, alias: str) -> InstanceCredentials:
+        if alias not in self._known:
+            raise _unknown(alias, self._known)
+        return self._known[alias]
+
+    def invalidate(self) -> None:
+        self.invalidations += 1

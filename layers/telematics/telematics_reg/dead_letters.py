@@ -1,0 +1,70 @@
+"""Dead letters with their reason: bad input goes here at once instead of being retried until maxReceiveCount.
+
+The original body is kept byte for byte so an operator can fix and redrive it; the reason travels in message
+attributes (``Reason``, ``ErrorDetail``, ``Source``, ``OriginalMessageId``) so it can be listed without parsing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from telematics_reg.errors import FieldError
+
+# SQS allows 256 KiB per message including attributes; a reason is a summary, not a dump.
+_MAX_DETAIL_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    body: str
+    reason: str
+    source: str
+    errors: list[FieldError] = field(default_factory=list)
+    original_message_id: str | None = None
+
+    def detail(self) -> str:
+        text = json.dumps([e.as_dict() for e in self.errors], ensure_ascii=False)
+        return text if len(text) <= _MAX_DETAIL_CHARS else text[: _MAX_DETAIL_CHARS - 3] + "..."
+
+
+class DeadLetterSink(Protocol):
+    """Where messages that must not be retried go, with their reason."""
+
+    def send(self, letter: DeadLetter) -> None:
+        """Store ``letter``; raises when it could not (the caller then leaves the message to be retried)."""
+        ...
+
+
+class SqsDeadLetters:
+    """Sends dead letters to an SQS queue (the same DLQ the source queue redrives to)."""
+
+    def __init__(self, client: Any, *, queue_url: str) -> None:
+        self._client = client
+        self._queue_url = queue_url
+
+    def send(self, letter: DeadLetter) -> None:
+        attributes: dict[str, dict[str, str]] = {
+            "Reason": {"DataType": "String", "StringValue": letter.reason},
+            "Source": {"DataType": "String", "StringValue": letter.source},
+            "ErrorDetail": {"DataType": "String", "StringValue": letter.detail()},
+        }
+        if letter.original_message_id:
+            attributes["OriginalMessageId"] = {
+                "DataType": "String",
+                "StringValue": letter.original_message_id,
+            }
+        self._client.send_message(
+            QueueUrl=self._queue_url, MessageBody=letter.body or "(empty)", MessageAttributes=attributes
+        )
+
+
+class RecordingDeadLetters:
+    """In-memory dead letters for tests."""
+
+    def __init__(self) -> None:
+        self.letters: list[DeadLetter] = []
+
+    def send(self, letter: DeadLetter) -> None:
+        self.letters.append(letter)

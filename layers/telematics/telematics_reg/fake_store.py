@@ -1,0 +1,267 @@
+"""An in-memory :class:`~telematics_reg.store.TokenStore` with the same conditions as the DynamoDB one.
+
+For unit tests of the services: no I/O, thread-safe, and able to fail the next N writes on demand.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from telematics_reg.store import (
+    BulkProgress,
+    ChunkState,
+    ConditionFailedError,
+    DuePage,
+    NewUser,
+    StoreError,
+    Tokens,
+    UserRecord,
+    UserStatus,
+    iso,
+    shard_of,
+)
+
+
+class InMemoryTokenStore:
+    def __init__(self, *, shards: int = 8) -> None:
+        self.shards = shards
+        self.users: dict[str, UserRecord] = {}
+        self.bulks: dict[tuple[str, str], BulkProgress] = {}
+        self._lock = threading.RLock()
+        self.fail_next_commits = 0
+        self.queued: dict[str, tuple[int, int]] = {}
+
+    def get_user(self, device_token: str) -> UserRecord | None:
+        with self._lock:
+            return self.users.get(device_token)
+
+    def find_by_client(self, instance: str, client_id: str) -> UserRecord | None:
+        with self._lock:
+            for user in self.users.values():
+                if user.instance == instance and user.client_id == client_id:
+                    return user
+        return None
+
+    def claim_registration(
+        self,
+        *,
+        device_token: str,
+        instance: str,
+        instance_id: str,
+        client_id: str,
+        owner: str,
+        now: float,
+        ttl: int,
+    ) -> UserRecord | None:
+        with self._lock:
+            current = self.users.get(device_token)
+            expired_claim = (
+                current is not None
+                and current.status is UserStatus.PENDING
+                and (current.claim_expires_at or 0) < int(now)
+            )
+            if current is not None and not expired_claim:
+                return None
+            record = UserRecord(
+                device_token=device_token,
+                instance=instance,
+                instance_id=instance_id,
+                status=UserStatus.PENDING,
+                version=0,
+                client_id=client_id,
+                claim_owner=owner,
+                claim_expires_at=int(now) + ttl,
+                created_at=iso(now),
+                updated_at=iso(now),
+            )
+            self.users[device_token] = record
+            return record
+
+    def complete_registration(self, *, device_token: str, owner: str, tokens: Tokens | None, now: float) -> UserRecord:
+        with self._lock:
+            current = self.users.get(device_token)
+            if current is None or current.status is not UserStatus.PENDING or current.claim_owner != owner:
+                raise ConditionFailedError("complete_registration: claim lost")
+            record = replace(
+                current,
+                version=1,
+                claim_owner=None,
+                claim_expires_at=None,
+                updated_at=iso(now),
+                status=UserStatus.TOKENLESS if tokens is None else UserStatus.ACTIVE,
+            )
+            if tokens is not None:
+                record = replace(
+                    record,
+                    access_token=tokens.access_token,
+                    refresh_token=tokens.refresh_token,
+                    access_expires_at=tokens.expires_at,
+                    due_shard=shard_of(device_token, self.shards),
+                )
+            self.users[device_token] = record
+            return record
+
+    def release_claim(self, *, device_token: str, owner: str) -> None:
+        with self._lock:
+            current = self.users.get(device_token)
+            if current and current.status is UserStatus.PENDING and current.claim_owner == owner:
+                del self.users[device_token]
+
+    def put_new_users(self, users: Sequence[NewUser], *, now: float) -> None:
+        with self._lock:
+            for user in users:
+                tokens = user.tokens
+                self.users[user.device_token] = UserRecord(
+                    device_token=user.device_token,
+                    instance=user.instance,
+                    instance_id=user.instance_id,
+                    status=UserStatus.ACTIVE if tokens else UserStatus.TOKENLESS,
+                    version=1,
+                    client_id=user.client_id,
+                    bulk_request_id=user.bulk_request_id,
+                    access_token=tokens.access_token if tokens else None,
+                    refresh_token=tokens.refresh_token if tokens else None,
+                    access_expires_at=tokens.expires_at if tokens else None,
+                    due_shard=shard_of(user.device_token, self.shards) if tokens else None,
+                    created_at=iso(now),
+                    updated_at=iso(now),
+                )
+
+    def start_bulk(self, *, instance: str, request_id: str, quantity: int, chunk_size: int, now: float) -> BulkProgress:
+        with self._lock:
+            key = (instance, request_id)
+            if key not in self.bulks:
+                count = -(-quantity // chunk_size)
+                self.bulks[key] = BulkProgress(
+                    instance,
+                    request_id,
+                    quantity,
+                    chunk_size,
+                    dict.fromkeys(range(count), ChunkState.TODO),
+                    {},
+                )
+            progress = self.bulks[key]
+            return replace(progress, chunks=dict(progress.chunks), stored=dict(progress.stored))
+
+    def set_chunk_state(
+        self,
+        *,
+        instance: str,
+        request_id: str,
+        index: int,
+        expected: Iterable[ChunkState],
+        new: ChunkState,
+        stored: int | None = None,
+        now: float,
+    ) -> None:
+        with self._lock:
+            progress = self.bulks[(instance, request_id)]
+            if progress.chunks[index] not in set(expected):
+                raise ConditionFailedError("set_chunk_state: chunk moved on")
+            progress.chunks[index] = new
+            if stored is not None:
+                progress.stored[index] = stored
+
+    def query_due(self, *, shard: str, horizon: int, limit: int, start_key: dict[str, Any] | None = None) -> DuePage:
+        with self._lock:
+            due = sorted(
+                (
+                    u
+                    for u in self.users.values()
+                    if u.due_shard == shard and u.access_expires_at is not None and u.access_expires_at <= horizon
+                ),
+                key=lambda u: (u.access_expires_at or 0, u.device_token),
+            )
+        offset = int(start_key["offset"]) if start_key else 0
+        page = due[offset : offset + limit]
+        next_key = {"offset": offset + limit} if offset + limit < len(due) else None
+        return DuePage(page, next_key, len(page))
+
+    def mark_queued(self, *, device_token: str, version: int, until: int, now: float) -> bool:
+        with self._lock:
+            current = self.users.get(device_token)
+            if current is None or current.version != version:
+                return False
+            previous = self.queued.get(device_token)
+            if previous is not None and previous[1] >= int(now):
+                return False
+            self.queued[device_token] = (version, until)
+            return True
+
+    def acquire_lease(self, *, device_token: str, version: int, owner: str, now: float, ttl: int) -> UserRecord | None:
+        with self._lock:
+            current = self.users.get(device_token)
+            if (
+                current is None
+                or current.version != version
+                or current.status not in (UserStatus.ACTIVE, UserStatus.TOKENLESS)
+                or (current.lease_expires_at is not None and current.lease_expires_at >= int(now))
+            ):
+                return None
+            record = replace(current, lease_owner=owner, lease_expires_at=int(now) + ttl)
+            self.users[device_token] = record
+            return record
+
+    def commit_tokens(self, *, device_token: str, expected_version: int, tokens: Tokens, now: float) -> UserRecord:
+        with self._lock:
+            if self.fail_next_commits > 0:
+                self.fail_next_commits -= 1
+                raise StoreError("injected commit failure")
+            current = self.users.get(device_token)
+            if current is None or current.version != expected_version:
+                raise ConditionFailedError("commit_tokens: version moved on")
+            record = replace(
+                current,
+                access_token=tokens.access_token,
+                refresh_token=tokens.refresh_token,
+                access_expires_at=tokens.expires_at,
+                version=expected_version + 1,
+                status=UserStatus.ACTIVE,
+                due_shard=shard_of(device_token, self.shards),
+                lease_owner=None,
+                lease_expires_at=None,
+                retry_after=None,
+                last_error=None,
+                updated_at=iso(now),
+            )
+            self.users[device_token] = record
+            self.queued.pop(device_token, None)
+            return record
+
+    def release_lease(
+        self, *, device_token: str, owner: str, retry_after: int | None, error: str | None, now: float
+    ) -> None:
+        with self._lock:
+            current = self.users.get(device_token)
+            if current is None or current.lease_owner != owner:
+                return
+            self.queued.pop(device_token, None)
+            self.users[device_token] = replace(
+                current,
+                lease_owner=None,
+                lease_expires_at=None,
+                updated_at=iso(now),
+                retry_after=retry_after if retry_after is not None else current.retry_after,
+                last_error=error[:500] if error is not None else current.last_error,
+            )
+
+    def mark_needs_relogin(self, *, device_token: str, expected_version: int, reason: str, now: float) -> None:
+        with self._lock:
+            current = self.users.get(device_token)
+            if current is None or current.version != expected_version:
+                raise ConditionFailedError("mark_needs_relogin: version moved on")
+            self.queued.pop(device_token, None)
+            self.users[device_token] = replace(
+                current,
+                status=UserStatus.NEEDS_RELOGIN,
+                last_error=reason[:500],
+                due_shard=None,
+                lease_owner=None,
+                lease_expires_at=None,
+                retry_after=None,
+                version=expected_version + 1,
+                updated_at=iso(now),
+            )

@@ -1,0 +1,648 @@
+"""The token store: one DynamoDB item per upstream user, and the claim, lease and version that keep it safe.
+
+Item shape (see README "Token store") -- partition key ``pk``:
+
+``USER#<DeviceToken>``
+    ``DeviceToken``, ``Instance`` (alias), ``InstanceId``, ``ClientId``, ``ClientKey`` (``<Instance>#<ClientId>``,
+    key of the ``ByClient`` index), ``Status``, ``Version``, ``AccessToken``, ``AccessExpiresAt`` (epoch s),
+    ``RefreshToken``, ``DueShard`` (only while the token must be kept fresh: key of the sparse ``RefreshDue``
+    index, sorted by ``AccessExpiresAt``), ``ClaimOwner``/``ClaimExpiresAt`` (registration in flight),
+    ``LeaseOwner``/``LeaseExpiresAt`` (refresh in flight), ``RetryAfter``, ``LastError``, ``BulkRequestId``,
+    ``CreatedAt``, ``UpdatedAt``.
+``BULK#<Instance>#<RequestId>``
+    progress of one bulk request: ``Quantity``, ``ChunkSize``, ``ChunkCount`` and per chunk ``Chunk<n>`` state.
+
+Every write that can race is conditional; the conditions are spelled out above each write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Protocol
+
+from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
+from botocore.exceptions import ClientError
+
+from telematics_reg.errors import TelematicsError
+
+
+class UserStatus(StrEnum):
+    PENDING = "PENDING"  # claimed: a Create is in flight
+    ACTIVE = "ACTIVE"  # tokens stored and kept fresh
+    TOKENLESS = "TOKENLESS"  # registered with CreateAccessToken=false: tokens come by Login when first needed
+    NEEDS_RELOGIN = "NEEDS_RELOGIN"  # refresh and Login both failed; announced, out of the refresh index
+
+
+class ChunkState(StrEnum):
+    TODO = "TODO"
+    CALLING = "CALLING"  # a CreateMany call is (or was) in flight: its outcome is unknown until DONE
+    DONE = "DONE"
+    UNKNOWN = "UNKNOWN"  # the answer was lost: never called again, reported
+    FAILED = "FAILED"  # the upstream rejected it permanently
+
+
+class StoreError(TelematicsError):
+    """DynamoDB failed (throttled, unavailable); the operation may be retried."""
+
+
+class ConditionFailedError(TelematicsError):
+    """A conditional write lost a race: the item is not in the state the writer expected."""
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """A token pair and the access token's absolute expiry (epoch seconds)."""
+
+    access_token: str = field(repr=False)
+    refresh_token: str = field(repr=False)
+    expires_at: int
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    device_token: str
+    instance: str
+    instance_id: str
+    status: UserStatus
+    version: int
+    client_id: str | None = None
+    access_token: str | None = field(default=None, repr=False)
+    refresh_token: str | None = field(default=None, repr=False)
+    access_expires_at: int | None = None
+    due_shard: str | None = None
+    claim_owner: str | None = None
+    claim_expires_at: int | None = None
+    lease_owner: str | None = None
+    lease_expires_at: int | None = None
+    retry_after: int | None = None
+    last_error: str | None = None
+    bulk_request_id: str | None = None
+    created_at: str = ""
+    updated_at: str = ""
+
+    @property
+    def tokens(self) -> Tokens | None:
+        if self.access_token and self.refresh_token and self.access_expires_at is not None:
+            return Tokens(self.access_token, self.refresh_token, self.access_expires_at)
+        return None
+
+
+@dataclass(frozen=True)
+class NewUser:
+    """A user to store as registered (CreateMany results, whose DeviceTokens are new)."""
+
+    device_token: str
+    instance: str
+    instance_id: str
+    tokens: Tokens | None
+    bulk_request_id: str | None = None
+    client_id: str | None = None
+
+
+@dataclass(frozen=True)
+class BulkProgress:
+    instance: str
+    request_id: str
+    quantity: int
+    chunk_size: int
+    chunks: dict[int, ChunkState]
+    stored: dict[int, int]
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self.chunks)
+
+    def chunk_quantity(self, index: int) -> int:
+        return min(self.chunk_size, self.quantity - index * self.chunk_size)
+
+
+@dataclass
+class DuePage:
+    users: list[UserRecord]
+    next_key: dict[str, Any] | None
+    items_read: int
+
+
+def user_pk(device_token: str) -> str:
+    return f"USER#{device_token}"
+
+
+def bulk_pk(instance: str, request_id: str) -> str:
+    return f"BULK#{instance}#{request_id}"
+
+
+def client_key(instance: str, client_id: str) -> str:
+    return f"{instance}#{client_id}"
+
+
+def shard_of(device_token: str, shards: int) -> str:
+    """Stable shard of the refresh index for a user (spreads the hot 'due soon' range over partitions)."""
+    digest = hashlib.sha256(device_token.encode()).digest()
+    return f"{int.from_bytes(digest[:4], 'big') % shards:03d}"
+
+
+def iso(now: float) -> str:
+    return datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds")
+
+
+class TokenStore(Protocol):
+    """Storage of registered users and their tokens. Implementations: DynamoDB, and in memory for tests."""
+
+    shards: int
+
+    def get_user(self, device_token: str) -> UserRecord | None: ...
+    def find_by_client(self, instance: str, client_id: str) -> UserRecord | None: ...
+    def claim_registration(
+        self,
+        *,
+        device_token: str,
+        instance: str,
+        instance_id: str,
+        client_id: str,
+        owner: str,
+        now: float,
+        ttl: int,
+    ) -> UserRecord | None: ...
+    def complete_registration(
+        self, *, device_token: str, owner: str, tokens: Tokens | None, now: float
+    ) -> UserRecord: ...
+    def release_claim(self, *, device_token: str, owner: str) -> None: ...
+    def put_new_users(self, users: Sequence[NewUser], *, now: float) -> None: ...
+    def start_bulk(
+        self, *, instance: str, request_id: str, quantity: int, chunk_size: int, now: float
+    ) -> BulkProgress: ...
+    def set_chunk_state(
+        self,
+        *,
+        instance: str,
+        request_id: str,
+        index: int,
+        expected: Iterable[ChunkState],
+        new: ChunkState,
+        stored: int | None = None,
+        now: float,
+    ) -> None: ...
+    def query_due(
+        self, *, shard: str, horizon: int, limit: int, start_key: dict[str, Any] | None = None
+    ) -> DuePage: ...
+    def mark_queued(self, *, device_token: str, version: int, until: int, now: float) -> bool: ...
+    def acquire_lease(
+        self, *, device_token: str, version: int, owner: str, now: float, ttl: int
+    ) -> UserRecord | None: ...
+    def commit_tokens(self, *, device_token: str, expected_version: int, tokens: Tokens, now: float) -> UserRecord: ...
+    def release_lease(
+        self, *, device_token: str, owner: str, retry_after: int | None, error: str | None, now: float
+    ) -> None: ...
+    def mark_needs_relogin(self, *, device_token: str, expected_version: int, reason: str, now: float) -> None: ...
+
+
+# ------------------------------------------------------------------------------------------------- DynamoDB
+
+
+_serializer = TypeSerializer()
+_deserializer = TypeDeserializer()
+
+_USER_ATTRS = {
+    "DeviceToken": "device_token",
+    "Instance": "instance",
+    "InstanceId": "instance_id",
+    "Status": "status",
+    "Version": "version",
+    "ClientId": "client_id",
+    "AccessToken": "access_token",
+    "RefreshToken": "refresh_token",
+    "AccessExpiresAt": "access_expires_at",
+    "DueShard": "due_shard",
+    "ClaimOwner": "claim_owner",
+    "ClaimExpiresAt": "claim_expires_at",
+    "LeaseOwner": "lease_owner",
+    "LeaseExpiresAt": "lease_expires_at",
+    "RetryAfter": "retry_after",
+    "LastError": "last_error",
+    "BulkRequestId": "bulk_request_id",
+    "CreatedAt": "created_at",
+    "UpdatedAt": "updated_at",
+}
+_INT_FIELDS = {"version", "access_expires_at", "claim_expires_at", "lease_expires_at", "retry_after"}
+
+
+def _to_item(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: _serializer.serialize(v) for k, v in values.items() if v is not None}
+
+
+def _from_item(item: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deserializer.deserialize(v) for k, v in item.items()}
+
+
+def _record(values: dict[str, Any]) -> UserRecord:
+    kwargs: dict[str, Any] = {}
+    for attr, name in _USER_ATTRS.items():
+        if attr in values:
+            value = values[attr]
+            kwargs[name] = int(value) if name in _INT_FIELDS else value
+    kwargs["status"] = UserStatus(kwargs["status"])
+    return UserRecord(**kwargs)
+
+
+def _is_condition_failure(exc: ClientError) -> bool:
+    return exc.response.get("Error", {}).get("Code") in {
+        "ConditionalCheckFailedException",
+        "TransactionCanceledException",
+    }
+
+
+class DynamoTokenStore:
+    """:class:`TokenStore` on one DynamoDB table (see the module docstring for the item shape).
+
+    ``client`` is a low-level boto3 DynamoDB client: unlike resources, clients are thread-safe, and the queue
+    function registers a batch's records on several threads.
+    """
+
+    def __init__(self, client: Any, *, table_name: str, shards: int = 8) -> None:
+        self._client = client
+        self._table = table_name
+        self.shards = shards
+
+    # -- helpers
+
+    def _call(self, operation: str, **kwargs: Any) -> dict[str, Any]:
+        try:
+            result: dict[str, Any] = getattr(self._client, operation)(TableName=self._table, **kwargs)
+        except ClientError as exc:
+            if _is_condition_failure(exc):
+                raise ConditionFailedError(f"{operation}: condition not met") from None
+            code = exc.response.get("Error", {}).get("Code", "Unknown")
+            raise StoreError(f"DynamoDB {operation} failed: {code}") from exc
+        return result
+
+    def _update(
+        self,
+        pk: str,
+        expression: str,
+        condition: str,
+        values: dict[str, Any],
+        names: dict[str, str] | None = None,
+        *,
+        return_new: bool = False,
+    ) -> dict[str, Any] | None:
+        kwargs: dict[str, Any] = {
+            "Key": {"pk": {"S": pk}},
+            "UpdateExpression": expression,
+            "ConditionExpression": condition,
+            "ExpressionAttributeValues": _to_item(values),
+        }
+        if names:
+            kwargs["ExpressionAttributeNames"] = names
+        if return_new:
+            kwargs["ReturnValues"] = "ALL_NEW"
+        response = self._call("update_item", **kwargs)
+        return _from_item(response["Attributes"]) if return_new else None
+
+    # -- reads
+
+    def get_user(self, device_token: str) -> UserRecord | None:
+        response = self._call("get_item", Key={"pk": {"S": user_pk(device_token)}}, ConsistentRead=True)
+        item = response.get("Item")
+        return _record(_from_item(item)) if item else None
+
+    def find_by_client(self, instance: str, client_id: str) -> UserRecord | None:
+        response = self._call(
+            "query",
+            IndexName="ByClient",
+            KeyConditionExpression="ClientKey = :k",
+            ExpressionAttributeValues={":k": {"S": client_key(instance, client_id)}},
+            Limit=2,
+        )
+        items = response.get("Items", [])
+        if not items:
+            return None
+        # The index is eventually consistent: re-read the item itself.
+        return self.get_user(str(_from_item(items[0])["DeviceToken"]))
+
+    # -- registration
+
+    def claim_registration(
+        self,
+        *,
+        device_token: str,
+        instance: str,
+        instance_id: str,
+        client_id: str,
+        owner: str,
+        now: float,
+        ttl: int,
+    ) -> UserRecord | None:
+        """Claim the right to call Create for this user; ``None`` if someone else holds the user.
+
+        Condition: the item does not exist, or it is a claim (PENDING) whose holder's time ran out (its
+        Lambda crashed or timed out). A registered user is never claimed again.
+        """
+        stamp = iso(now)
+        values = {
+            "pk": user_pk(device_token),
+            "Kind": "user",
+            "DeviceToken": device_token,
+            "Instance": instance,
+            "InstanceId": instance_id,
+            "ClientId": client_id,
+            "ClientKey": client_key(instance, client_id),
+            "Status": UserStatus.PENDING.value,
+            "Version": 0,
+            "ClaimOwner": owner,
+            "ClaimExpiresAt": int(now) + ttl,
+            "CreatedAt": stamp,
+            "UpdatedAt": stamp,
+        }
+        try:
+            self._call(
+                "put_item",
+                Item=_to_item(values),
+                ConditionExpression="attribute_not_exists(pk) OR (#s = :pending AND ClaimExpiresAt < :now)",
+                ExpressionAttributeNames={"#s": "Status"},
+                ExpressionAttributeValues={":pending": {"S": "PENDING"}, ":now": {"N": str(int(now))}},
+            )
+        except ConditionFailedError:
+            return None
+        return _record(values)
+
+    def complete_registration(self, *, device_token: str, owner: str, tokens: Tokens | None, now: float) -> UserRecord:
+        """Store the Create result. Condition: we still hold the claim (it was not taken over after expiry)."""
+        values: dict[str, Any] = {":owner": owner, ":pending": "PENDING", ":now": iso(now), ":one": 1}
+        sets = ["UpdatedAt = :now", "Version = :one"]
+        if tokens is None:
+            values[":s"] = UserStatus.TOKENLESS.value
+            sets.append("#s = :s")
+        else:
+            values |= {
+                ":s": UserStatus.ACTIVE.value,
+                ":at": tokens.access_token,
+                ":rt": tokens.refresh_token,
+                ":exp": tokens.expires_at,
+                ":shard": shard_of(device_token, self.shards),
+            }
+            sets += [
+                "#s = :s",
+                "AccessToken = :at",
+                "RefreshToken = :rt",
+                "AccessExpiresAt = :exp",
+                "DueShard = :shard",
+            ]
+        attrs = self._update(
+            user_pk(device_token),
+            "SET " + ", ".join(sets) + " REMOVE ClaimOwner, ClaimExpiresAt",
+            "#s = :pending AND ClaimOwner = :owner",
+            values,
+            {"#s": "Status"},
+            return_new=True,
+        )
+        assert attrs is not None
+        return _record(attrs)
+
+    def release_claim(self, *, device_token: str, owner: str) -> None:
+        """Give the user back (the Create was rejected, so no upstream user exists). Only our own claim."""
+        with contextlib.suppress(ConditionFailedError):
+            self._call(
+                "delete_item",
+                Key={"pk": {"S": user_pk(device_token)}},
+                ConditionExpression="#s = :pending AND ClaimOwner = :owner",
+                ExpressionAttributeNames={"#s": "Status"},
+                ExpressionAttributeValues={":pending": {"S": "PENDING"}, ":owner": {"S": owner}},
+            )
+
+    def put_new_users(self, users: Sequence[NewUser], *, now: float) -> None:
+        """Store users CreateMany returned. Their DeviceTokens are new, so a plain batch write cannot clobber."""
+        requests = [{"PutRequest": {"Item": _to_item(self._new_user_values(u, now))}} for u in users]
+        for start in range(0, len(requests), 25):
+            pending: list[dict[str, Any]] = requests[start : start + 25]
+            for attempt in range(8):
+                response = self._batch_write(pending)
+                pending = response.get("UnprocessedItems", {}).get(self._table, [])
+                if not pending:
+                    break
+                time.sleep(min(2.0, 0.05 * 2**attempt))
+            if pending:
+                raise StoreError(f"{len(pending)} users could not be written after retries")
+
+    def _batch_write(self, requests: list[dict[str, Any]]) -> dict[str, Any]:
+        try:
+            result: dict[str, Any] = self._client.batch_write_item(RequestItems={self._table: requests})
+        except ClientError as exc:
+            raise StoreError(f"DynamoDB batch_write_item failed: {exc.response.get('Error', {}).get('Code')}") from exc
+        return result
+
+    def _new_user_values(self, user: NewUser, now: float) -> dict[str, Any]:
+        stamp = iso(now)
+        values: dict[str, Any] = {
+            "pk": user_pk(user.device_token),
+            "Kind": "user",
+            "DeviceToken": user.device_token,
+            "Instance": user.instance,
+            "InstanceId": user.instance_id,
+            "ClientId": user.client_id,
+            "ClientKey": client_key(user.instance, user.client_id) if user.client_id else None,
+            "BulkRequestId": user.bulk_request_id,
+            "Version": 1,
+            "CreatedAt": stamp,
+            "UpdatedAt": stamp,
+        }
+        if user.tokens is None:
+            values["Status"] = UserStatus.TOKENLESS.value
+        else:
+            values |= {
+                "Status": UserStatus.ACTIVE.value,
+                "AccessToken": user.tokens.access_token,
+                "RefreshToken": user.tokens.refresh_token,
+                "AccessExpiresAt": user.tokens.expires_at,
+                "DueShard": shard_of(user.device_token, self.shards),
+            }
+        return values
+
+    # -- bulk progress
+
+    def start_bulk(self, *, instance: str, request_id: str, quantity: int, chunk_size: int, now: float) -> BulkProgress:
+        """Create the progress record of a bulk request, or read the existing one (a redelivery)."""
+        chunk_count = -(-quantity // chunk_size)
+        values: dict[str, Any] = {
+            "pk": bulk_pk(instance, request_id),
+            "Kind": "bulk",
+            "Instance": instance,
+            "RequestId": request_id,
+            "Quantity": quantity,
+            "ChunkSize": chunk_size,
+            "ChunkCount": chunk_count,
+            "CreatedAt": iso(now),
+        }
+        values |= {f"Chunk{i}": ChunkState.TODO.value for i in range(chunk_count)}
+        try:
+            self._call("put_item", Item=_to_item(values), ConditionExpression="attribute_not_exists(pk)")
+        except ConditionFailedError:
+            response = self._call("get_item", Key={"pk": {"S": bulk_pk(instance, request_id)}}, ConsistentRead=True)
+            values = _from_item(response["Item"])
+        return _bulk(values)
+
+    def set_chunk_state(
+        self,
+        *,
+        instance: str,
+        request_id: str,
+        index: int,
+        expected: Iterable[ChunkState],
+        new: ChunkState,
+        stored: int | None = None,
+        now: float,
+    ) -> None:
+        """Move one chunk between states; the condition on its current state makes each move happen once."""
+        expected_states = list(expected)
+        placeholders = {f":e{i}": s.value for i, s in enumerate(expected_states)}
+        values: dict[str, Any] = {":new": new.value, ":now": iso(now), **placeholders}
+        expression = "SET #c = :new, UpdatedAt = :now"
+        if stored is not None:
+            values[":stored"] = stored
+            expression += ", #n = :stored"
+        self._update(
+            bulk_pk(instance, request_id),
+            expression,
+            f"#c IN ({', '.join(placeholders)})",
+            values,
+            {"#c": f"Chunk{index}", "#n": f"Stored{index}"} if stored is not None else {"#c": f"Chunk{index}"},
+        )
+
+    # -- token maintenance
+
+    def query_due(self, *, shard: str, horizon: int, limit: int, start_key: dict[str, Any] | None = None) -> DuePage:
+        """Users of one shard whose access token expires at or before ``horizon`` (oldest first)."""
+        kwargs: dict[str, Any] = {
+            "IndexName": "RefreshDue",
+            "KeyConditionExpression": "DueShard = :s AND AccessExpiresAt <= :h",
+            "ExpressionAttributeValues": {":s": {"S": shard}, ":h": {"N": str(horizon)}},
+            "Limit": limit,
+        }
+        if start_key:
+            kwargs["ExclusiveStartKey"] = start_key
+        response = self._call("query", **kwargs)
+        items = response.get("Items", [])
+        return DuePage([_record(_from_item(i)) for i in items], response.get("LastEvaluatedKey"), len(items))
+
+    def mark_queued(self, *, device_token: str, version: int, until: int, now: float) -> bool:
+        """Note that a refresh job for this version is queued until ``until``; False if one already is.
+
+        Condition: same version, and no earlier sweep queued it (or that job's time ran out). Overlapping
+        sweeps therefore queue each due user once.
+        """
+        try:
+            self._update(
+                user_pk(device_token),
+                "SET QueuedUntil = :until",
+                "Version = :v AND (attribute_not_exists(QueuedUntil) OR QueuedUntil < :now)",
+                {":until": until, ":v": version, ":now": int(now)},
+            )
+        except ConditionFailedError:
+            return False
+        return True
+
+    def acquire_lease(self, *, device_token: str, version: int, owner: str, now: float, ttl: int) -> UserRecord | None:
+        """Take the refresh lease; ``None`` if another worker holds it or the tokens moved on.
+
+        Condition: the version we read is still current, the user is ACTIVE (or TOKENLESS, about to log in),
+        and no live lease exists.
+        """
+        try:
+            attrs = self._update(
+                user_pk(device_token),
+                "SET LeaseOwner = :me, LeaseExpiresAt = :until",
+                "Version = :v AND #s IN (:active, :tokenless) "
+                "AND (attribute_not_exists(LeaseExpiresAt) OR LeaseExpiresAt < :now)",
+                {
+                    ":me": owner,
+                    ":until": int(now) + ttl,
+                    ":v": version,
+                    ":active": UserStatus.ACTIVE.value,
+                    ":tokenless": UserStatus.TOKENLESS.value,
+                    ":now": int(now),
+                },
+                {"#s": "Status"},
+                return_new=True,
+            )
+        except ConditionFailedError:
+            return None
+        assert attrs is not None
+        return _record(attrs)
+
+    def commit_tokens(self, *, device_token: str, expected_version: int, tokens: Tokens, now: float) -> UserRecord:
+        """Store a rotated pair. Condition: the version, not the lease (a lease can expire under a slow
+        worker; the version cannot change unless someone else committed)."""
+        attrs = self._update(
+            user_pk(device_token),
+            "SET AccessToken = :at, RefreshToken = :rt, AccessExpiresAt = :exp, Version = :next, #s = :active, "
+            "DueShard = :shard, UpdatedAt = :now REMOVE LeaseOwner, LeaseExpiresAt, RetryAfter, LastError, QueuedUntil",
+            "Version = :v",
+            {
+                ":at": tokens.access_token,
+                ":rt": tokens.refresh_token,
+                ":exp": tokens.expires_at,
+                ":next": expected_version + 1,
+                ":v": expected_version,
+                ":active": UserStatus.ACTIVE.value,
+                ":shard": shard_of(device_token, self.shards),
+                ":now": iso(now),
+            },
+            {"#s": "Status"},
+            return_new=True,
+        )
+        assert attrs is not None
+        return _record(attrs)
+
+    def release_lease(
+        self, *, device_token: str, owner: str, retry_after: int | None, error: str | None, now: float
+    ) -> None:
+        """Drop our lease after a failed attempt, leaving a note of when to try again."""
+        values: dict[str, Any] = {":me": owner, ":now": iso(now)}
+        sets = ["UpdatedAt = :now"]
+        if retry_after is not None:
+            values[":ra"] = retry_after
+            sets.append("RetryAfter = :ra")
+        if error is not None:
+            values[":err"] = error[:500]
+            sets.append("LastError = :err")
+        with contextlib.suppress(ConditionFailedError):
+            self._update(
+                user_pk(device_token),
+                "SET " + ", ".join(sets) + " REMOVE LeaseOwner, LeaseExpiresAt, QueuedUntil",
+                "LeaseOwner = :me",
+                values,
+            )
+
+    def mark_needs_relogin(self, *, device_token: str, expected_version: int, reason: str, now: float) -> None:
+        """Take the user out of the refresh index for good (removing ``DueShard``) and record why."""
+        self._update(
+            user_pk(device_token),
+            "SET #s = :s, LastError = :err, UpdatedAt = :now, Version = :next "
+            "REMOVE DueShard, LeaseOwner, LeaseExpiresAt, RetryAfter, QueuedUntil",
+            "Version = :v",
+            {
+                ":s": UserStatus.NEEDS_RELOGIN.value,
+                ":err": reason[:500],
+                ":now": iso(now),
+                ":v": expected_version,
+                ":next": expected_version + 1,
+            },
+            {"#s": "Status"},
+        )
+
+
+def _bulk(values: dict[str, Any]) -> BulkProgress:
+    count = int(values["ChunkCount"])
+    return BulkProgress(
+        instance=str(values["Instance"]),
+        request_id=str(values["RequestId"]),
+        quantity=int(values["Quantity"]),
+        chunk_size=int(values["ChunkSize"]),
+        chunks={i: ChunkState(values[f"Chunk{i}"]) for i in range(count)},
+        stored={i: int(values[f"Stored{i}"]) for i in range(count) if f"Stored{i}" in values},
+    )

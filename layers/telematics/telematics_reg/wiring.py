@@ -1,0 +1,100 @@
+"""Builds the real implementations from :class:`ServiceSettings` (once per Lambda container).
+
+Handlers call these at cold start; tests build the same services from fakes or from moto-backed clients.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import boto3
+from botocore.config import Config
+
+from telematics_reg.budget import DynamoLoginBudget
+from telematics_reg.credentials import SecretsManagerCredentials
+from telematics_reg.dead_letters import SqsDeadLetters
+from telematics_reg.intake import RegistrationIntake
+from telematics_reg.outcomes import EventBridgePublisher
+from telematics_reg.refresh import SqsRefreshJobQueue, Sweeper, TokenRefresher
+from telematics_reg.registration import RegistrationService
+from telematics_reg.settings import ServiceSettings
+from telematics_reg.store import DynamoTokenStore
+from telematics_reg.upstream import UserServiceClient
+
+
+def aws_client(service: str, settings: ServiceSettings) -> Any:
+    """A boto3 client sized for the function's concurrency (the endpoint comes from ``AWS_ENDPOINT_URL``)."""
+    config = Config(
+        max_pool_connections=max(10, settings.upstream_concurrency * 2),
+        retries={"mode": "standard", "max_attempts": 5},
+        connect_timeout=3,
+        read_timeout=10,
+    )
+    return boto3.client(service, config=config)
+
+
+def build_user_service(settings: ServiceSettings) -> UserServiceClient:
+    return UserServiceClient(
+        str(settings.user_service_url),
+        connect_timeout=settings.upstream_connect_timeout,
+        read_timeout=settings.upstream_read_timeout,
+        max_attempts=settings.upstream_max_attempts,
+        max_connections=settings.upstream_concurrency * 2,
+    )
+
+
+def build_store(settings: ServiceSettings) -> DynamoTokenStore:
+    return DynamoTokenStore(
+        aws_client("dynamodb", settings), table_name=settings.tokens_table_name, shards=settings.refresh_shards
+    )
+
+
+def build_publisher(settings: ServiceSettings) -> EventBridgePublisher:
+    return EventBridgePublisher(
+        aws_client("events", settings), bus_name=settings.event_bus_name, source=settings.outcome_event_source
+    )
+
+
+def build_credentials(settings: ServiceSettings) -> SecretsManagerCredentials:
+    return SecretsManagerCredentials(settings.credentials_secret_arn, max_age=settings.credentials_cache_seconds)
+
+
+def build_intake(settings: ServiceSettings) -> RegistrationIntake:
+    """Everything the signup and queue functions need, wired to AWS and the User Service."""
+    publisher = build_publisher(settings)
+    service = RegistrationService(
+        upstream=build_user_service(settings),
+        store=build_store(settings),
+        credentials=build_credentials(settings),
+        publisher=publisher,
+        claim_seconds=settings.claim_seconds,
+    )
+    dead_letters = SqsDeadLetters(aws_client("sqs", settings), queue_url=settings.dead_letter_queue_url)
+    return RegistrationIntake(service=service, dead_letters=dead_letters, publisher=publisher)
+
+
+def build_refresher(settings: ServiceSettings) -> TokenRefresher:
+    """The refresh worker's and the read path's service."""
+    dynamodb = aws_client("dynamodb", settings)
+    return TokenRefresher(
+        upstream=build_user_service(settings),
+        store=DynamoTokenStore(dynamodb, table_name=settings.tokens_table_name, shards=settings.refresh_shards),
+        credentials=build_credentials(settings),
+        publisher=build_publisher(settings),
+        budget=DynamoLoginBudget(
+            dynamodb, table_name=settings.tokens_table_name, per_minute=settings.login_budget_per_minute
+        ),
+        margin_seconds=settings.refresh_margin_seconds,
+        lease_seconds=settings.refresh_lease_seconds,
+    )
+
+
+def build_sweeper(settings: ServiceSettings) -> Sweeper:
+    return Sweeper(
+        store=build_store(settings),
+        queue=SqsRefreshJobQueue(aws_client("sqs", settings), queue_url=settings.refresh_queue_url),
+        margin_seconds=settings.refresh_margin_seconds,
+        spread_seconds=settings.refresh_spread_seconds,
+        lease_seconds=settings.refresh_lease_seconds,
+        page_size=settings.sweep_page_size,
+    )

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import pytest
+
+from telematics_reg.budget import InMemoryLoginBudget
+from telematics_reg.credentials import StaticCredentials
+from telematics_reg.dead_letters import RecordingDeadLetters
+from telematics_reg.fake_store import InMemoryTokenStore
+from telematics_reg.fakes import FakeUserService
+from telematics_reg.intake import RegistrationIntake
+from telematics_reg.models import InstanceCredentials
+from telematics_reg.outcomes import RecordingPublisher
+from telematics_reg.refresh import TokenRefresher
+from telematics_reg.registration import RegistrationService
+
+
+class FakeClock:
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+@dataclass
+class World:
+    """Every fake the services need, wired like production."""
+
+    clock: FakeClock
+    creds: InstanceCredentials
+    upstream: FakeUserService
+    store: InMemoryTokenStore
+    credentials: StaticCredentials
+    publisher: RecordingPublisher
+    dead_letters: RecordingDeadLetters
+    budget: InMemoryLoginBudget
+    service: RegistrationService
+    intake: RegistrationIntake
+    refresher: TokenRefresher
+
+
+@pytest.fixture
+def world() -> World:
+    clock = FakeClock()
+    creds = InstanceCredentials.model_validate({"InstanceId": str(uuid.uuid4()), "InstanceKey": str(uuid.uuid4())})
+    upstream = FakeUserService(instances=[creds], token_lifetime=3600, clock=clock)
+    store = InMemoryTokenStore(shards=4)
+    credentials = StaticCredentials({"default": creds})
+    publisher = RecordingPublisher()
+    dead_letters = RecordingDeadLetters()
+    budget = InMemoryLoginBudget(per_minute=5)
+    service = RegistrationService(
+        upstream=upstream,
+        store=store,
+        credentials=credentials,
+        publisher=publisher,
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    refresher = TokenRefresher(
+        upstream=upstream,
+        store=store,
+        credentials=credentials,
+        publisher=publisher,
+        budget=budget,
+        margin_seconds=600,
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    intake = RegistrationIntake(service=service, dead_letters=dead_letters, publisher=publisher)
+    return World(
+        clock, creds, upstream, store, credentials, publisher, dead_letters, budget, service, intake, refresher
+    )
