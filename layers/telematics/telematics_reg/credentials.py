@@ -7,6 +7,7 @@ It is fetched through Powertools parameters, which caches it for ``max_age`` sec
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -63,32 +64,42 @@ def _unknown(alias: str, known: Mapping[str, object]) -> UnknownInstanceError:
 
 
 class SecretsManagerCredentials:
-    """Credentials from the Secrets Manager secret ``secret_id``, cached by Powertools for ``max_age`` s."""
+    """Credentials from the Secrets Manager secret ``secret_id``, cached by Powertools for ``max_age`` s.
 
-    def __init__(self, secret_id: str, *, max_age: int = 300) -> None:
+    One provider (one boto3 client) per instance, and a lock around fetching: the queue function reads the
+    credentials from several threads at once, and on a cold start they must not each fetch the secret (and
+    each build a client).
+    """
+
+    def __init__(self, secret_id: str, *, max_age: int = 300, client: Any = None) -> None:
         if not secret_id:
             raise CredentialsConfigError("CREDENTIALS_SECRET_ARN is not set")
         self._secret_id = secret_id
         self._max_age = max_age
+        self._provider = parameters.SecretsProvider(boto3_client=client) if client is not None else None
         self._force_fetch = False
         self._parsed: tuple[str, dict[str, InstanceCredentials]] | None = None
+        self._lock = threading.Lock()
 
     def _load(self) -> dict[str, InstanceCredentials]:
-        try:
-            raw = parameters.get_secret(self._secret_id, max_age=self._max_age, force_fetch=self._force_fetch)
-        except parameters.exceptions.GetParameterError as exc:
-            raise CredentialsConfigError(f"cannot read credentials secret: {type(exc).__name__}") from None
-        self._force_fetch = False
-        text = raw if isinstance(raw, str) else bytes(raw).decode(errors="replace")
-        if self._parsed is not None and self._parsed[0] == text:
-            return self._parsed[1]
-        try:
-            document = json.loads(text)
-        except ValueError:
-            raise CredentialsConfigError("credentials secret is not valid JSON") from None
-        parsed = parse_credentials(document)
-        self._parsed = (text, parsed)
-        return parsed
+        with self._lock:
+            if self._provider is None:
+                self._provider = parameters.SecretsProvider()
+            try:
+                raw = self._provider.get(self._secret_id, max_age=self._max_age, force_fetch=self._force_fetch)
+            except parameters.exceptions.GetParameterError as exc:
+                raise CredentialsConfigError(f"cannot read credentials secret: {type(exc).__name__}") from None
+            self._force_fetch = False
+            text = raw if isinstance(raw, str) else bytes(raw).decode(errors="replace")  # type: ignore[arg-type]
+            if self._parsed is not None and self._parsed[0] == text:
+                return self._parsed[1]
+            try:
+                document = json.loads(text)
+            except ValueError:
+                raise CredentialsConfigError("credentials secret is not valid JSON") from None
+            parsed = parse_credentials(document)
+            self._parsed = (text, parsed)
+            return parsed
 
     def get(self, alias: str) -> InstanceCredentials:
         known = self._load()
@@ -97,7 +108,8 @@ class SecretsManagerCredentials:
         return known[alias]
 
     def invalidate(self) -> None:
-        self._force_fetch = True
+        with self._lock:
+            self._force_fetch = True
 
 
 class StaticCredentials:

@@ -68,6 +68,11 @@ class RegistrationIntake:
             return self._dead_letter(raw, "upstream_rejected", errors, message_id, source, request.instance, client_id)
         except BulkIncompleteError as exc:
             return self._dead_letter(raw, exc.reason, exc.errors, message_id, source, request.instance, None)
+        except Exception as exc:
+            # Left to be retried (batch item failure, or the async invocation's retry): counted for the alarm.
+            metrics.add_metric("RegistrationRetries", MetricUnit.Count, 1)
+            logger.warning("registration will be retried", extra={"error": f"{type(exc).__name__}: {exc}"})
+            raise
         finally:
             logger.thread_safe_remove_keys(["client_id", "message_id"])
 

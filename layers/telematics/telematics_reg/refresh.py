@@ -312,7 +312,7 @@ class TokenRefresher:
         try:
             creds = self._credentials.get(leased.instance)
         except UnknownInstanceError:
-            return self._give_up(leased, f"{reason}; instance {leased.instance!r} has no credentials")
+            return self._give_up(leased, owner, f"{reason}; instance {leased.instance!r} has no credentials")
         if not self._budget.try_acquire(str(creds.instance_id), self._clock()):
             metrics.add_metric("LoginBudgetExhausted", MetricUnit.Count, 1)
             retry_at = (int(self._clock()) // 60 + 1) * 60 + int(self._rng.uniform(0, 60))
@@ -332,10 +332,10 @@ class TokenRefresher:
         except UpstreamError as exc:
             if isinstance(exc, UnauthorizedError):
                 self._credentials.invalidate()
-            return self._give_up(leased, f"{reason}; login failed: {exc}")
+            return self._give_up(leased, owner, f"{reason}; login failed: {exc}")
         tokens = tokens_of(result, self._clock())
         if tokens is None:
-            return self._give_up(leased, f"{reason}; login returned no tokens")
+            return self._give_up(leased, owner, f"{reason}; login returned no tokens")
         self._commit(leased, tokens)
         return RefreshOutcome.LOGGED_IN
 
@@ -352,7 +352,27 @@ class TokenRefresher:
         metrics.add_metric("RefreshDeferred", MetricUnit.Count, 1)
         return RefreshOutcome.DEFERRED
 
-    def _give_up(self, leased: UserRecord, reason: str) -> RefreshOutcome:
+    def _give_up(self, leased: UserRecord, owner: str, reason: str) -> RefreshOutcome:
+        # Announce first, then mark. Marked first, an announcement that EventBridge refused was lost for good: the
+        # retried job found the user NEEDS_RELOGIN (out of the index) and nothing ever published it. Announced
+        # first, a failed mark only means the retried job announces again (at least once, never silently dropped).
+        # The mark is still conditioned on our version; if it lost (another worker committed after our lease
+        # lapsed, in the window since we re-read the user) the event just published was needless: rare, harmless.
+        try:
+            self._publisher.publish(
+                TokenRefreshFailed(
+                    device_token=leased.device_token,
+                    instance=leased.instance,
+                    client_id=leased.client_id,
+                    reason=reason,
+                )
+            )
+        except Exception:
+            # Let the retried job (SQS redelivers it) go through refresh, Login and this announcement again.
+            self._store.release_lease(
+                device_token=leased.device_token, owner=owner, retry_after=None, error=reason, now=self._clock()
+            )
+            raise
         try:
             self._store.mark_needs_relogin(
                 device_token=leased.device_token, expected_version=leased.version, reason=reason, now=self._clock()
@@ -361,11 +381,6 @@ class TokenRefresher:
             return RefreshOutcome.LEASE_CONFLICT
         metrics.add_metric("NeedsRelogin", MetricUnit.Count, 1)
         logger.warning("user needs relogin", extra={"device_token": leased.device_token, "reason": reason})
-        self._publisher.publish(
-            TokenRefreshFailed(
-                device_token=leased.device_token, instance=leased.instance, client_id=leased.client_id, reason=reason
-            )
-        )
         return RefreshOutcome.NEEDS_RELOGIN
 
     def _commit(self, leased: UserRecord, tokens: Tokens) -> None:
@@ -431,6 +446,14 @@ class TokenRefresher:
             outcome = self.refresh_user(record, force=True)
             if outcome is RefreshOutcome.GONE:
                 raise TokenUnavailableError(f"user {record.device_token} has no tokens we keep")
+            if outcome in (RefreshOutcome.REFRESHED, RefreshOutcome.LOGGED_IN):
+                # We just got a new pair: it is as fresh as the upstream makes them. If the upstream's tokens live
+                # less than ``min_validity_seconds``, asking again would only spin, spending one refresh token per
+                # loop until the deadline (and then fail anyway): hand out the new token while it is valid.
+                current = self._store.get_user(record.device_token)
+                fresh = current.tokens if current is not None and current.status is UserStatus.ACTIVE else None
+                if current is not None and fresh is not None and fresh.expires_at > self._clock():
+                    return ValidToken(current.device_token, fresh.access_token, fresh.expires_at)
             if self._clock() >= deadline:
                 raise TokenUnavailableError(f"no valid token for {record.device_token} yet ({outcome.value})")
             if outcome in (RefreshOutcome.LEASE_CONFLICT, RefreshOutcome.DEFERRED):

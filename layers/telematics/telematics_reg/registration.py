@@ -216,9 +216,7 @@ class RegistrationService:
         deadline = self._clock() + self._wait_for_other
         delay = 0.1
         while True:
-            existing = self._store.get_user(device_token)
-            if existing is not None and existing.status is not UserStatus.PENDING:
-                return existing
+            # Claim first: a new user (the common case) costs one write; only a lost claim needs a read.
             claimed = self._store.claim_registration(
                 device_token=device_token,
                 instance=request.instance,
@@ -230,6 +228,9 @@ class RegistrationService:
             )
             if claimed is not None:
                 return None
+            existing = self._store.get_user(device_token)
+            if existing is not None and existing.status is not UserStatus.PENDING:
+                return existing
             if self._clock() >= deadline:
                 raise RegistrationInProgressError(f"registration of {device_token} is in progress elsewhere")
             self._sleep(delay)

@@ -56,7 +56,11 @@ def build_publisher(settings: ServiceSettings) -> EventBridgePublisher:
 
 
 def build_credentials(settings: ServiceSettings) -> SecretsManagerCredentials:
-    return SecretsManagerCredentials(settings.credentials_secret_arn, max_age=settings.credentials_cache_seconds)
+    return SecretsManagerCredentials(
+        settings.credentials_secret_arn,
+        max_age=settings.credentials_cache_seconds,
+        client=aws_client("secretsmanager", settings),
+    )
 
 
 def build_intake(settings: ServiceSettings) -> RegistrationIntake:
