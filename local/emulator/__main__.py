@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -32,6 +33,8 @@ def build_server(settings: Settings) -> EmulatorServer:
 
 
 def _stop(signum: int, frame: FrameType | None) -> None:
+    # Once: a second SIGTERM (a parent that also terminates us) must not interrupt the shutdown itself.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -62,16 +65,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     if os.environ.get("EMULATOR_EXIT_ON_STDIN_EOF") == "1":
         _exit_when_stdin_closes()
-    if settings.instances_generated:
-        print("instances: " + json.dumps(instances_json(settings.instances)), flush=True)
-    print(f"listening on http://{HOST}:{server.port}", flush=True)
     try:
+        # Inside the try: a parent may stop us as soon as it reads the "listening" line.
+        if settings.instances_generated:
+            print("instances: " + json.dumps(instances_json(settings.instances)), flush=True)
+        print(f"listening on http://{HOST}:{server.port}", flush=True)
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         server.server_close()
-    print("emulator stopped", flush=True)
+    with contextlib.suppress(OSError):
+        print("emulator stopped", flush=True)
     return 0
 
 

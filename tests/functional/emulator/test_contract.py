@@ -790,7 +790,7 @@ def test_the_emulator_exits_when_its_parent_pipe_closes() -> None:
 
         emulator.process.stdin.close()
 
-        assert emulator.process.wait(timeout=5) == 0
+        assert emulator.process.wait(timeout=30) == 0
 
 
 def test_a_handle_can_attach_to_a_running_emulator(emulator: EmulatorHandle, api: Api) -> None:
