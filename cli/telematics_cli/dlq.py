@@ -1,0 +1,371 @@
+"""``dlq list`` and ``dlq redrive``: dead letters grouped by reason, and moved back to where they came from.
+
+Where a dead letter's reason comes from:
+
+* our own dead letters (bad input, unknown instance, upstream rejection, a lost bulk chunk) carry the message
+  attributes ``Reason``, ``ErrorDetail``, ``Source`` and ``OriginalMessageId``;
+* a Lambda on-failure destination record (the signup function's async retries ran out) is a JSON document whose
+  ``requestContext.condition`` and ``responsePayload.errorMessage`` say why; ``requestPayload`` is the event;
+* EventBridge and Scheduler dead letters (a target could not be invoked) carry ``ERROR_CODE``/``ERROR_MESSAGE``;
+* anything else was moved by SQS after ``maxReceiveCount`` failed deliveries: ``max-receives``.
+
+Reading never loses a message: messages are received with a short visibility timeout, never deleted by
+``list``, and made visible again (visibility 0) when the listing ends. ``redrive`` deletes a message from its
+dead-letter queue only after it was sent back successfully.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from botocore.exceptions import ClientError
+from rich.table import Table
+
+from telematics_cli import output
+from telematics_cli.errors import EXIT_DATA, EXIT_OK, CliError
+from telematics_cli.target import Target
+
+LIST_VISIBILITY: Final = 30
+REDRIVE_VISIBILITY: Final = 120
+MAX_RECEIVES: Final = "max-receives"
+EXAMPLE_WIDTH: Final = 160
+
+
+@dataclass(frozen=True)
+class DeadLetterQueue:
+    name: str
+    output: str
+    #: How its letters go back: "queue" (to the output ``redrive_output``), "bus" (as events), or None.
+    redrive: str | None
+    redrive_output: str | None = None
+
+
+QUEUES: Final = {
+    "registration": DeadLetterQueue("registration", "RegistrationDeadLetterQueueUrl", "queue", "RegistrationQueueUrl"),
+    "signup": DeadLetterQueue("signup", "SignupDeadLetterQueueUrl", "bus"),
+    "refresh": DeadLetterQueue("refresh", "RefreshDeadLetterQueueUrl", "queue", "RefreshQueueUrl"),
+    "sweep": DeadLetterQueue("sweep", "SweepDeadLetterQueueUrl", None),
+}
+QUEUE_CHOICES: Final = (*QUEUES, "all")
+
+
+@dataclass
+class Letter:
+    """One dead letter as received, with its reason worked out."""
+
+    message_id: str
+    receipt_handle: str
+    body: str
+    reason: str
+    detail: str
+    source: str
+    sent_at: str | None
+    receive_count: int
+    #: The original EventBridge event, when the letter holds one (EventBridge DLQ, Lambda destination record).
+    event: dict[str, Any] | None = None
+
+    def matches(self, reasons: list[str], needle: str | None) -> bool:
+        if reasons and self.reason not in reasons:
+            return False
+        return needle is None or needle in self.body or needle in self.detail
+
+    def example(self) -> dict[str, Any]:
+        return {
+            "MessageId": self.message_id,
+            "Source": self.source,
+            "SentAt": self.sent_at,
+            "Detail": output.truncate(output.redact_text(self.detail), EXAMPLE_WIDTH * 2),
+            "Body": output.truncate(output.redact_body(self.body), EXAMPLE_WIDTH),
+        }
+
+
+def _attribute(message: dict[str, Any], name: str) -> str | None:
+    value = message.get("MessageAttributes", {}).get(name, {}).get("StringValue")
+    return str(value) if value is not None else None
+
+
+def classify(message: dict[str, Any]) -> Letter:
+    """Work out why a message is in a dead-letter queue (see the module docstring)."""
+    body = str(message.get("Body", ""))
+    system = message.get("Attributes", {})
+    sent = system.get("SentTimestamp")
+    letter = Letter(
+        message_id=str(message.get("MessageId", "")),
+        receipt_handle=str(message.get("ReceiptHandle", "")),
+        body=body,
+        reason=MAX_RECEIVES,
+        detail="",
+        source=str(system.get("DeadLetterQueueSourceArn", "")).rsplit(":", 1)[-1],
+        sent_at=output.iso(int(sent) / 1000) if sent else None,
+        receive_count=int(system.get("ApproximateReceiveCount", 0) or 0),
+    )
+    reason = _attribute(message, "Reason")
+    if reason:
+        letter.reason = reason
+        letter.detail = _attribute(message, "ErrorDetail") or ""
+        letter.source = _attribute(message, "Source") or letter.source
+        return letter
+    try:
+        document = json.loads(body)
+    except ValueError:
+        document = None
+    if isinstance(document, dict) and isinstance(document.get("requestContext"), dict):
+        context = document["requestContext"]
+        response = document.get("responsePayload")
+        letter.reason = f"lambda:{context.get('condition', 'failure')}"
+        if isinstance(response, dict):
+            letter.detail = f"{response.get('errorType', 'Error')}: {response.get('errorMessage', '')}"
+        letter.source = str(context.get("functionArn", "")).split(":function:")[-1].split(":")[0]
+        payload = document.get("requestPayload")
+        letter.event = payload if isinstance(payload, dict) and "detail" in payload else None
+        return letter
+    error_code = _attribute(message, "ERROR_CODE")
+    if error_code:
+        letter.reason = f"delivery:{error_code}"
+        letter.detail = _attribute(message, "ERROR_MESSAGE") or ""
+        letter.source = (_attribute(message, "RULE_ARN") or _attribute(message, "SCHEDULE_ARN") or "").rsplit("/", 1)[
+            -1
+        ]
+    if isinstance(document, dict) and "detail-type" in document and "detail" in document:
+        letter.event = document
+    if letter.reason == MAX_RECEIVES and letter.receive_count:
+        letter.detail = f"moved by SQS after failed deliveries (received {letter.receive_count} times here)"
+    return letter
+
+
+@dataclass
+class Peek:
+    """Receives a queue's messages without losing any: each is hidden briefly, then shown again (or deleted)."""
+
+    sqs: Any
+    url: str
+    visibility: int
+    _held: dict[str, str] = field(default_factory=dict)  # message id -> receipt handle, not yet released
+    _seen: set[str] = field(default_factory=set)
+
+    def messages(self, limit: int) -> Iterator[dict[str, Any]]:
+        empty = 0
+        while len(self._seen) < limit and empty < 2:
+            batch = self.sqs.receive_message(
+                QueueUrl=self.url,
+                MaxNumberOfMessages=min(10, limit - len(self._seen)),
+                VisibilityTimeout=self.visibility,
+                WaitTimeSeconds=1 if empty else 0,
+                MessageAttributeNames=["All"],
+                AttributeNames=["All"],
+            ).get("Messages", [])
+            if not batch:
+                empty += 1
+                continue
+            empty = 0
+            for message in batch:
+                message_id = str(message["MessageId"])
+                self._held[message_id] = str(message["ReceiptHandle"])
+                if message_id in self._seen:
+                    continue  # a listing slower than the visibility timeout sees some twice
+                self._seen.add(message_id)
+                yield message
+
+    def delete(self, message_id: str) -> None:
+        handle = self._held.pop(message_id)
+        self.sqs.delete_message(QueueUrl=self.url, ReceiptHandle=handle)
+
+    def release(self) -> None:
+        """Make every message still held visible again at once."""
+        held = list(self._held.items())
+        self._held.clear()
+        for start in range(0, len(held), 10):
+            entries = [
+                {"Id": str(n), "ReceiptHandle": handle, "VisibilityTimeout": 0}
+                for n, (_, handle) in enumerate(held[start : start + 10])
+            ]
+            try:
+                self.sqs.change_message_visibility_batch(QueueUrl=self.url, Entries=entries)
+            except ClientError as exc:  # they become visible anyway when the timeout ends
+                output.warn(f"could not release messages early ({exc}); they reappear within {self.visibility} s")
+
+
+def selected(target: Target, queue: str, *, for_redrive: bool) -> list[tuple[DeadLetterQueue, str]]:
+    names = list(QUEUES) if queue == "all" else [queue]
+    chosen: list[tuple[DeadLetterQueue, str]] = []
+    for name in names:
+        spec = QUEUES[name]
+        if for_redrive and spec.redrive is None:
+            if queue != "all":
+                raise CliError(
+                    "sweep dead letters are not redriven: each is a missed schedule tick, and the next scheduled "
+                    "sweep does the same work (`dlq list --queue sweep` shows why they failed)"
+                )
+            continue
+        url = target.outputs.get(spec.output)
+        if url:
+            chosen.append((spec, url))
+        elif queue != "all":
+            target.output(spec.output)  # raises a clear error
+    return chosen
+
+
+def depth(sqs: Any, url: str) -> int:
+    attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"])
+    return int(attributes["Attributes"].get("ApproximateNumberOfMessages", 0))
+
+
+# -------------------------------------------------------------------------------------------------------- list
+
+
+def run_list(target: Target, *, queue: str, limit: int, examples: int, as_json: bool) -> int:
+    sqs = target.client("sqs")
+    report: list[dict[str, Any]] = []
+    for spec, url in selected(target, queue, for_redrive=False):
+        groups: dict[str, dict[str, Any]] = {}
+        peek = Peek(sqs, url, LIST_VISIBILITY)
+        examined = 0
+        try:
+            for message in peek.messages(limit):
+                examined += 1
+                letter = classify(message)
+                group = groups.setdefault(letter.reason, {"reason": letter.reason, "count": 0, "sources": set(),
+                                                          "examples": []})  # fmt: skip
+                group["count"] += 1
+                if letter.source:
+                    group["sources"].add(letter.source)
+                if len(group["examples"]) < examples:
+                    group["examples"].append(letter.example())
+        finally:
+            peek.release()
+        ordered = sorted(groups.values(), key=lambda g: (-g["count"], g["reason"]))
+        for group in ordered:
+            group["sources"] = sorted(group["sources"])
+        report.append(
+            {"queue": spec.name, "url": url, "depth": depth(sqs, url), "examined": examined, "groups": ordered}
+        )
+    if as_json:
+        output.print_json({"target": target.description, "queues": report})
+        return EXIT_OK
+    console = output.stdout()
+    for entry in report:
+        title = f"{entry['queue']} dead letters: {entry['depth']:,} in the queue, {entry['examined']:,} examined"
+        if not entry["groups"]:
+            console.print(f"{title} — empty")
+            continue
+        table = Table(title=title, title_justify="left", show_lines=True)
+        table.add_column("Reason", style="bold")
+        table.add_column("Count", justify="right")
+        table.add_column("Source")
+        table.add_column("Examples", overflow="fold")
+        for group in entry["groups"]:
+            lines = []
+            for example in group["examples"]:
+                text = example["Body"]
+                if example["Detail"]:
+                    text += f"\n  ↳ {example['Detail']}"
+                lines.append(output.escape(text))
+            table.add_row(
+                output.escape(group["reason"]), f"{group['count']:,}", ", ".join(group["sources"]), "\n".join(lines)
+            )
+        console.print(table)
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------------- redrive
+
+
+class RedriveError(Exception):
+    pass
+
+
+def _send_back(target: Target, spec: DeadLetterQueue, letter: Letter) -> str:
+    """Put the letter back where it came from; returns where. Raises RedriveError when it cannot."""
+    if spec.redrive == "queue":
+        assert spec.redrive_output is not None
+        url = target.output(spec.redrive_output)
+        target.client("sqs").send_message(QueueUrl=url, MessageBody=letter.body)
+        return url.rsplit("/", 1)[-1]
+    bus = target.output("EventBusName")
+    if letter.event is not None:
+        source = str(letter.event.get("source", ""))
+        detail_type = str(letter.event.get("detail-type", "UserSignedUp"))
+        detail = letter.event.get("detail")
+    else:
+        try:
+            detail = json.loads(letter.body)
+        except ValueError:
+            raise RedriveError("its body is not JSON, so it cannot be an event detail") from None
+        source = target.outputs.get("SignupEventSource") or target.parameters.get("SignupEventSource", "")
+        detail_type = "UserSignedUp"
+    if not source:
+        raise RedriveError("the signup event source is unknown (no SignupEventSource output)")
+    if not isinstance(detail, dict):
+        raise RedriveError("its event detail is not a JSON object")
+    response = target.client("events").put_events(
+        Entries=[{"EventBusName": bus, "Source": source, "DetailType": detail_type, "Detail": json.dumps(detail)}]
+    )
+    if response.get("FailedEntryCount"):
+        entry = response.get("Entries", [{}])[0]
+        raise RedriveError(f"EventBridge refused it: {entry.get('ErrorCode')}: {entry.get('ErrorMessage')}")
+    return f"bus {bus} as {detail_type}"
+
+
+def run_redrive(
+    target: Target,
+    *,
+    queue: str,
+    reasons: list[str],
+    match: str | None,
+    dry_run: bool,
+    limit: int | None,
+    scan_limit: int,
+    as_json: bool,
+) -> int:
+    sqs = target.client("sqs")
+    moved: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    examined = 0
+    for spec, url in selected(target, queue, for_redrive=True):
+        peek = Peek(sqs, url, REDRIVE_VISIBILITY)
+        try:
+            for message in peek.messages(scan_limit):
+                if limit is not None and len(moved) >= limit:
+                    break
+                examined += 1
+                letter = classify(message)
+                if not letter.matches(reasons, match):
+                    continue
+                entry = {"queue": spec.name, **letter.example(), "Reason": letter.reason}
+                if dry_run:
+                    moved.append(entry)
+                    continue
+                try:
+                    entry["To"] = _send_back(target, spec, letter)
+                except (RedriveError, ClientError) as exc:
+                    failed.append({**entry, "Error": str(exc)})
+                    continue
+                peek.delete(letter.message_id)  # only now that it is safely back
+                moved.append(entry)
+        finally:
+            peek.release()
+    verb = "would move" if dry_run else "moved"
+    if as_json:
+        output.print_json(
+            {"dry_run": dry_run, "examined": examined, "moved": len(moved), "letters": moved, "failed": failed}
+        )
+    else:
+        console = output.stdout()
+        table = Table(title=f"{verb} {len(moved):,} of {examined:,} dead letters examined", title_justify="left")
+        table.add_column("Queue")
+        table.add_column("Reason")
+        table.add_column("Body", overflow="fold")
+        if not dry_run:
+            table.add_column("To")
+        for entry in moved:
+            row = [entry["queue"], output.escape(entry["Reason"]), output.escape(entry["Body"])]
+            table.add_row(*row, *([] if dry_run else [output.escape(entry["To"])]))
+        console.print(table)
+        for entry in failed:
+            console.print(f"[red]not moved[/red] {entry['MessageId']}: {output.escape(entry['Error'])}")
+        if dry_run:
+            console.print("dry run: nothing was moved (drop --dry-run to move them)")
+    return EXIT_DATA if failed else EXIT_OK

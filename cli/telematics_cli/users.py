@@ -1,0 +1,214 @@
+"""``show`` (one user, tokens redacted) and ``token`` (a valid access token, refreshed under the lease if needed)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+from boto3.dynamodb.types import TypeDeserializer
+from rich.table import Table
+
+from telematics_cli import output
+from telematics_cli.errors import EXIT_OK, CliError, DataError
+from telematics_cli.target import Target
+from telematics_reg.budget import DynamoLoginBudget
+from telematics_reg.credentials import CredentialsConfigError, SecretsManagerCredentials
+from telematics_reg.errors import TelematicsError
+from telematics_reg.observability import logger
+from telematics_reg.outcomes import EventBridgePublisher
+from telematics_reg.refresh import TokenRefresher, TokenUnavailableError
+from telematics_reg.store import DynamoTokenStore, client_key, user_pk
+from telematics_reg.upstream import UserServiceClient
+
+_deserializer = TypeDeserializer()
+_TOKEN_ATTRIBUTES: Final = ("AccessToken", "RefreshToken")
+_TIME_ATTRIBUTES: Final = ("AccessExpiresAt", "ClaimExpiresAt", "LeaseExpiresAt", "RetryAfter", "QueuedUntil")
+#: Display order; any other attribute follows.
+_ORDER: Final = (
+    "DeviceToken", "ClientId", "Instance", "InstanceId", "Status", "Version", "AccessToken", "AccessExpiresAt",
+    "RefreshToken", "DueShard", "LastError", "RetryAfter", "ClaimOwner", "ClaimExpiresAt", "LeaseOwner",
+    "LeaseExpiresAt", "QueuedUntil", "BulkRequestId", "CreatedAt", "UpdatedAt",
+)  # fmt: skip
+_HIDDEN: Final = frozenset({"pk", "Kind", "ClientKey"})
+
+
+@dataclass(frozen=True)
+class UserRef:
+    client_id: str | None
+    instance: str
+    device_token: str | None
+
+    def describe(self) -> str:
+        if self.device_token:
+            return f"DeviceToken {self.device_token}"
+        return f"ClientId {self.client_id!r} of instance {self.instance!r}"
+
+
+def _plain(value: Any) -> Any:
+    value = _deserializer.deserialize(value)
+    if hasattr(value, "as_integer_ratio") and not isinstance(value, bool | int | float):  # Decimal
+        return int(value) if value == int(value) else float(value)
+    return value
+
+
+def find_user(target: Target, ref: UserRef) -> dict[str, Any] | None:
+    """The user's item (consistent read), found by DeviceToken or through the ``ByClient`` index."""
+    dynamodb = target.client("dynamodb")
+    table = target.output("TokensTableName")
+    device_token = ref.device_token
+    if not device_token:
+        assert ref.client_id is not None
+        found = dynamodb.query(
+            TableName=table,
+            IndexName="ByClient",
+            KeyConditionExpression="ClientKey = :k",
+            ExpressionAttributeValues={":k": {"S": client_key(ref.instance, ref.client_id)}},
+            Limit=2,
+        ).get("Items", [])
+        if not found:
+            return None
+        if len(found) > 1:
+            output.warn(f"more than one item has {ref.describe()}: showing the first")
+        device_token = str(found[0]["DeviceToken"]["S"])
+    item = dynamodb.get_item(TableName=table, Key={"pk": {"S": user_pk(device_token)}}, ConsistentRead=True).get("Item")
+    if not item:
+        return None
+    return {key: _plain(value) for key, value in item.items()}
+
+
+def user_view(item: dict[str, Any], *, reveal: bool, now: float) -> dict[str, Any]:
+    """The user's attributes for display: known ones first, tokens redacted unless ``reveal``."""
+    keys = [k for k in _ORDER if k in item] + sorted(k for k in item if k not in _ORDER and k not in _HIDDEN)
+    view: dict[str, Any] = {}
+    for key in keys:
+        value = item[key]
+        if key in _TOKEN_ATTRIBUTES and isinstance(value, str) and not reveal:
+            value = output.redact(value)
+        view[key] = value
+    expires = item.get("AccessExpiresAt")
+    if isinstance(expires, int):
+        view["AccessExpiresAtIso"] = output.iso(expires)
+        view["AccessExpiresInSeconds"] = int(expires - now)
+    return view
+
+
+def run_show(target: Target, ref: UserRef, *, reveal: bool, as_json: bool) -> int:
+    item = find_user(target, ref)
+    if item is None:
+        raise DataError(f"no user with {ref.describe()} in {target.output('TokensTableName')}")
+    now = time.time()
+    view = user_view(item, reveal=reveal, now=now)
+    if as_json:
+        output.print_json(view)
+        return EXIT_OK
+    table = Table(title=f"User {item.get('DeviceToken', '')}", title_justify="left", show_header=False)
+    table.add_column("attribute", style="bold")
+    table.add_column("value", overflow="fold")
+    for key, value in view.items():
+        if key in ("AccessExpiresAtIso", "AccessExpiresInSeconds"):
+            continue
+        text = output.when(value, now) if key in _TIME_ATTRIBUTES and isinstance(value, int) else str(value)
+        if key == "Status":
+            style = {"ACTIVE": "green", "NEEDS_RELOGIN": "red", "PENDING": "yellow"}.get(str(value), "")
+            text = f"[{style}]{text}[/{style}]" if style else text
+        else:
+            text = output.escape(text)
+        table.add_row(key, text)
+    output.stdout().print(table)
+    if not reveal and any(k in item for k in _TOKEN_ATTRIBUTES):
+        output.stderr().print("tokens redacted (--reveal-tokens shows them)")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------------- token
+
+
+@dataclass(frozen=True)
+class TokenOptions:
+    min_validity: int = 300
+    wait: float = 10.0
+    user_service_url: str | None = None
+    credentials_secret_arn: str | None = None
+    as_json: bool = False
+    verbose: bool = False
+
+
+@contextlib.contextmanager
+def _library_logs_on_stderr(verbose: bool) -> Iterator[None]:
+    """The library logs with Powertools to stdout (Lambda's convention); here stdout carries only the token."""
+    handler = logger.registered_handler
+    previous_level = logger.log_level
+    stream = handler.setStream(sys.stderr) if isinstance(handler, logging.StreamHandler) else None
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous_level)
+        if stream is not None and isinstance(handler, logging.StreamHandler):
+            handler.setStream(stream)
+
+
+def build_refresher(target: Target, options: TokenOptions) -> TokenRefresher:
+    """The read path's service, wired as the refresh worker is, to this target's resources."""
+    url = options.user_service_url or target.setting("USER_SERVICE_URL", "UserServiceUrl")
+    if not url:
+        raise CliError(f"no User Service URL in {target.description}: give --user-service-url")
+    secret = options.credentials_secret_arn or target.setting("CREDENTIALS_SECRET_ARN", "InstanceCredentialsSecretArn")
+    if not secret:
+        raise CliError(f"no credentials secret in {target.description}: give --credentials-secret-arn")
+    table = target.output("TokensTableName")
+    dynamodb = target.client("dynamodb")
+    shards = target.int_setting("REFRESH_SHARDS", "RefreshIndexShards", 8)
+    bus = target.outputs.get("EventBusName") or target.setting("EVENT_BUS_NAME", "SignupEventBusName", "default")
+    return TokenRefresher(
+        upstream=UserServiceClient(url, max_attempts=3),
+        store=DynamoTokenStore(dynamodb, table_name=table, shards=shards),
+        credentials=SecretsManagerCredentials(secret, max_age=300, client=target.client("secretsmanager")),
+        publisher=EventBridgePublisher(
+            target.client("events"),
+            bus_name=str(bus),
+            source=str(target.setting("OUTCOME_EVENT_SOURCE", None, "telematics.registration")),
+        ),
+        budget=DynamoLoginBudget(
+            dynamodb,
+            table_name=table,
+            per_minute=target.int_setting("LOGIN_BUDGET_PER_MINUTE", "LoginBudgetPerMinute", 5),
+        ),
+        margin_seconds=target.int_setting("REFRESH_MARGIN_SECONDS", "RefreshMarginSeconds", 900),
+        lease_seconds=target.int_setting("REFRESH_LEASE_SECONDS", None, 60),
+    )
+
+
+def run_token(target: Target, ref: UserRef, options: TokenOptions) -> int:
+    with _library_logs_on_stderr(options.verbose):
+        refresher = build_refresher(target, options)
+        try:
+            token = refresher.valid_token(
+                device_token=ref.device_token,
+                instance=ref.instance,
+                client_id=ref.client_id,
+                min_validity_seconds=options.min_validity,
+                wait_seconds=options.wait,
+            )
+        except TokenUnavailableError as exc:
+            raise DataError(f"no valid token for {ref.describe()}: {exc}") from None
+        except CredentialsConfigError as exc:
+            raise CliError(f"instance credentials: {exc}") from None
+        except TelematicsError as exc:
+            raise DataError(f"no valid token for {ref.describe()}: {type(exc).__name__}: {exc}") from None
+    if options.as_json:
+        output.print_json(
+            {"DeviceToken": token.device_token, "AccessToken": token.access_token, "ExpiresAt": token.expires_at}
+        )
+    else:
+        sys.stdout.write(token.access_token + "\n")
+        sys.stdout.flush()
+    output.stderr().print(
+        f"token of {token.device_token}, valid until {output.when(token.expires_at, time.time())}", markup=False
+    )
+    return EXIT_OK
