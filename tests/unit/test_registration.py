@@ -195,3 +195,12 @@ def test_given_a_bulk_without_create_many_then_creates_with_deterministic_tokens
 
     assert len(world.upstream.users) == 30
     assert all(isinstance(token, uuid.UUID) for token in world.upstream.users)
+
+
+def test_given_a_bulk_request_in_a_signup_event_then_it_is_dead_lettered_not_registered(world: World) -> None:
+    result = world.intake.handle({"Quantity": 5}, message_id="evt-1", source="signup")
+
+    assert result.status == "dead_lettered"
+    (letter,) = world.dead_letters.letters
+    assert letter.errors[0].key == "Quantity"
+    assert world.upstream.calls["create_many"] == 0

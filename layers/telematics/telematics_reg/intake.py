@@ -53,6 +53,10 @@ class RegistrationIntake:
         except InvalidMessageError as exc:
             return self._dead_letter(raw, exc.reason, exc.errors, message_id, source, None, None)
 
+        if isinstance(request, BulkRegistrationRequest) and source == "signup":
+            # A signup event is one user (DESIGN.md); bulk loads belong on the registration queue.
+            problem = FieldError("Quantity", "bulk requests go on the registration queue, not in a signup event")
+            return self._dead_letter(raw, "invalid_fields", [problem], message_id, source, request.instance, None)
         client_id = None if isinstance(request, BulkRegistrationRequest) else request.client_id
         logger.thread_safe_append_keys(client_id=client_id, message_id=message_id)
         try:
