@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(command)
     _add_show(command)
     _add_token(command)
+    _add_relogin(command)
     _add_dlq(commands, common)
     return parser
 
@@ -229,6 +230,23 @@ def _add_token(command: _Command) -> None:
     )
     token.add_argument("--verbose", action="store_true", help="the library's info logs on stderr")
     token.add_argument("--json", action="store_true", help='{"DeviceToken", "AccessToken", "ExpiresAt" (epoch s)}')
+
+
+def _add_relogin(command: _Command) -> None:
+    relogin = command(
+        "relogin",
+        "bring a NEEDS_RELOGIN user back: Login, store the tokens, refresh it again",
+        "For a user whose refresh token and Login both failed, once the cause is fixed (e.g. the instance "
+        "credentials). Spends one Login of the budget shared with the refresh workers.",
+        _run_relogin,
+    )
+    _user_options(relogin)
+    relogin.add_argument("--user-service-url", metavar="URL", help="the User Service (default: the stack's)")
+    relogin.add_argument(
+        "--credentials-secret-arn", metavar="ARN", help="the instance credentials secret (default: the stack's)"
+    )
+    relogin.add_argument("--verbose", action="store_true", help="the library's info logs on stderr")
+    relogin.add_argument("--json", action="store_true", help='{"DeviceToken", "Outcome"}')
 
 
 def _add_dlq(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -331,6 +349,18 @@ def _run_token(args: argparse.Namespace, context: _Context) -> int:
         verbose=args.verbose,
     )
     return users.run_token(context(), _user_ref(args), options)
+
+
+def _run_relogin(args: argparse.Namespace, context: _Context) -> int:
+    options = users.TokenOptions(
+        min_validity=0,
+        wait=0.0,
+        user_service_url=args.user_service_url,
+        credentials_secret_arn=args.credentials_secret_arn,
+        as_json=args.json,
+        verbose=args.verbose,
+    )
+    return users.run_relogin(context(), _user_ref(args), options)
 
 
 def _run_dlq_list(args: argparse.Namespace, context: _Context) -> int:

@@ -14,14 +14,14 @@ from boto3.dynamodb.types import TypeDeserializer
 from rich.table import Table
 
 from telematics_cli import output
-from telematics_cli.errors import EXIT_OK, CliError, DataError
+from telematics_cli.errors import EXIT_DATA, EXIT_OK, CliError, DataError
 from telematics_cli.target import Target
 from telematics_reg.budget import DynamoLoginBudget
 from telematics_reg.credentials import CredentialsConfigError, SecretsManagerCredentials
 from telematics_reg.errors import TelematicsError
 from telematics_reg.observability import logger
 from telematics_reg.outcomes import EventBridgePublisher
-from telematics_reg.refresh import TokenRefresher, TokenUnavailableError
+from telematics_reg.refresh import RefreshOutcome, TokenRefresher, TokenUnavailableError
 from telematics_reg.store import DynamoTokenStore, client_key, user_pk
 from telematics_reg.upstream import UserServiceClient
 
@@ -212,3 +212,30 @@ def run_token(target: Target, ref: UserRef, options: TokenOptions) -> int:
         f"token of {token.device_token}, valid until {output.when(token.expires_at, time.time())}", markup=False
     )
     return EXIT_OK
+
+
+def run_relogin(target: Target, ref: UserRef, options: TokenOptions) -> int:
+    """Log a NEEDS_RELOGIN user back in; exit 1 unless it is ACTIVE again (or had nothing to recover)."""
+    with _library_logs_on_stderr(options.verbose):
+        refresher = build_refresher(target, options)
+        try:
+            outcome = refresher.relogin(device_token=ref.device_token, instance=ref.instance, client_id=ref.client_id)
+        except TokenUnavailableError as exc:
+            raise DataError(f"cannot relogin {ref.describe()}: {exc}") from None
+        except CredentialsConfigError as exc:
+            raise CliError(f"instance credentials: {exc}") from None
+        except TelematicsError as exc:
+            raise DataError(f"cannot relogin {ref.describe()}: {type(exc).__name__}: {exc}") from None
+    ok = outcome in (RefreshOutcome.LOGGED_IN, RefreshOutcome.FRESH)
+    if options.as_json:
+        output.print_json({"User": ref.describe(), "Outcome": outcome.value})
+    else:
+        explanation = {
+            RefreshOutcome.LOGGED_IN: "logged in: tokens stored, back in the refresh index",
+            RefreshOutcome.FRESH: "not in NEEDS_RELOGIN: nothing to do",
+            RefreshOutcome.DEFERRED: "deferred: the Login budget is spent or the upstream is busy; try again later",
+            RefreshOutcome.NEEDS_RELOGIN: "Login failed again: still NEEDS_RELOGIN (see its LastError with show)",
+            RefreshOutcome.LEASE_CONFLICT: "another worker holds the user right now; try again",
+        }.get(outcome, outcome.value)
+        output.stderr().print(f"{ref.describe()}: {explanation}", markup=False)
+    return EXIT_OK if ok else EXIT_DATA

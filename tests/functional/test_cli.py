@@ -749,3 +749,44 @@ def test_the_local_stack_of_make_run_is_found_without_options_from_the_project_o
     report = json.loads(capsys.readouterr().out)
     assert report["table"] == stack.outputs["TokensTableName"]
     assert str(project / ".local-stack" / "stack.json") in report["target"]
+
+
+def test_relogin_brings_a_needs_relogin_user_back_into_the_refresh_index(
+    cli: Cli,
+    sqs: Any,
+    dynamodb: Any,
+    stack: LocalStack,
+    functions: Functions,
+    emulator: EmulatorHandle,
+    registration_queue: str,
+    tmp_path: Path,
+) -> None:
+    client_id = f"{uuid.uuid4().hex[:8]}-relogin"
+    _register(sqs, stack, functions, registration_queue, cli, tmp_path, [client_id])
+    device_token = _device_token(dynamodb, stack, client_id)
+    code, _, _ = cli("relogin", "--client-id", client_id)
+    assert code == 0  # ACTIVE: nothing to do, nothing spent
+    assert emulator.counters()["logins"] == 0
+    # Given the user was marked after its refresh token and Login both failed
+    dynamodb.update_item(
+        TableName=stack.outputs["TokensTableName"],
+        Key={"pk": {"S": f"USER#{device_token}"}},
+        UpdateExpression="SET #s = :s, LastError = :e ADD Version :one REMOVE DueShard",
+        ExpressionAttributeNames={"#s": "Status"},
+        ExpressionAttributeValues={":s": {"S": "NEEDS_RELOGIN"}, ":e": {"S": "login failed"}, ":one": {"N": "1"}},
+    )
+    emulator.disable_login([device_token])
+
+    code, _, err = cli("relogin", "--device-token", device_token)
+    assert code == 1, err  # Login still fails: still marked
+    assert _item(dynamodb, stack, device_token)["Status"] == "NEEDS_RELOGIN"
+
+    emulator.disable_login([device_token], disabled=False)  # the cause is fixed
+    code, out, err = cli("relogin", "--client-id", client_id, "--json")
+
+    assert code == 0, err
+    assert json.loads(out)["Outcome"] == "logged_in"
+    after = _item(dynamodb, stack, device_token)
+    assert after["Status"] == "ACTIVE"
+    assert "DueShard" in after
+    assert after["AccessToken"].count(".") == 2

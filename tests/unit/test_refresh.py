@@ -239,3 +239,30 @@ def test_sweep_queues_each_due_user_once_with_spread_and_skips_the_rest(world: W
     delays = [delay for _, delay in queue.jobs]
     assert max(delays) <= 120
     assert len(set(delays)) > 5
+
+
+def test_given_a_user_marked_needs_relogin_when_relogin_is_requested_then_it_is_active_and_due_again(
+    world: World,
+) -> None:
+    record = _register(world, "r-13")
+    world.upstream.revoke(uuid.UUID(record.device_token))
+    world.upstream.disable_login(uuid.UUID(record.device_token))
+    _age(world, 3300)
+    assert world.refresher.refresh_job(RefreshJob(record.device_token, record.version)) is RefreshOutcome.NEEDS_RELOGIN
+    world.upstream.users[uuid.UUID(record.device_token)].login_disabled = False  # the cause is fixed
+
+    outcome = world.refresher.relogin(instance="default", client_id="r-13")
+
+    stored = world.store.get_user(record.device_token)
+    assert outcome is RefreshOutcome.LOGGED_IN
+    assert stored is not None
+    assert stored.status is UserStatus.ACTIVE
+    assert stored.due_shard is not None
+    assert world.refresher.relogin(device_token=record.device_token) is RefreshOutcome.FRESH  # nothing to do now
+
+
+def test_given_an_active_user_then_the_refresher_never_leases_it_as_a_relogin(world: World) -> None:
+    record = _register(world, "r-14")
+
+    assert world.refresher.relogin(device_token=record.device_token) is RefreshOutcome.FRESH
+    assert world.upstream.calls["login"] == 0

@@ -191,13 +191,16 @@ class InMemoryTokenStore:
             self.queued[device_token] = (version, until)
             return True
 
-    def acquire_lease(self, *, device_token: str, version: int, owner: str, now: float, ttl: int) -> UserRecord | None:
+    def acquire_lease(
+        self, *, device_token: str, version: int, owner: str, now: float, ttl: int, reactivate: bool = False
+    ) -> UserRecord | None:
+        allowed = {UserStatus.ACTIVE, UserStatus.TOKENLESS} | ({UserStatus.NEEDS_RELOGIN} if reactivate else set())
         with self._lock:
             current = self.users.get(device_token)
             if (
                 current is None
                 or current.version != version
-                or current.status not in (UserStatus.ACTIVE, UserStatus.TOKENLESS)
+                or current.status not in allowed
                 or (current.lease_expires_at is not None and current.lease_expires_at >= int(now))
             ):
                 return None

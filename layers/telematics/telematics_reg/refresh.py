@@ -463,6 +463,33 @@ class TokenRefresher:
                 raise TokenUnavailableError(f"user {record.device_token} disappeared")
             record = current
 
+    def relogin(
+        self, *, device_token: str | None = None, instance: str = "default", client_id: str | None = None
+    ) -> RefreshOutcome:
+        """Bring a ``NEEDS_RELOGIN`` user back once its cause is fixed: Login (within the shared budget), store
+        the new pair, and put the user back in the refresh index. Other users are left alone (``FRESH``).
+
+        Example
+        -------
+        >>> refresher.relogin(instance="default", client_id="customer-42")  # doctest: +SKIP
+        <RefreshOutcome.LOGGED_IN: 'logged_in'>
+        """
+        record = self._lookup(device_token, instance, client_id)
+        if record.status is not UserStatus.NEEDS_RELOGIN:
+            return RefreshOutcome.FRESH
+        owner = str(uuid.uuid4())
+        leased = self._store.acquire_lease(
+            device_token=record.device_token,
+            version=record.version,
+            owner=owner,
+            now=self._clock(),
+            ttl=self._lease,
+            reactivate=True,
+        )
+        if leased is None:
+            return RefreshOutcome.LEASE_CONFLICT
+        return self._login(leased, owner, reason="relogin requested")
+
     def _lookup(self, device_token: str | None, instance: str, client_id: str | None) -> UserRecord:
         if device_token:
             record = self._store.get_user(device_token)

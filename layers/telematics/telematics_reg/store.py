@@ -193,7 +193,7 @@ class TokenStore(Protocol):
     ) -> DuePage: ...
     def mark_queued(self, *, device_token: str, version: int, until: int, now: float) -> bool: ...
     def acquire_lease(
-        self, *, device_token: str, version: int, owner: str, now: float, ttl: int
+        self, *, device_token: str, version: int, owner: str, now: float, ttl: int, reactivate: bool = False
     ) -> UserRecord | None: ...
     def commit_tokens(self, *, device_token: str, expected_version: int, tokens: Tokens, now: float) -> UserRecord: ...
     def release_lease(
@@ -546,17 +546,19 @@ class DynamoTokenStore:
             return False
         return True
 
-    def acquire_lease(self, *, device_token: str, version: int, owner: str, now: float, ttl: int) -> UserRecord | None:
+    def acquire_lease(
+        self, *, device_token: str, version: int, owner: str, now: float, ttl: int, reactivate: bool = False
+    ) -> UserRecord | None:
         """Take the refresh lease; ``None`` if another worker holds it or the tokens moved on.
 
-        Condition: the version we read is still current, the user is ACTIVE (or TOKENLESS, about to log in),
-        and no live lease exists.
+        Condition: the version we read is still current, the user is ACTIVE (or TOKENLESS, about to log in;
+        or NEEDS_RELOGIN when an operator ``reactivate``s it), and no live lease exists.
         """
         try:
             attrs = self._update(
                 user_pk(device_token),
                 "SET LeaseOwner = :me, LeaseExpiresAt = :until",
-                "Version = :v AND #s IN (:active, :tokenless) "
+                "Version = :v AND #s IN (:active, :tokenless, :third) "
                 "AND (attribute_not_exists(LeaseExpiresAt) OR LeaseExpiresAt < :now)",
                 {
                     ":me": owner,
@@ -564,6 +566,8 @@ class DynamoTokenStore:
                     ":v": version,
                     ":active": UserStatus.ACTIVE.value,
                     ":tokenless": UserStatus.TOKENLESS.value,
+                    # Without reactivate the third value repeats ACTIVE, so NEEDS_RELOGIN is never leased.
+                    ":third": (UserStatus.NEEDS_RELOGIN if reactivate else UserStatus.ACTIVE).value,
                     ":now": int(now),
                 },
                 {"#s": "Status"},
