@@ -10,20 +10,10 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from telematics_reg.observability import logger, metrics, tracer
 from telematics_reg.refresh import Sweeper
-from telematics_reg.settings import ServiceSettings
-from telematics_reg.wiring import build_sweeper
+from telematics_reg.wiring import ColdStart, build_sweeper
 
-_settings: ServiceSettings | None = None
-_sweeper: Sweeper | None = None
-
-
-def _default_sweeper() -> Sweeper:
-    """Built on the first invocation (from this function's environment) and reused by later ones."""
-    global _settings, _sweeper  # noqa: PLW0603 - one per container
-    if _sweeper is None:
-        _settings = ServiceSettings()
-        _sweeper = build_sweeper(_settings)
-    return _sweeper
+# Built from this function's environment on its first invocation, reused while the container lives.
+_sweeper = ColdStart(build_sweeper)
 
 
 def handle_sweep(sweeper: Sweeper) -> dict[str, Any]:
@@ -33,11 +23,11 @@ def handle_sweep(sweeper: Sweeper) -> dict[str, Any]:
 
 def warm() -> None:
     """Build this function's dependencies now, from its environment (a local runtime calls this at start)."""
-    _default_sweeper()
+    _sweeper.get()
 
 
 @logger.inject_lambda_context(clear_state=True)
 @metrics.log_metrics(capture_cold_start_metric=True)
 @tracer.capture_lambda_handler(capture_response=False)
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    return handle_sweep(_default_sweeper())
+    return handle_sweep(_sweeper.get())

@@ -16,20 +16,10 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from telematics_reg.batching import ConcurrentBatchProcessor
 from telematics_reg.observability import logger, metrics, tracer
 from telematics_reg.refresh import RefreshJob, TokenRefresher
-from telematics_reg.settings import ServiceSettings
-from telematics_reg.wiring import build_refresher
+from telematics_reg.wiring import ColdStart, build_refresher
 
-_settings: ServiceSettings | None = None
-_refresher: TokenRefresher | None = None
-
-
-def _default_refresher() -> TokenRefresher:
-    """Built on the first invocation (from this function's environment) and reused by later ones."""
-    global _settings, _refresher  # noqa: PLW0603 - one per container
-    if _refresher is None:
-        _settings = ServiceSettings()
-        _refresher = build_refresher(_settings)
-    return _refresher
+# Built from this function's environment on its first invocation, reused while the container lives.
+_refresher = ColdStart(build_refresher)
 
 
 def handle_refresh_batch(event: dict[str, Any], refresher: TokenRefresher, *, concurrency: int) -> dict[str, Any]:
@@ -45,13 +35,11 @@ def handle_refresh_batch(event: dict[str, Any], refresher: TokenRefresher, *, co
 
 def warm() -> None:
     """Build this function's dependencies now, from its environment (a local runtime calls this at start)."""
-    _default_refresher()
+    _refresher.get()
 
 
 @logger.inject_lambda_context(clear_state=True)
 @metrics.log_metrics(capture_cold_start_metric=True)
 @tracer.capture_lambda_handler(capture_response=False)
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    return handle_refresh_batch(
-        event, _default_refresher(), concurrency=_settings.upstream_concurrency if _settings else 1
-    )
+    return handle_refresh_batch(event, _refresher.get(), concurrency=_refresher.settings.upstream_concurrency)

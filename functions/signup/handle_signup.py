@@ -12,20 +12,10 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from telematics_reg.intake import MessageResult, RegistrationIntake
 from telematics_reg.observability import logger, metrics, tracer
-from telematics_reg.settings import ServiceSettings
-from telematics_reg.wiring import build_intake
+from telematics_reg.wiring import ColdStart, build_intake
 
-_settings: ServiceSettings | None = None
-_intake: RegistrationIntake | None = None
-
-
-def _default_intake() -> RegistrationIntake:
-    """Built on the first invocation (from this function's environment) and reused by later ones."""
-    global _settings, _intake  # noqa: PLW0603 - one per container
-    if _intake is None:
-        _settings = ServiceSettings()
-        _intake = build_intake(_settings)
-    return _intake
+# Built from this function's environment on its first invocation, reused while the container lives.
+_intake = ColdStart(build_intake)
 
 
 def handle_signup(event: dict[str, Any], intake: RegistrationIntake) -> dict[str, Any]:
@@ -41,11 +31,11 @@ def handle_signup(event: dict[str, Any], intake: RegistrationIntake) -> dict[str
 
 def warm() -> None:
     """Build this function's dependencies now, from its environment (a local runtime calls this at start)."""
-    _default_intake()
+    _intake.get()
 
 
 @logger.inject_lambda_context(correlation_id_path="id", clear_state=True)
 @metrics.log_metrics(capture_cold_start_metric=True)
 @tracer.capture_lambda_handler(capture_response=False)
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    return handle_signup(event, _default_intake())
+    return handle_signup(event, _intake.get())

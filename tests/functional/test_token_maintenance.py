@@ -321,7 +321,7 @@ def _is_token_commit(body: dict[str, Any]) -> bool:
 def _refresher_of(worker: LocalFunction) -> Any:
     """The TokenRefresher the worker function built on its cold start (its store, budget and publisher)."""
     assert worker._module is not None
-    return worker._module._default_refresher()
+    return worker._module._refresher.get()
 
 
 @pytest.fixture
@@ -630,7 +630,8 @@ def test_given_a_429_storm_then_refreshes_are_bounded_deferred_and_finished_by_a
     registered = service.items(users)
     margin, lifetime = CYCLES[0]
     emulator.set_config(token_lifetime_s=lifetime)
-    emulator.set_faults(rate_limit_rate=1.0, retry_after_s=1, calls=["refresh", "login"])
+    # Retry-After long enough that the checks below run before it passes, even on a loaded machine.
+    emulator.set_faults(rate_limit_rate=1.0, retry_after_s=4, calls=["refresh", "login"])
     attempts = 2
     worker = service.worker(margin, UPSTREAM_MAX_ATTEMPTS=str(attempts))
     before = emulator.counters()
@@ -754,3 +755,38 @@ def test_given_a_user_who_needs_relogin_when_the_app_asks_then_no_token_and_no_u
         service.read_path().valid_token(instance="default", client_id="relogin-1")
 
     assert emulator.counters()["requests_total"] == requests_before
+
+
+def test_given_a_dead_token_deferred_for_the_login_budget_then_the_retry_logs_in_without_presenting_it_again(
+    service: Service, emulator: EmulatorHandle
+) -> None:
+    # Found by the soak: each retry of a user whose Login had to wait spent one more refresh with the dead token.
+    users = service.register(["dead-retry-1", "dead-retry-2"])
+    emulator.revoke(users)
+    margin, lifetime = CYCLES[0]
+    emulator.set_config(token_lifetime_s=lifetime)
+    if time.time() % 60 > 50:  # the budget is per minute: keep both cycles inside one minute
+        time.sleep(60.5 - time.time() % 60)
+    before = emulator.counters()
+
+    service.cycle(margin, service.worker(margin, LOGIN_BUDGET_PER_MINUTE="1"))
+
+    (deferred,) = [user for user in users if "RetryAfter" in service.item(user)]
+    assert service.item(deferred)["RefreshTokenDead"] is True
+    # Time passes: the RetryAfter note lapses and the next attempt finds Login budget.
+    service.dynamodb.update_item(
+        TableName=service.table, Key={"pk": {"S": f"USER#{deferred}"}}, UpdateExpression="REMOVE RetryAfter"
+    )
+    _, retried = service.cycle(margin, service.worker(margin, LOGIN_BUDGET_PER_MINUTE="5"))
+
+    after = emulator.counters()
+    assert _failures(retried) == []
+    assert _jobs(retried) == [deferred]
+    assert _delta(before, after, "logins", "refreshes") == {"logins": 2, "refreshes": 0}
+    rejected = (
+        after["rejected_refresh_tokens_by_cause"]["revoked"] - before["rejected_refresh_tokens_by_cause"]["revoked"]
+    )
+    assert rejected == 2  # each revoked token presented once, not again on the retry
+    recovered = service.item(deferred)
+    assert recovered["Status"] == "ACTIVE"
+    assert "RefreshTokenDead" not in recovered

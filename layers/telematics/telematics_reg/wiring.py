@@ -5,7 +5,9 @@ Handlers call these at cold start; tests build the same services from fakes or f
 
 from __future__ import annotations
 
-from typing import Any
+import threading
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 import boto3
 from botocore.config import Config
@@ -20,6 +22,8 @@ from telematics_reg.registration import RegistrationService
 from telematics_reg.settings import ServiceSettings
 from telematics_reg.store import DynamoTokenStore
 from telematics_reg.upstream import UserServiceClient
+
+T = TypeVar("T")
 
 
 def aws_client(service: str, settings: ServiceSettings) -> Any:
@@ -102,3 +106,33 @@ def build_sweeper(settings: ServiceSettings) -> Sweeper:
         lease_seconds=settings.refresh_lease_seconds,
         page_size=settings.sweep_page_size,
     )
+
+
+class ColdStart(Generic[T]):
+    """What a function builds from its environment on its first invocation, reused while its container lives.
+
+    Example
+    -------
+    >>> intake = ColdStart(build_intake)  # doctest: +SKIP
+    >>> intake.get().handle(body, message_id="m-1", source="queue")  # doctest: +SKIP
+    """
+
+    def __init__(self, build: Callable[[ServiceSettings], T]) -> None:
+        self._build = build
+        self._built: tuple[ServiceSettings, T] | None = None
+        self._lock = threading.Lock()
+
+    def _get(self) -> tuple[ServiceSettings, T]:
+        if self._built is None:
+            with self._lock:
+                if self._built is None:
+                    settings = ServiceSettings()
+                    self._built = (settings, self._build(settings))
+        return self._built
+
+    def get(self) -> T:
+        return self._get()[1]
+
+    @property
+    def settings(self) -> ServiceSettings:
+        return self._get()[0]
