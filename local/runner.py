@@ -98,7 +98,11 @@ APPROXIMATIONS: Final = (
     "asynchronous retries wait RuntimeOptions.async_retry_delay (doubling) instead of about 1 and 2 minutes",
     "failed SQS records may be made visible again sooner (RuntimeOptions.failure_visibility_timeout)",
     "schedules support rate(...) expressions, or any expression with RuntimeOptions.schedule_interval",
-    "asynchronous events waiting for a retry are abandoned at stop (moto's state goes with it)",
+    "an event a rule delivered stays in flight in its tap queue until its asynchronous invocation is finished, as in"
+    " Lambda's durable event queue; one abandoned at stop (or lost with a killed runtime) comes back when that"
+    " message's visibility lapses, and is invoked afresh (its retry count starts again)",
+    "at stop, asynchronous events not yet running are abandoned (see above); schedule fires are not kept: the next"
+    " fire redoes a sweep",
 )
 
 _RATE: Final = re.compile(r"^rate\(\s*(\d+)\s+(minute|minutes|hour|hours|day|days)\s*\)$")
@@ -452,6 +456,9 @@ class _AsyncEvent:
     event: Any
     accepted_at: float = field(default_factory=time.time)
     attempts: int = 0
+    #: Called once the event is finished with (succeeded, or sent to its destination, or discarded); never when it
+    #: is abandoned at stop. A rule's delivery deletes its tap message here: until then the event is not lost.
+    on_finished: Callable[[], None] | None = None
 
 
 @dataclass
@@ -562,8 +569,8 @@ class LocalRuntime:
             return
         self._stopped = True
         self._stopping.set()
-        # Pollers first (each finishes the batch in hand), then the timers (no new schedule fire or retry),
-        # then the asynchronous invocations already accepted.
+        # Pollers first (each finishes the batch in hand), then the timers (no new schedule fire or retry), then
+        # the asynchronous invocations already running (those still queued are abandoned, see _attempt_async).
         join_timeout = timeout if timeout is not None else max((f.timeout for f in self.functions.values()), default=60)
         for thread in self._threads:
             thread.join(join_timeout + self.options.poll_wait_seconds + 5)
@@ -864,8 +871,27 @@ class LocalRuntime:
             )
         else:
             assert target.function is not None
-            self._accept_async(target.function, event)
+            # Lambda's asynchronous queue is durable: an accepted event survives the crash of the function or of
+            # the poller. Locally the tap message plays that part: it stays in flight (for as long as Lambda may
+            # keep the event) and is deleted only once the event is finished with. If this runtime dies (or stops
+            # with the event waiting for a retry), the message comes back when that visibility lapses.
+            url, receipt = target.tap_queue_url, message["ReceiptHandle"]
+            self._sqs.change_message_visibility(
+                QueueUrl=url, ReceiptHandle=receipt, VisibilityTimeout=self._async_hold(target.function)
+            )
+            self._accept_async(
+                target.function,
+                event,
+                on_finished=lambda: self._sqs.delete_message(QueueUrl=url, ReceiptHandle=receipt),
+            )
+            return
         self._sqs.delete_message(QueueUrl=target.tap_queue_url, ReceiptHandle=message["ReceiptHandle"])
+
+    def _async_hold(self, logical_id: str) -> int:
+        """Seconds Lambda may hold an asynchronous event of this function: its maximum age, plus a last run."""
+        config = self.stack.event_invoke_configs.get(logical_id, {})
+        max_age = int(config.get("MaximumEventAgeInSeconds", DEFAULT_ASYNC_MAX_AGE))
+        return min(43200, max_age + self.functions[logical_id].timeout + 60)
 
     def _dead_letter_delivery(self, dead_letter_arn: str | None, body: str, attributes: Mapping[str, Any]) -> None:
         if dead_letter_arn is None:
@@ -940,13 +966,18 @@ class LocalRuntime:
                 self._executors[logical_id] = executor
             return executor
 
-    def _accept_async(self, logical_id: str, event: Any) -> None:
+    def _accept_async(self, logical_id: str, event: Any, *, on_finished: Callable[[], None] | None = None) -> None:
         """Lambda accepted the event into its asynchronous queue (the caller's delivery succeeded)."""
         with self._lock:
             self._stats.async_pending += 1
-        self._executor(logical_id).submit(self._attempt_async, _AsyncEvent(logical_id, event))
+        self._executor(logical_id).submit(self._attempt_async, _AsyncEvent(logical_id, event, on_finished=on_finished))
 
     def _attempt_async(self, pending: _AsyncEvent) -> None:
+        if self._stopping.is_set():
+            # Stopping: an event that has not started yet is left where it came from instead of holding up the stop
+            # (a rule's event comes back through its tap; a schedule's next fire redoes a sweep).
+            self._abandon(pending)
+            return
         finished = True
         try:
             finished = self._run_async(pending)
@@ -956,6 +987,11 @@ class LocalRuntime:
             if finished:
                 with self._lock:
                     self._stats.async_pending -= 1
+                if pending.on_finished is not None:
+                    try:
+                        pending.on_finished()
+                    except Exception:  # the event was handled; only its bookkeeping failed (it may come back)
+                        log.exception("%s: could not finish an asynchronous event's delivery", pending.function)
 
     def _run_async(self, pending: _AsyncEvent) -> bool:
         """One attempt; returns False when a retry was scheduled (the event is still pending)."""
@@ -994,7 +1030,7 @@ class LocalRuntime:
         return True
 
     def _abandon(self, pending: _AsyncEvent) -> None:
-        log.warning("%s: an asynchronous event waiting for a retry was abandoned at stop", pending.function)
+        log.warning("%s: an asynchronous event not finished was abandoned at stop", pending.function)
         with self._lock:
             self._stats.abandoned += 1
             self._stats.async_pending -= 1

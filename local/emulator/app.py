@@ -143,7 +143,11 @@ class App:
         )
         if route.admin:
             return Outcome(self._run_admin(route, request))
-        return self._run_public(route, request, client_gone)
+        self.state.enter_call()
+        try:
+            return self._run_public(route, request, client_gone)
+        finally:
+            self.state.leave_call()
 
     def _run_admin(self, route: Route, request: Request) -> Reply:
         try:

@@ -29,6 +29,10 @@ USER_FIELD_DEFAULTS: Mapping[str, Any] = {
     "ClientId": None,
 }
 REFRESH_PATHS = ("observed", "spec")
+#: Why a refresh token was rejected: it was revoked (``POST /_emulator/revoke``), it was already spent (rotated by a
+#: Refresh or a Login: presenting it again means a client lost track of its newest pair, or two clients raced), or the
+#: emulator never issued it.
+REJECTION_CAUSES = ("revoked", "spent", "unknown")
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class User:
     tokens_issued: int = 0
     refreshes: int = 0
     logins: int = 0
+    rejected_refresh_tokens: Counter[str] = field(default_factory=Counter)
 
     @property
     def client_id(self) -> str | None:
@@ -92,6 +97,7 @@ class User:
             "TokensIssued": self.tokens_issued,
             "Refreshes": self.refreshes,
             "Logins": self.logins,
+            "RejectedRefreshTokens": dict(self.rejected_refresh_tokens),
         }
 
 
@@ -104,6 +110,7 @@ class Counters:
     logins: int = 0
     failed_logins: int = 0
     rejected_refresh_tokens: int = 0
+    rejected_by_cause: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REJECTION_CAUSES, 0))
     updates: int = 0
     deletes: int = 0
     requests_total: int = 0
@@ -136,6 +143,10 @@ class EmulatorState:
         self._config = config
         self._users: dict[str, User] = {}
         self._refresh_tokens: dict[str, str] = {}
+        # Refresh tokens no longer valid -> (cause, DeviceToken), so that a rejection says why (see REJECTION_CAUSES).
+        self._retired_tokens: dict[str, tuple[str, str]] = {}
+        self._in_flight = 0
+        self._in_flight_peak = 0
         self._users_by_instance: Counter[str] = Counter()
         self._users_by_client: Counter[tuple[str, str]] = Counter()
         self._counters = Counters()
@@ -163,6 +174,16 @@ class EmulatorState:
         with self._lock:
             self._counters.requests_total += 1
 
+    def enter_call(self) -> None:
+        """A public call starts: counts towards the in-flight gauge and its peak (upstream concurrency)."""
+        with self._lock:
+            self._in_flight += 1
+            self._in_flight_peak = max(self._in_flight_peak, self._in_flight)
+
+    def leave_call(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
     def count_fault(self, kind: str) -> None:
         with self._lock:
             self._counters.faults_served[kind] = self._counters.faults_served.get(kind, 0) + 1
@@ -188,6 +209,8 @@ class EmulatorState:
                 "logins": counters.logins,
                 "failed_logins": counters.failed_logins,
                 "rejected_refresh_tokens": counters.rejected_refresh_tokens,
+                "rejected_refresh_tokens_by_cause": dict(counters.rejected_by_cause),
+                "in_flight_peak": self._in_flight_peak,
                 "updates": counters.updates,
                 "deletes": counters.deletes,
                 "faults_served": dict(counters.faults_served),
@@ -209,6 +232,8 @@ class EmulatorState:
         with self._lock:
             self._users.clear()
             self._refresh_tokens.clear()
+            self._retired_tokens.clear()
+            self._in_flight_peak = self._in_flight
             self._users_by_instance.clear()
             self._users_by_client.clear()
             self._counters = Counters()
@@ -220,6 +245,7 @@ class EmulatorState:
         """A new token pair for ``user``; its previous refresh token stops working."""
         if user.refresh_token is not None:
             self._refresh_tokens.pop(user.refresh_token, None)
+            self._retired_tokens[user.refresh_token] = ("spent", user.device_token)
         token, expires_in = self._issuer.access_token(
             user.device_token, user.instance_id, self._config.token_lifetime_s
         )
@@ -298,7 +324,11 @@ class EmulatorState:
         with self._lock:
             device_token = self._refresh_tokens.get(refresh_token)
             if device_token is None:
+                cause, holder = self._retired_tokens.get(refresh_token, ("unknown", ""))
                 self._counters.rejected_refresh_tokens += 1
+                self._counters.rejected_by_cause[cause] += 1
+                if holder in self._users:
+                    self._users[holder].rejected_refresh_tokens[cause] += 1
                 raise ApiError.single(400, "RefreshToken", "The refresh token is invalid, used or revoked")
             if claims.get("DeviceToken") != device_token:
                 raise ApiError.single(400, "AccessToken", "The access token was not issued to this user")
@@ -391,6 +421,7 @@ class EmulatorState:
                 if user is None or user.refresh_token is None:
                     continue
                 self._refresh_tokens.pop(user.refresh_token, None)
+                self._retired_tokens[user.refresh_token] = ("revoked", device_token)
                 user.refresh_token = None
                 revoked.append(device_token)
             return revoked

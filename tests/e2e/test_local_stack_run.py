@@ -130,3 +130,40 @@ def test_the_schedule_fires_the_sweeper_and_tokens_rotate(service: LocalService,
     assert stats.schedule_fires.get("RefreshSweeperFunctionSweep", 0) >= 1
     assert stats.function("RefreshSweeperFunction").invocations >= 1
     assert stats.function("RefreshWorkerFunction").invocations >= 1
+
+
+def test_a_rule_event_stays_in_its_tap_until_its_asynchronous_invocation_is_finished(
+    service: LocalService, stack: LocalStack, dead_letters: DeadLetters
+) -> None:
+    # Lambda's asynchronous event queue is durable: an event accepted from the rule must survive a crash of the
+    # runtime while it waits for a retry. Locally its tap message stands for it, so it must not be deleted before
+    # the event is finished with (here: three failed attempts, then the on-failure destination).
+    sqs = aws(stack, "sqs")
+    (tap,) = [t.tap_queue_url for rule in stack.rules for t in rule.targets if t.function == "SignupFunction"]
+    assert tap is not None
+    errors_before = service.runtime.stats().function("SignupFunction").errors
+    client_id = f"e2e-tap-held-{uuid.uuid4().hex[:8]}"
+
+    put_signup(stack, {"ClientId": client_id, "Instance": REVOKED})
+
+    wait_for(
+        lambda: service.runtime.stats().function("SignupFunction").errors > errors_before,
+        timeout=20,
+        what="the first failed attempt",
+        every=0.02,
+    )
+    held = sqs.get_queue_attributes(QueueUrl=tap, AttributeNames=["ApproximateNumberOfMessagesNotVisible"])
+    assert int(held["Attributes"]["ApproximateNumberOfMessagesNotVisible"]) >= 1  # waiting for its retry, held
+    dead_letters.wait_for("SignupDeadLetterQueue", client_id, timeout=30)
+    wait_for(
+        lambda: (
+            int(
+                sqs.get_queue_attributes(QueueUrl=tap, AttributeNames=["ApproximateNumberOfMessagesNotVisible"])[
+                    "Attributes"
+                ]["ApproximateNumberOfMessagesNotVisible"]
+            )
+            == 0
+        ),
+        timeout=10,
+        what="the tap message deleted once the event was finished",
+    )

@@ -228,6 +228,7 @@ class InMemoryTokenStore:
                 lease_expires_at=None,
                 retry_after=None,
                 last_error=None,
+                refresh_token_dead=False,
                 updated_at=iso(now),
             )
             self.users[device_token] = record
@@ -235,7 +236,14 @@ class InMemoryTokenStore:
             return record
 
     def release_lease(
-        self, *, device_token: str, owner: str, retry_after: int | None, error: str | None, now: float
+        self,
+        *,
+        device_token: str,
+        owner: str,
+        retry_after: int | None,
+        error: str | None,
+        now: float,
+        refresh_token_dead: bool = False,
     ) -> None:
         with self._lock:
             current = self.users.get(device_token)
@@ -249,6 +257,7 @@ class InMemoryTokenStore:
                 updated_at=iso(now),
                 retry_after=retry_after if retry_after is not None else current.retry_after,
                 last_error=error[:500] if error is not None else current.last_error,
+                refresh_token_dead=current.refresh_token_dead or refresh_token_dead,
             )
 
     def mark_needs_relogin(self, *, device_token: str, expected_version: int, reason: str, now: float) -> None:

@@ -283,6 +283,12 @@ class TokenRefresher:
             return RefreshOutcome.LEASE_CONFLICT
         if leased.status is UserStatus.TOKENLESS or leased.tokens is None:
             return self._login(leased, owner, reason="no tokens stored")
+        if leased.refresh_token_dead:
+            # An earlier attempt saw the stored refresh token rejected, or lost the answer of a call that may have
+            # spent it (a Refresh or a Login), and could not log in then. Presenting it again can only be rejected
+            # again (and a replayed refresh token is what an upstream detecting token theft revokes sessions for):
+            # go straight to Login.
+            return self._login(leased, owner, reason="stored refresh token is dead")
 
         stored = leased.tokens
         try:
@@ -316,19 +322,22 @@ class TokenRefresher:
         if not self._budget.try_acquire(str(creds.instance_id), self._clock()):
             metrics.add_metric("LoginBudgetExhausted", MetricUnit.Count, 1)
             retry_at = (int(self._clock()) // 60 + 1) * 60 + int(self._rng.uniform(0, 60))
+            # Every way into _login leaves the stored refresh token dead or suspect: note it for the next attempt.
             self._store.release_lease(
                 device_token=leased.device_token,
                 owner=owner,
                 retry_after=retry_at,
                 error=f"{reason}; login budget spent",
                 now=self._clock(),
+                refresh_token_dead=True,
             )
             return RefreshOutcome.DEFERRED
         metrics.add_metric("LoginFallbacks", MetricUnit.Count, 1)
         try:
             result = self._upstream.login(creds, uuid.UUID(leased.device_token))
         except (RetryableUpstreamError, OutcomeUnknownError) as exc:
-            return self._defer(leased, owner, exc)
+            # A Login whose answer was lost rotated the tokens too: the stored refresh token is dead either way.
+            return self._defer(leased, owner, exc, refresh_token_dead=True)
         except UpstreamError as exc:
             if isinstance(exc, UnauthorizedError):
                 self._credentials.invalidate()
@@ -339,7 +348,9 @@ class TokenRefresher:
         self._commit(leased, tokens)
         return RefreshOutcome.LOGGED_IN
 
-    def _defer(self, leased: UserRecord, owner: str, exc: UpstreamError) -> RefreshOutcome:
+    def _defer(
+        self, leased: UserRecord, owner: str, exc: UpstreamError, *, refresh_token_dead: bool = False
+    ) -> RefreshOutcome:
         base = exc.retry_after if isinstance(exc, RateLimitedError) and exc.retry_after else 30.0
         retry_at = int(self._clock() + base + self._rng.uniform(0, base))
         self._store.release_lease(
@@ -348,6 +359,7 @@ class TokenRefresher:
             retry_after=retry_at,
             error=f"{type(exc).__name__}: {exc}",
             now=self._clock(),
+            refresh_token_dead=refresh_token_dead,
         )
         metrics.add_metric("RefreshDeferred", MetricUnit.Count, 1)
         return RefreshOutcome.DEFERRED
@@ -368,9 +380,15 @@ class TokenRefresher:
                 )
             )
         except Exception:
-            # Let the retried job (SQS redelivers it) go through refresh, Login and this announcement again.
+            # Let the retried job (SQS redelivers it) go through Login and this announcement again (not the refresh:
+            # its token is dead, that is how we got here).
             self._store.release_lease(
-                device_token=leased.device_token, owner=owner, retry_after=None, error=reason, now=self._clock()
+                device_token=leased.device_token,
+                owner=owner,
+                retry_after=None,
+                error=reason,
+                now=self._clock(),
+                refresh_token_dead=True,
             )
             raise
         try:

@@ -7,7 +7,8 @@ Item shape (see README "Token store") -- partition key ``pk``:
     key of the ``ByClient`` index), ``Status``, ``Version``, ``AccessToken``, ``AccessExpiresAt`` (epoch s),
     ``RefreshToken``, ``DueShard`` (only while the token must be kept fresh: key of the sparse ``RefreshDue``
     index, sorted by ``AccessExpiresAt``), ``ClaimOwner``/``ClaimExpiresAt`` (registration in flight),
-    ``LeaseOwner``/``LeaseExpiresAt`` (refresh in flight), ``RetryAfter``, ``LastError``, ``BulkRequestId``,
+    ``LeaseOwner``/``LeaseExpiresAt`` (refresh in flight), ``RetryAfter``, ``LastError``, ``RefreshTokenDead`` (the
+    stored refresh token was rejected or may be spent: the next attempt logs in instead), ``BulkRequestId``,
     ``CreatedAt``, ``UpdatedAt``.
 ``BULK#<Instance>#<RequestId>``
     progress of one bulk request: ``Quantity``, ``ChunkSize``, ``ChunkCount`` and per chunk ``Chunk<n>`` state.
@@ -82,6 +83,9 @@ class UserRecord:
     lease_expires_at: int | None = None
     retry_after: int | None = None
     last_error: str | None = None
+    #: The stored refresh token was rejected, or may have been spent by a call whose answer was lost: never present
+    #: it again (a second rejection, or a reuse the upstream may treat as theft); the next attempt goes to Login.
+    refresh_token_dead: bool = False
     bulk_request_id: str | None = None
     created_at: str = ""
     updated_at: str = ""
@@ -197,7 +201,14 @@ class TokenStore(Protocol):
     ) -> UserRecord | None: ...
     def commit_tokens(self, *, device_token: str, expected_version: int, tokens: Tokens, now: float) -> UserRecord: ...
     def release_lease(
-        self, *, device_token: str, owner: str, retry_after: int | None, error: str | None, now: float
+        self,
+        *,
+        device_token: str,
+        owner: str,
+        retry_after: int | None,
+        error: str | None,
+        now: float,
+        refresh_token_dead: bool = False,
     ) -> None: ...
     def mark_needs_relogin(self, *, device_token: str, expected_version: int, reason: str, now: float) -> None: ...
 
@@ -225,6 +236,7 @@ _USER_ATTRS = {
     "LeaseExpiresAt": "lease_expires_at",
     "RetryAfter": "retry_after",
     "LastError": "last_error",
+    "RefreshTokenDead": "refresh_token_dead",
     "BulkRequestId": "bulk_request_id",
     "CreatedAt": "created_at",
     "UpdatedAt": "updated_at",
@@ -584,7 +596,8 @@ class DynamoTokenStore:
         attrs = self._update(
             user_pk(device_token),
             "SET AccessToken = :at, RefreshToken = :rt, AccessExpiresAt = :exp, Version = :next, #s = :active, "
-            "DueShard = :shard, UpdatedAt = :now REMOVE LeaseOwner, LeaseExpiresAt, RetryAfter, LastError, QueuedUntil",
+            "DueShard = :shard, UpdatedAt = :now "
+            "REMOVE LeaseOwner, LeaseExpiresAt, RetryAfter, LastError, QueuedUntil, RefreshTokenDead",
             "Version = :v",
             {
                 ":at": tokens.access_token,
@@ -603,11 +616,22 @@ class DynamoTokenStore:
         return _record(attrs)
 
     def release_lease(
-        self, *, device_token: str, owner: str, retry_after: int | None, error: str | None, now: float
+        self,
+        *,
+        device_token: str,
+        owner: str,
+        retry_after: int | None,
+        error: str | None,
+        now: float,
+        refresh_token_dead: bool = False,
     ) -> None:
-        """Drop our lease after a failed attempt, leaving a note of when to try again."""
+        """Drop our lease after a failed attempt, leaving a note of when to try again (and, with
+        ``refresh_token_dead``, that the stored refresh token must not be presented again: the commit clears it)."""
         values: dict[str, Any] = {":me": owner, ":now": iso(now)}
         sets = ["UpdatedAt = :now"]
+        if refresh_token_dead:
+            values[":dead"] = True
+            sets.append("RefreshTokenDead = :dead")
         if retry_after is not None:
             values[":ra"] = retry_after
             sets.append("RetryAfter = :ra")

@@ -637,6 +637,8 @@ def test_counters_count_what_happened(emulator: EmulatorHandle, api: Api) -> Non
         "logins": 1,
         "failed_logins": 1,
         "rejected_refresh_tokens": 1,
+        "rejected_refresh_tokens_by_cause": {"revoked": 0, "spent": 1, "unknown": 0},
+        "in_flight_peak": 1,
         "updates": 0,
         "deletes": 0,
         "faults_served": {"error": 0, "rate_limit": 0, "hang": 0, "drop_after_commit": 0},
@@ -687,6 +689,22 @@ def test_revoke_by_device_token_and_by_fraction(emulator: EmulatorHandle, api: A
     for user in users[1:]:
         expected = 400 if user["DeviceToken"] in revoked else 200
         assert api.refresh(user["AccessToken"]["Token"], user["RefreshToken"]).status_code == expected
+
+
+def test_a_rejected_refresh_token_is_counted_by_cause_and_by_user(emulator: EmulatorHandle, api: Api) -> None:
+    revoked, spent = api.created(), api.created()
+    emulator.revoke(device_tokens=[revoked["DeviceToken"]])
+    assert_envelope(api.refresh(revoked["AccessToken"]["Token"], revoked["RefreshToken"]), 400, "RefreshToken")
+    assert_envelope(api.refresh(spent["AccessToken"]["Token"], spent["RefreshToken"]), 200)
+    assert_envelope(api.refresh(spent["AccessToken"]["Token"], spent["RefreshToken"]), 400, "RefreshToken")
+    assert_envelope(api.refresh(spent["AccessToken"]["Token"], "bm90IGEgdG9rZW4="), 400, "RefreshToken")
+
+    counters = emulator.counters()
+
+    assert counters["rejected_refresh_tokens"] == 3
+    assert counters["rejected_refresh_tokens_by_cause"] == {"revoked": 1, "spent": 1, "unknown": 1}
+    assert emulator.user(revoked["DeviceToken"])["RejectedRefreshTokens"] == {"revoked": 1}
+    assert emulator.user(spent["DeviceToken"])["RejectedRefreshTokens"] == {"spent": 1}
 
 
 def test_admin_rejects_bad_settings_and_keeps_the_old_ones(emulator: EmulatorHandle) -> None:
