@@ -57,6 +57,10 @@ scan: $(SCAN_STAMP)
 run: $(STAMP)
 	$(BIN)/python -m local.demo $(ARGS)
 
+## make soak: the load and fault soak of the whole service on the local stack (ARGS=--help for sizes).
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py $(ARGS)
+
 ## make emulator: the User Service emulator on 127.0.0.1:$(PORT).
 emulator: $(STAMP)
 	PORT=$(PORT) $(BIN)/python -m local.emulator
