@@ -224,12 +224,17 @@ def _add_token(command: _Command) -> None:
         help="refresh if the token expires sooner than this (default 300)",
     )
     token.add_argument("--wait", type=float, default=10.0, metavar="SECONDS", help="longest wait for a busy lease")
-    token.add_argument("--user-service-url", metavar="URL", help="the User Service (default: the stack's)")
-    token.add_argument(
+    _upstream_options(token)
+    token.add_argument("--json", action="store_true", help='{"DeviceToken", "AccessToken", "ExpiresAt" (epoch s)}')
+
+
+def _upstream_options(parser: argparse.ArgumentParser) -> None:
+    """Options of the commands that call the User Service (through the read path)."""
+    parser.add_argument("--user-service-url", metavar="URL", help="the User Service (default: the stack's)")
+    parser.add_argument(
         "--credentials-secret-arn", metavar="ARN", help="the instance credentials secret (default: the stack's)"
     )
-    token.add_argument("--verbose", action="store_true", help="the library's info logs on stderr")
-    token.add_argument("--json", action="store_true", help='{"DeviceToken", "AccessToken", "ExpiresAt" (epoch s)}')
+    parser.add_argument("--verbose", action="store_true", help="the library's info logs on stderr")
 
 
 def _add_relogin(command: _Command) -> None:
@@ -241,11 +246,7 @@ def _add_relogin(command: _Command) -> None:
         _run_relogin,
     )
     _user_options(relogin)
-    relogin.add_argument("--user-service-url", metavar="URL", help="the User Service (default: the stack's)")
-    relogin.add_argument(
-        "--credentials-secret-arn", metavar="ARN", help="the instance credentials secret (default: the stack's)"
-    )
-    relogin.add_argument("--verbose", action="store_true", help="the library's info logs on stderr")
+    _upstream_options(relogin)
     relogin.add_argument("--json", action="store_true", help='{"DeviceToken", "Outcome"}')
 
 
