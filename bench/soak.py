@@ -116,7 +116,6 @@ log = logging.getLogger("soak")
 RESULTS_PATH: Final = REPO_ROOT / "bench" / "RESULTS.md"
 RUNNER_SCRIPT: Final = REPO_ROOT / "bench" / "soak_runtime.py"
 OUTCOME_SOURCE: Final = "telematics.registration"
-KILL_AFTER_REFRESHES: Final = 20
 RUNNER_POLL_WAIT: Final = 1  # RuntimeOptions.poll_wait_seconds of the runner (its default)
 SWEEPER: Final = "RefreshSweeperFunction"
 #: Shaped like an access token (a JWT) or a refresh token (base64 of 32 bytes): must never appear in a log or event.
@@ -155,7 +154,10 @@ class SoakOptions:
     latency_ms: tuple[int, int] = (20, 200)
     kill: bool = True
     kill_at: float = 0.5
+    kill_after_refreshes: int = 20
     orphan_visibility: int = 125
+    claim_seconds: int | None = None
+    lease_seconds: int | None = None
     failure_visibility: int = 40
     async_retry_delay: float = 60.0
     timeout: float = 560.0
@@ -218,10 +220,26 @@ def parse_options(argv: Sequence[str] | None = None) -> SoakOptions:
     add("--no-kill", action="store_true", help="do not kill the runner mid-run")
     add("--kill-at", type=float, default=d.kill_at, help="kill when this fraction is fed (%(default)s)")
     add(
+        "--kill-after-refreshes",
+        type=int,
+        default=d.kill_after_refreshes,
+        help="... and this many refreshes were made, unless the feed is over (%(default)s)",
+    )
+    add(
         "--orphan-visibility",
         type=int,
         default=d.orphan_visibility,
         help="messages the killed runner held come back after S s (%(default)s)",
+    )
+    add(
+        "--claim-seconds",
+        type=int,
+        help="registration claim TTL (the functions' CLAIM_SECONDS; unset: the service's 120) - for quick runs",
+    )
+    add(
+        "--lease-seconds",
+        type=int,
+        help="refresh lease TTL (REFRESH_LEASE_SECONDS; unset: the service's 60) - for quick runs",
     )
     add("--failure-visibility", type=int, default=d.failure_visibility, help="failed SQS records back after S s")
     add("--async-retry-delay", type=float, default=d.async_retry_delay, help="first async retry after S s")
@@ -239,6 +257,10 @@ def parse_options(argv: Sequence[str] | None = None) -> SoakOptions:
         parser.error("--token-lifetime must exceed the refresh margin plus a sweep period")
     if args.both_paths > min(args.signups, args.registrations):
         parser.error("--both-paths cannot exceed --signups or --registrations")
+    # The simulated visibility timeout must stay longer than a claim and a lease, as 360 s is on AWS: a redelivered
+    # message must find its dead holder's claim or lease expired.
+    if args.orphan_visibility <= max(args.claim_seconds or 120, args.lease_seconds or 60):
+        parser.error("--orphan-visibility must exceed the claim (120 s) and lease (60 s) TTLs")
     return SoakOptions(
         signups=args.signups,
         registrations=args.registrations,
@@ -262,7 +284,10 @@ def parse_options(argv: Sequence[str] | None = None) -> SoakOptions:
         latency_ms=(args.latency_ms[0], args.latency_ms[1]),
         kill=not args.no_kill,
         kill_at=args.kill_at,
+        kill_after_refreshes=args.kill_after_refreshes,
         orphan_visibility=args.orphan_visibility,
+        claim_seconds=args.claim_seconds,
+        lease_seconds=args.lease_seconds,
         failure_visibility=args.failure_visibility,
         async_retry_delay=args.async_retry_delay,
         timeout=args.timeout,
@@ -603,6 +628,14 @@ class Runner:
             "async_retry_delay": options.async_retry_delay,
             # As many signup invocations at once as the template reserves for the function (SignupMaximumConcurrency).
             "async_concurrency": 10,
+            "environment": {
+                name: str(value)
+                for name, value in (
+                    ("CLAIM_SECONDS", options.claim_seconds),
+                    ("REFRESH_LEASE_SECONDS", options.lease_seconds),
+                )
+                if value is not None
+            },
         }
         env = {
             **os.environ,
@@ -772,7 +805,8 @@ class Soak:
         if self.feeder.fraction < self.options.kill_at:
             return False
         # A wave of refreshes under way (so leases are in flight), unless the feed is over and none started.
-        return int(self.emulator.counters().get("refreshes", 0)) >= KILL_AFTER_REFRESHES or self.feeder.done
+        refreshes = int(self.emulator.counters().get("refreshes", 0))
+        return refreshes >= self.options.kill_after_refreshes or self.feeder.done
 
     def _send_bulk(self) -> None:
         send_messages(self.stack, [{"Quantity": self.options.bulk, "RequestId": self.work.bulk_request_id}])
@@ -1562,7 +1596,8 @@ def results_section(options: SoakOptions, checks: Sequence[Check], m: Measures, 
         f"Faults `{json.dumps(options.faults)}` on create, create_many, refresh and login. "
         f"Tokens live {options.token_lifetime} s and are refreshed "
         f"{options.refresh_margin} s before expiry; two sweepers every {options.sweep_every:g} s; "
-        f"RefreshMaximumConcurrency {options.refresh_concurrency}; Login budget {options.login_budget}/min. Runner "
+        f"RefreshMaximumConcurrency {options.refresh_concurrency}; Login budget {options.login_budget}/min; claims "
+        f"live {options.claim_seconds or 120} s, refresh leases {options.lease_seconds or 60} s. Runner "
         f"{killed}. Revoked: {len(revoke.revoked)} refresh tokens, and {len(revoke.dead)} more denied Login.",
         "",
         "| check | result | detail |",
