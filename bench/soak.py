@@ -780,7 +780,7 @@ class Soak:
                 self.say(self._status())
                 last_status = time.time()
             if self.revoke is not None and self._registrations_settled():
-                if time.time() - last_rotation_check >= 10:
+                if time.time() - last_rotation_check >= min(10.0, max(2.0, self.options.sweep_every)):
                     rotated = self._rotated()
                     last_rotation_check = time.time()
                 if rotated:
@@ -823,17 +823,19 @@ class Soak:
             )["Attributes"]
             return int(attributes["ApproximateNumberOfMessagesNotVisible"]) >= 5
 
+        # Kill while refresh jobs are being worked on (leases held) and one of the bulk's CreateMany chunks is in
+        # flight with more to come, if each can be caught within a few seconds; else with what is in flight then.
+        deadline = time.time() + 10
+        while self.options.kill_after_refreshes and time.time() < deadline and not refreshing():
+            time.sleep(0.05)
         if self.options.bulk:
             self._send_bulk()
-        # Kill while one of the bulk's CreateMany chunks is in flight with more to come, and refresh jobs are being
-        # worked on (leases held), if that can be caught within a few seconds; else with what is in flight then.
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            states = chunk_states(bulk_progress(self.stack, self.dynamodb, self.work.bulk_request_id))
-            cutting_bulk = not self.options.bulk or ("CALLING" in states.values() and "TODO" in states.values())
-            if cutting_bulk and (refreshing() or time.time() > deadline - 5):
-                break
-            time.sleep(0.02)
+            deadline = time.time() + 10
+            while time.time() < deadline:
+                states = chunk_states(bulk_progress(self.stack, self.dynamodb, self.work.bulk_request_id))
+                if "CALLING" in states.values() and "TODO" in states.values():
+                    break
+                time.sleep(0.02)
         self.runners[-1].kill()
         record.at = time.time()
         self.say(f"runner {self.runners[-1].index} killed (SIGKILL) with {self.feeder.fraction:.0%} fed")
