@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from telematics_reg.errors import OutcomeUnknownError, RateLimitedError, UnauthorizedError
+from telematics_reg.errors import OutcomeUnknownError, RateLimitedError, RetryableUpstreamError, UnauthorizedError
 from telematics_reg.outcomes import TokenRefreshFailed
 from telematics_reg.refresh import InMemoryRefreshJobQueue, RefreshJob, RefreshOutcome, Sweeper, TokenUnavailableError
 from telematics_reg.store import StoreError, UserRecord, UserStatus
@@ -165,6 +165,28 @@ def test_given_a_429_then_the_user_is_deferred_with_retry_after_and_not_stampede
     assert stored.retry_after is not None
     assert stored.retry_after >= world.clock() + 20
     assert world.upstream.calls["refresh"] == 1
+
+
+def test_given_a_5xx_then_the_user_is_deferred_but_retried_before_the_access_token_expires(world: World) -> None:
+    # Plenty of time left: the usual 30-60 s back-off.
+    calm = _register(world, "r-11")
+    # 20 s left: the back-off shrinks to a quarter of that (5-10 s), so a sweep still finds the token alive.
+    urgent = _register(world, "r-12")
+    _age(world, 3300)
+    world.upstream.fail_next(RetryableUpstreamError("busy", status=503, call="refresh"), calls=["refresh"])
+    assert world.refresher.refresh_job(RefreshJob(calm.device_token, calm.version)) is RefreshOutcome.DEFERRED
+    _age(world, 280)
+    world.upstream.fail_next(RetryableUpstreamError("busy", status=503, call="refresh"), calls=["refresh"])
+    assert world.refresher.refresh_job(RefreshJob(urgent.device_token, urgent.version)) is RefreshOutcome.DEFERRED
+
+    calm_stored, urgent_stored = world.store.get_user(calm.device_token), world.store.get_user(urgent.device_token)
+    assert calm_stored is not None
+    assert calm_stored.retry_after is not None
+    assert urgent_stored is not None
+    assert urgent_stored.retry_after is not None
+    assert urgent_stored.access_expires_at is not None
+    assert 30 <= calm_stored.retry_after - (world.clock() - 280) <= 60
+    assert world.clock() + 5 <= urgent_stored.retry_after <= world.clock() + 10 < urgent_stored.access_expires_at
 
 
 def test_given_a_lost_refresh_answer_then_login_recovers(world: World) -> None:

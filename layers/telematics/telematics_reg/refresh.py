@@ -42,6 +42,11 @@ from telematics_reg.registration import tokens_of
 from telematics_reg.store import ConditionFailedError, StoreError, Tokens, TokenStore, UserRecord, UserStatus
 from telematics_reg.upstream import UserService
 
+#: Back-off after an upstream failure without a Retry-After (5xx, lost answer): DEFER_SECONDS plus up to as much
+#: again, shortened when the access token expires sooner (down to DEFER_FLOOR_SECONDS).
+DEFER_SECONDS = 30.0
+DEFER_FLOOR_SECONDS = 5.0
+
 
 class RefreshOutcome(StrEnum):
     REFRESHED = "refreshed"
@@ -351,8 +356,15 @@ class TokenRefresher:
     def _defer(
         self, leased: UserRecord, owner: str, exc: UpstreamError, *, refresh_token_dead: bool = False
     ) -> RefreshOutcome:
-        base = exc.retry_after if isinstance(exc, RateLimitedError) and exc.retry_after else 30.0
-        retry_at = int(self._clock() + base + self._rng.uniform(0, base))
+        now = self._clock()
+        if isinstance(exc, RateLimitedError) and exc.retry_after:
+            base = exc.retry_after  # the upstream said when: honour it
+        else:
+            # Back off 30-60 s, but never so long that the access token expires while we wait: with little time left,
+            # a quarter of it (at least DEFER_FLOOR_SECONDS), so a later sweep still finds it alive.
+            left = (leased.access_expires_at or 0) - now
+            base = min(DEFER_SECONDS, max(DEFER_FLOOR_SECONDS, left / 4))
+        retry_at = int(now + base + self._rng.uniform(0, base))
         self._store.release_lease(
             device_token=leased.device_token,
             owner=owner,
