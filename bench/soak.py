@@ -3,8 +3,9 @@ invariants of DESIGN.md; it exits 1 when one is broken (so it can gate a release
 
 Usage (from the repository root)::
 
-    make soak                                   # the default sizes (finish in under 10 minutes on 2 CPUs)
-    make soak ARGS="--signups 5000 --registrations 5000 --token-lifetime 600 --timeout 3600"   # the full run
+    make soak                   # the default sizes: about 7 minutes on 2 CPUs
+    make soak ARGS="--signups 5000 --registrations 5000 --both-paths 200 --bulk 500 --token-lifetime 1500 \
+                    --timeout 7200"   # the issue's sizes: about 1 h 45 min here (see "Sizing" below)
     .venv/bin/python bench/soak.py --help
 
 What one run does
@@ -37,6 +38,21 @@ What one run does
 6. **Settle, stop, check.** When every registration is accounted for and every user is rotated, the runner is stopped
    cleanly, the faults are cleared, every stored refresh token is spent once against the emulator (each must be the
    live one), and the checks below are printed and appended to ``bench/RESULTS.md``.
+
+Sizing
+------
+On the local stack one moto process serves every AWS call on two shared cores, and that bounds what a run can
+carry: about 10 refreshes/s with everything else going on (the default run refreshed 6.4/s on average and kept every
+token alive). Every user is refreshed ``--cycles`` times, one cycle taking about ``--token-lifetime`` minus
+``--refresh-margin`` plus 10 s (sweep period and spread), so a run needs::
+
+    users / (token_lifetime - refresh_margin + 10)  <=  ~8 refreshes/s       (else tokens expire while queued)
+    duration  ~=  kill time + orphan visibility (125 s) + cycles x (token_lifetime - refresh_margin + 10)
+
+(the bulk request is held by the killed runner, so its users are stored only when the orphans come back). The
+defaults (300 + 300 signups/registrations, 60 on both paths, bulk 150: 690 users; 120 s tokens; 7 messages/s so the
+feed is still running when refreshes begin and the kill catches both) finish in about 7 minutes. The issue's sizes
+(10,300 users) need 1,500 s tokens and so about 1 h 45 min.
 
 Methods
 -------
@@ -131,14 +147,14 @@ _deserializer: Final = TypeDeserializer()
 class SoakOptions:
     """The knobs of a run (``python bench/soak.py --help``)."""
 
-    signups: int = 500
-    registrations: int = 500
+    signups: int = 300
+    registrations: int = 300
     duplicate_rate: float = 0.10
-    both_paths: int = 100
-    bulk: int = 500
+    both_paths: int = 60
+    bulk: int = 150
     malformed_rate: float = 0.02
-    rate: float = 12.0
-    token_lifetime: int = 100
+    rate: float = 7.0
+    token_lifetime: int = 120
     refresh_margin: int = 60
     refresh_spread: int = 5
     cycles: int = 3
@@ -780,7 +796,9 @@ class Soak:
                 self.say(self._status())
                 last_status = time.time()
             if self.revoke is not None and self._registrations_settled():
-                if time.time() - last_rotation_check >= min(10.0, max(2.0, self.options.sweep_every)):
+                # (A full scan of the table each time: rarer for a big one.)
+                every = max(min(10.0, max(2.0, self.options.sweep_every)), len(self.work.client_ids) / 500)
+                if time.time() - last_rotation_check >= every:
                     rotated = self._rotated()
                     last_rotation_check = time.time()
                 if rotated:
@@ -1372,6 +1390,12 @@ def check_completeness(state: EndState) -> Check:
         "sweeps": dict(sweep_counts),
         "overlaps": overlaps,
     }
+    laggards = [str(u["DeviceToken"]) for u in state.active if int(u.get("Version", 0)) < 1 + options.cycles]
+    overdue = [str(u["DeviceToken"]) for u in state.active if int(u.get("AccessExpiresAt", 0)) < time.time() - 30]
+    if overdue:
+        explain(soak, overdue[:20], state.users, state.by_device, "access token expired over 30 s ago")
+    if laggards:
+        explain(soak, laggards[:20], state.users, state.by_device, f"refreshed fewer than {options.cycles} times")
     in_flight = sum(kill.in_flight.values())
     parts = [
         (bool(versions) and versions[0] >= 1 + options.cycles, f"every ACTIVE user refreshed >= {options.cycles}x"),
@@ -1644,7 +1668,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parse_options(argv)
     out = sys.stdout
     options.workdir.mkdir(parents=True, exist_ok=True)
-    for old in options.workdir.glob("runner-*"):
+    for old in [*options.workdir.glob("runner-*"), *options.workdir.glob("anomalies.jsonl")]:
         old.unlink()
     logging.basicConfig(
         level=logging.WARNING,
