@@ -1,0 +1,131 @@
+"""``make soak`` kept working: bench/soak.py end to end with tiny sizes (well under a minute), as a user runs it.
+
+Everything the full soak does happens here too, only smaller and faster: faults on, duplicates, both paths,
+malformed messages, a bulk request, the runner killed mid-run and restarted, revoked and dead tokens, two sweepers,
+every user refreshed. Claims and leases are shortened (so is the simulated visibility timeout, still longer
+than both) so that the kill's orphans come back within seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from typing import Any
+
+from .conftest import ROOT
+
+SMOKE = (
+    *("--signups", "20", "--registrations", "20", "--both-paths", "4", "--bulk", "120", "--rate", "5"),
+    *("--malformed-rate", "0.1", "--token-lifetime", "70", "--sweep-every", "3", "--cycles", "1"),
+    *("--dead-tokens", "1", "--revoke-fraction", "0.05"),
+    *("--claim-seconds", "10", "--lease-seconds", "5", "--orphan-visibility", "12", "--kill-after-refreshes", "0"),
+    # About 45 s on an idle 2-CPU machine: the run's own limit leaves twice that for a loaded one.
+    *("--failure-visibility", "3", "--async-retry-delay", "2", "--timeout", "100", "--seed", "11"),
+)
+
+
+def test_the_soak_runs_checks_every_invariant_and_records_its_results(tmp_path: Path) -> None:
+    results = tmp_path / "RESULTS.md"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "layers" / "telematics"), str(ROOT)]),
+        "PYTHONUNBUFFERED": "1",
+    }
+    command = [
+        sys.executable,
+        str(ROOT / "bench" / "soak.py"),
+        *SMOKE,
+        *("--workdir", str(tmp_path / "soak"), "--results", str(results), "--label", "smoke"),
+    ]
+
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False)
+
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "RESULT: OK" in done.stdout, output
+    assert "killed (SIGKILL)" in done.stdout
+    assert "visibility timeout of the" in done.stdout
+    summary = done.stdout.split("soak summary", 1)[1]
+    for heading in (
+        "One upstream user per ClientId",
+        "Users stored vs expected",
+        "Bulk request never doubled",
+        "RegistrationDeadLetterQueue",
+        "SignupDeadLetterQueue",
+        "No token lost",
+        "Refresh tokens rejected",
+        "No secret in logs, events, dead letters",
+        "Upstream concurrency bounded",
+        "The soak did what it claims",
+    ):
+        line = next(line for line in summary.splitlines() if heading in line)
+        assert line.startswith("ok"), line
+    assert "36/36 ClientIds have exactly 1 upstream user" in summary  # 20 + 20, 4 of them on both paths
+    recorded = results.read_text(encoding="utf-8")
+    assert "### Soak: smoke" in recorded
+    assert "| One upstream user per ClientId | ok |" in recorded
+    assert "signup -> stored latency" in recorded
+
+
+def _soak_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("soak_under_test", ROOT / "bench" / "soak.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def _end_state(soak: ModuleType, per_client: dict[str, int]) -> Any:
+    options = soak.SoakOptions(signups=6, registrations=6, both_paths=2, bulk=0, malformed_rate=0.5, seed=3)
+    work = soak.build_workload(options)
+    return soak.EndState(
+        soak=SimpleNamespace(work=work, instance_id="instance-1"),
+        m=soak.Measures(),
+        counters={"users_by_client_id": per_client, "creates": len(per_client), "logins": 0},
+        by_device={},
+        users=[],
+        letters={},
+        runner_events=[],
+        kill=soak.KillRecord(),
+        revoke=soak.RevokeRecord(),
+    )
+
+
+def test_the_gate_fails_on_a_duplicate_upstream_user_or_bad_input_that_reached_the_upstream() -> None:
+    # The checks that decide the exit status, fed an end state that breaks the invariant (and one that keeps it).
+    soak = _soak_module()
+    good = _end_state(soak, {})
+    exact = {f"instance-1/{cid}": 1 for cid in good.soak.work.client_ids}
+    good.counters["users_by_client_id"] = exact
+    first = good.soak.work.client_ids[0]
+    doubled = _end_state(soak, {**exact, f"instance-1/{first}": 2})
+    lost = _end_state(soak, {k: n for k, n in exact.items() if not k.endswith(first)})
+    marker = next(m.marker for m in good.soak.work.malformed)
+    leaked = _end_state(soak, {**exact, f"instance-1/{marker}": 1})
+
+    assert soak.check_one_user_per_client(good).ok
+    assert soak.check_bad_input(good).ok
+    assert not soak.check_one_user_per_client(doubled).ok
+    assert "1 have 2" in soak.check_one_user_per_client(doubled).detail
+    assert not soak.check_one_user_per_client(lost).ok
+    assert not soak.check_bad_input(leaked).ok
+
+
+def test_options_that_break_the_simulations_timing_are_refused() -> None:
+    # A simulated visibility timeout shorter than a claim would let a redelivery find its dead holder's claim alive.
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "soak.py"), "--orphan-visibility", "30"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "--orphan-visibility must exceed" in done.stderr
