@@ -37,6 +37,7 @@ from local.stack import LocalStack, provision
 from telematics_reg.refresh import TokenRefresher, TokenUnavailableError
 from telematics_reg.registration import device_token_for
 from telematics_reg.settings import ServiceSettings
+from telematics_reg.store import DynamoTokenStore
 from telematics_reg.wiring import build_refresher
 
 from .conftest import INSTANCES, Functions, drain, sqs_event
@@ -790,3 +791,33 @@ def test_given_a_dead_token_deferred_for_the_login_budget_then_the_retry_logs_in
     recovered = service.item(deferred)
     assert recovered["Status"] == "ACTIVE"
     assert "RefreshTokenDead" not in recovered
+
+
+def test_a_queued_job_leases_a_due_user_in_one_conditional_write_and_is_refused_one_not_due(
+    service: Service, emulator: EmulatorHandle
+) -> None:
+    # The worker's lease carries the due checks (token expiring by due_by, no RetryAfter pending) in its condition,
+    # so the usual refresh is two writes and no read; DynamoDB (moto) must refuse what is not due.
+    emulator.set_config(token_lifetime_s=600)
+    due, deferred = service.register(["lease-due", "lease-deferred"])
+    store = DynamoTokenStore(service.dynamodb, table_name=service.table)
+    now = time.time()
+    version = service.item(due)["Version"]
+    service.dynamodb.update_item(
+        TableName=service.table,
+        Key={"pk": {"S": f"USER#{deferred}"}},
+        UpdateExpression="SET RetryAfter = :later",
+        ExpressionAttributeValues={":later": {"N": str(int(now) + 30)}},
+    )
+
+    def lease(user: str, due_by: int) -> Any:
+        return store.acquire_lease(
+            device_token=user, version=version, owner=str(uuid.uuid4()), now=now, ttl=60, due_by=due_by
+        )
+
+    assert lease(due, int(now) + 300) is None  # expires in 600 s: not due within 300 s
+    assert lease(deferred, int(now) + 900) is None  # due, but a retry is pending
+    leased = lease(due, int(now) + 900)
+    assert leased is not None
+    assert leased.lease_expires_at == int(now) + 60
+    assert lease(due, int(now) + 900) is None  # held now

@@ -288,3 +288,26 @@ def test_given_an_active_user_then_the_refresher_never_leases_it_as_a_relogin(wo
 
     assert world.refresher.relogin(device_token=record.device_token) is RefreshOutcome.FRESH
     assert world.upstream.calls["login"] == 0
+
+
+def test_a_due_job_is_refreshed_without_reading_the_user_first_and_a_stale_job_still_finds_it(world: World) -> None:
+    reads: list[str] = []
+    get_user = world.store.get_user
+
+    def counting_get_user(device_token: str) -> UserRecord | None:
+        reads.append(device_token)
+        return get_user(device_token)
+
+    record = _register(world, "r-13")
+    world.store.get_user = counting_get_user  # type: ignore[method-assign]
+    _age(world, 3300)
+
+    assert world.refresher.refresh_job(RefreshJob(record.device_token, record.version)) is RefreshOutcome.REFRESHED
+    assert reads == []  # the lease carried the due checks: no read
+    # A job queued at an older version (the user was refreshed since, and is due again): read, then refreshed.
+    _age(world, 3300)
+    assert world.refresher.refresh_job(RefreshJob(record.device_token, record.version)) is RefreshOutcome.REFRESHED
+    assert reads == [record.device_token]
+    # The same stale job once more: the user is fresh now, so nothing is spent.
+    assert world.refresher.refresh_job(RefreshJob(record.device_token, record.version)) is RefreshOutcome.FRESH
+    assert world.upstream.calls["refresh"] == 2

@@ -192,7 +192,15 @@ class InMemoryTokenStore:
             return True
 
     def acquire_lease(
-        self, *, device_token: str, version: int, owner: str, now: float, ttl: int, reactivate: bool = False
+        self,
+        *,
+        device_token: str,
+        version: int,
+        owner: str,
+        now: float,
+        ttl: int,
+        reactivate: bool = False,
+        due_by: int | None = None,
     ) -> UserRecord | None:
         allowed = {UserStatus.ACTIVE, UserStatus.TOKENLESS} | ({UserStatus.NEEDS_RELOGIN} if reactivate else set())
         with self._lock:
@@ -204,6 +212,12 @@ class InMemoryTokenStore:
                 or (current.lease_expires_at is not None and current.lease_expires_at >= int(now))
             ):
                 return None
+            if due_by is not None and current.status is not UserStatus.TOKENLESS:
+                expires_at = current.access_expires_at
+                if expires_at is None or expires_at > due_by:
+                    return None
+                if current.retry_after is not None and current.retry_after > int(now):
+                    return None
             record = replace(current, lease_owner=owner, lease_expires_at=int(now) + ttl)
             self.users[device_token] = record
             return record

@@ -255,11 +255,27 @@ class TokenRefresher:
     # ------------------------------------------------------------------------------------------- worker
 
     def refresh_job(self, job: RefreshJob) -> RefreshOutcome:
-        """Refresh the user of a queued job, unless someone already did."""
-        record = self._store.get_user(job.device_token)
-        if record is None:
-            return RefreshOutcome.GONE
-        outcome = self.refresh_user(record, force=False)
+        """Refresh the user of a queued job, unless someone already did.
+
+        The usual case takes two writes and no read: a lease conditioned on the job's version and on the user
+        being due, then the commit. Only when that lease is refused is the user read, to tell why (refreshed
+        since the sweep, deferred, leased by another worker, gone) and to refresh it if still due.
+        """
+        now = self._clock()
+        owner = str(uuid.uuid4())
+        leased = self._store.acquire_lease(
+            device_token=job.device_token,
+            version=job.version,
+            owner=owner,
+            now=now,
+            ttl=self._lease,
+            due_by=int(now + self._margin),
+        )
+        if leased is not None:
+            outcome = self._refresh_leased(leased, owner)
+        else:
+            record = self._store.get_user(job.device_token)
+            outcome = RefreshOutcome.GONE if record is None else self.refresh_user(record, force=False)
         metrics.add_metric(f"Refresh_{outcome.value}", MetricUnit.Count, 1)
         return outcome
 
@@ -286,6 +302,10 @@ class TokenRefresher:
         if leased is None:
             metrics.add_metric("LeaseConflicts", MetricUnit.Count, 1)
             return RefreshOutcome.LEASE_CONFLICT
+        return self._refresh_leased(leased, owner)
+
+    def _refresh_leased(self, leased: UserRecord, owner: str) -> RefreshOutcome:
+        """The refresh itself, under the lease ``owner`` holds on ``leased``."""
         if leased.status is UserStatus.TOKENLESS or leased.tokens is None:
             return self._login(leased, owner, reason="no tokens stored")
         if leased.refresh_token_dead:
@@ -300,7 +320,7 @@ class TokenRefresher:
             result = self._upstream.refresh(stored.access_token, stored.refresh_token)
         except DeadRefreshTokenError:
             # Re-read consistently: another worker may have rotated the token after our lease lapsed.
-            current = self._store.get_user(record.device_token)
+            current = self._store.get_user(leased.device_token)
             if current is not None and current.version != leased.version:
                 return RefreshOutcome.LEASE_CONFLICT
             metrics.add_metric("DeadRefreshTokens", MetricUnit.Count, 1)

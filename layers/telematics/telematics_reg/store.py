@@ -197,7 +197,15 @@ class TokenStore(Protocol):
     ) -> DuePage: ...
     def mark_queued(self, *, device_token: str, version: int, until: int, now: float) -> bool: ...
     def acquire_lease(
-        self, *, device_token: str, version: int, owner: str, now: float, ttl: int, reactivate: bool = False
+        self,
+        *,
+        device_token: str,
+        version: int,
+        owner: str,
+        now: float,
+        ttl: int,
+        reactivate: bool = False,
+        due_by: int | None = None,
     ) -> UserRecord | None: ...
     def commit_tokens(self, *, device_token: str, expected_version: int, tokens: Tokens, now: float) -> UserRecord: ...
     def release_lease(
@@ -559,29 +567,49 @@ class DynamoTokenStore:
         return True
 
     def acquire_lease(
-        self, *, device_token: str, version: int, owner: str, now: float, ttl: int, reactivate: bool = False
+        self,
+        *,
+        device_token: str,
+        version: int,
+        owner: str,
+        now: float,
+        ttl: int,
+        reactivate: bool = False,
+        due_by: int | None = None,
     ) -> UserRecord | None:
         """Take the refresh lease; ``None`` if another worker holds it or the tokens moved on.
 
         Condition: the version we read is still current, the user is ACTIVE (or TOKENLESS, about to log in;
-        or NEEDS_RELOGIN when an operator ``reactivate``s it), and no live lease exists.
+        or NEEDS_RELOGIN when an operator ``reactivate``s it), and no live lease exists. With ``due_by``, also
+        that an ACTIVE user is due (its access token expires by then, and no ``RetryAfter`` is pending), so a
+        queued job can lease without reading the user first.
         """
+        condition = (
+            "Version = :v AND #s IN (:active, :tokenless, :third) "
+            "AND (attribute_not_exists(LeaseExpiresAt) OR LeaseExpiresAt < :now)"
+        )
+        values: dict[str, Any] = {
+            ":me": owner,
+            ":until": int(now) + ttl,
+            ":v": version,
+            ":active": UserStatus.ACTIVE.value,
+            ":tokenless": UserStatus.TOKENLESS.value,
+            # Without reactivate the third value repeats ACTIVE, so NEEDS_RELOGIN is never leased.
+            ":third": (UserStatus.NEEDS_RELOGIN if reactivate else UserStatus.ACTIVE).value,
+            ":now": int(now),
+        }
+        if due_by is not None:
+            condition += (
+                " AND (#s = :tokenless OR (AccessExpiresAt <= :due "
+                "AND (attribute_not_exists(RetryAfter) OR RetryAfter <= :now)))"
+            )
+            values[":due"] = due_by
         try:
             attrs = self._update(
                 user_pk(device_token),
                 "SET LeaseOwner = :me, LeaseExpiresAt = :until",
-                "Version = :v AND #s IN (:active, :tokenless, :third) "
-                "AND (attribute_not_exists(LeaseExpiresAt) OR LeaseExpiresAt < :now)",
-                {
-                    ":me": owner,
-                    ":until": int(now) + ttl,
-                    ":v": version,
-                    ":active": UserStatus.ACTIVE.value,
-                    ":tokenless": UserStatus.TOKENLESS.value,
-                    # Without reactivate the third value repeats ACTIVE, so NEEDS_RELOGIN is never leased.
-                    ":third": (UserStatus.NEEDS_RELOGIN if reactivate else UserStatus.ACTIVE).value,
-                    ":now": int(now),
-                },
+                condition,
+                values,
                 {"#s": "Status"},
                 return_new=True,
             )
