@@ -4,8 +4,8 @@ invariants of DESIGN.md; it exits 1 when one is broken (so it can gate a release
 Usage (from the repository root)::
 
     make soak                   # the default sizes: about 7 minutes on 2 CPUs
-    make soak ARGS="--signups 5000 --registrations 5000 --both-paths 200 --bulk 500 --token-lifetime 1500 \
-                    --timeout 7200"   # the issue's sizes: about 1 h 45 min here (see "Sizing" below)
+    make soak ARGS="--signups 5000 --registrations 5000 --both-paths 200 --bulk 500 --rate 9 --token-lifetime 1350 \
+                    --kill-after-refreshes 0 --timeout 6600"   # the issue's sizes: about 1 h 30 min here
     .venv/bin/python bench/soak.py --help
 
 What one run does
