@@ -45,7 +45,10 @@ def moto_server() -> Iterator[str]:
     """``python -m moto.server`` on a free loopback port; yields its URL."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        # moto's server with DynamoDB's per-item atomicity (local/moto_server.py)
+        [sys.executable, "-m", "local.moto_server", "-H", "127.0.0.1", "-p", str(port)],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

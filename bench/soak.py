@@ -110,9 +110,9 @@ for _path in (REPO_ROOT, REPO_ROOT / "layers" / "telematics"):
 
 import requests  # noqa: E402
 from boto3.dynamodb.types import TypeDeserializer  # noqa: E402
-from moto.server import ThreadedMotoServer  # noqa: E402
 from moto.sqs.models import sqs_backends  # noqa: E402
 
+from local import moto_server  # noqa: E402
 from local.demo import (  # noqa: E402
     DEAD_LETTER_QUEUES,
     Check,
@@ -1682,8 +1682,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's access log: one line per AWS call otherwise
     started = datetime.now(UTC)
     t0 = time.time()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    moto.start()
+    moto = moto_server.start()
     soak: Soak | None = None
     try:
         host, port = moto.get_host_and_port()

@@ -62,8 +62,8 @@ import boto3
 from aws_lambda_powertools.utilities import parameters as powertools_parameters
 from botocore.config import Config
 from moto.events.models import EventPattern  # the pattern syntax of Lambda's filter criteria too
-from moto.server import ThreadedMotoServer
 
+from local import moto_server
 from local.emulator.testing import EmulatorHandle, running_emulator
 from local.lambda_runtime import LocalFunction
 from local.stack import (
@@ -1181,9 +1181,7 @@ class LocalService:
     def start(self) -> LocalService:
         """Start moto and the emulator, provision the template, save the stack, start the runtime."""
         try:
-            logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per request otherwise
-            moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-            moto.start()
+            moto = moto_server.start()
             self._exit.callback(moto.stop)
             host, port = moto.get_host_and_port()
             emulator = self._exit.enter_context(

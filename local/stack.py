@@ -12,11 +12,10 @@ raises :class:`UnsupportedResourceError`, so a resource added to the template is
 
 Example
 -------
-    from moto.server import ThreadedMotoServer
+    from local import moto_server
     from local.stack import provision
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
+    server = moto_server.start()                        # DynamoDB writes atomic per item, as on AWS
     host, port = server.get_host_and_port()
     credentials = {"default": {"InstanceId": "id", "InstanceKey": "key"}}
     stack = provision(f"http://{host}:{port}", instance_credentials=credentials)

@@ -11,8 +11,8 @@ from typing import Any
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
+from local import moto_server
 from local.emulator.testing import EmulatorHandle, running_emulator
 from local.lambda_runtime import LocalFunction
 from local.stack import LocalStack, provision
@@ -26,10 +26,8 @@ INSTANCES = {
 
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
+    server = moto_server.start()
+    yield moto_server.endpoint(server)
     server.stop()
 
 

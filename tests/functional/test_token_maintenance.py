@@ -14,6 +14,7 @@ those it issues (so a refreshed user is not due again in the same cycle)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -37,7 +38,7 @@ from local.stack import LocalStack, provision
 from telematics_reg.refresh import TokenRefresher, TokenUnavailableError
 from telematics_reg.registration import device_token_for
 from telematics_reg.settings import ServiceSettings
-from telematics_reg.store import DynamoTokenStore
+from telematics_reg.store import ConditionFailedError, DynamoTokenStore, Tokens
 from telematics_reg.wiring import build_refresher
 
 from .conftest import INSTANCES, Functions, drain, sqs_event
@@ -821,3 +822,39 @@ def test_a_queued_job_leases_a_due_user_in_one_conditional_write_and_is_refused_
     assert leased is not None
     assert leased.lease_expires_at == int(now) + 60
     assert lease(due, int(now) + 900) is None  # held now
+
+
+def test_racing_workers_never_lease_the_same_version_twice_as_on_dynamodb(service: Service) -> None:
+    # DynamoDB evaluates a write's condition and applies it as one step; the local stack's moto must too
+    # (local/moto_server.py), or a lease racing a commit can see it half applied (the old lease removed, the old
+    # version still there) and two workers spend the same refresh token. Workers here loop lease -> commit on
+    # one user: every version must be leased by exactly one of them.
+    (user,) = service.register(["race-1"])
+    dynamodb = boto3.client("dynamodb", endpoint_url=service.stack.endpoint_url)
+    store = DynamoTokenStore(dynamodb, table_name=service.table)
+    leases: dict[int, list[str]] = {}
+    deadline = time.monotonic() + 4
+
+    def worker(owner: str) -> None:
+        while time.monotonic() < deadline:
+            record = store.get_user(user)
+            assert record is not None
+            leased = store.acquire_lease(
+                device_token=user, version=record.version, owner=owner, now=time.time(), ttl=60
+            )
+            if leased is None:
+                continue
+            leases.setdefault(leased.version, []).append(owner)
+            with contextlib.suppress(ConditionFailedError):
+                store.commit_tokens(
+                    device_token=user,
+                    expected_version=leased.version,
+                    tokens=Tokens(f"at-{uuid.uuid4()}", f"rt-{uuid.uuid4()}", int(time.time()) + 3600),
+                    now=time.time(),
+                )
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        list(pool.map(worker, [f"w{n}" for n in range(6)]))
+
+    assert len(leases) > 20
+    assert {v: owners for v, owners in leases.items() if len(owners) > 1} == {}

@@ -10,7 +10,6 @@ process; this module therefore uses its own region and stack name.
 from __future__ import annotations
 
 import json
-import logging
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +17,8 @@ from typing import Any
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
+from local import moto_server
 from local.stack import (
     SKIPPED_TYPES,
     LocalStack,
@@ -42,11 +41,8 @@ SAM_FUNCTION = "AWS::Serverless::Function"
 
 @pytest.fixture(scope="module")
 def endpoint_url() -> Iterator[str]:
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
+    server = moto_server.start()
+    yield moto_server.endpoint(server)
     server.stop()
 
 
