@@ -70,6 +70,32 @@ def test_given_a_live_lease_then_another_refresher_backs_off(world: World) -> No
     assert world.upstream.calls["refresh"] == 0
 
 
+def test_given_a_worker_died_mid_refresh_then_the_next_one_logs_in_rather_than_replay_a_maybe_spent_token(
+    world: World,
+) -> None:
+    record = _register(world, "r-4b")
+    _age(world, 3300)
+    # A worker leased the user, had the upstream rotate the pair (spending the stored refresh token), and died
+    # before its commit: its lease is left to lapse.
+    assert world.store.acquire_lease(
+        device_token=record.device_token, version=record.version, owner="dead", now=world.clock(), ttl=60
+    )
+    stored = world.store.get_user(record.device_token)
+    assert stored is not None
+    assert stored.tokens is not None
+    world.upstream.refresh(stored.tokens.access_token, stored.tokens.refresh_token)
+    _age(world, 61)
+
+    outcome = world.refresher.refresh_job(RefreshJob(record.device_token, record.version))
+
+    after = world.store.get_user(record.device_token)
+    assert outcome is RefreshOutcome.LOGGED_IN
+    assert world.upstream.rejected_refresh_tokens == 0  # the spent token was never presented again
+    assert after is not None
+    assert after.version == record.version + 1
+    assert after.lease_owner is None
+
+
 def test_given_the_commit_fails_after_the_upstream_rotated_then_it_is_retried_until_stored(world: World) -> None:
     record = _register(world, "r-5")
     _age(world, 3300)

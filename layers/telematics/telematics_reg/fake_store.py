@@ -220,7 +220,7 @@ class InMemoryTokenStore:
                     return None
             record = replace(current, lease_owner=owner, lease_expires_at=int(now) + ttl)
             self.users[device_token] = record
-            return record
+            return replace(record, lease_lapsed=current.lease_owner is not None)
 
     def commit_tokens(self, *, device_token: str, expected_version: int, tokens: Tokens, now: float) -> UserRecord:
         with self._lock:

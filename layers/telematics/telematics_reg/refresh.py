@@ -314,6 +314,12 @@ class TokenRefresher:
             # again (and a replayed refresh token is what an upstream detecting token theft revokes sessions for):
             # go straight to Login.
             return self._login(leased, owner, reason="stored refresh token is dead")
+        if leased.lease_lapsed:
+            # The last refresh never released its lease: its worker died or stalled, maybe after the upstream
+            # rotated the pair and before the commit. The stored refresh token may be spent: for the same reason,
+            # Login rather than replay it.
+            metrics.add_metric("LapsedLeases", MetricUnit.Count, 1)
+            return self._login(leased, owner, reason="an earlier refresh did not finish (its lease lapsed)")
 
         stored = leased.tokens
         try:

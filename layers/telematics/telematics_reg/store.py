@@ -22,7 +22,7 @@ import contextlib
 import hashlib
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol
@@ -86,6 +86,10 @@ class UserRecord:
     #: The stored refresh token was rejected, or may have been spent by a call whose answer was lost: never present
     #: it again (a second rejection, or a reuse the upstream may treat as theft); the next attempt goes to Login.
     refresh_token_dead: bool = False
+    #: Set (not stored) by ``acquire_lease`` when it took over a lease that had lapsed: its holder died or stalled
+    #: mid-refresh, perhaps after the upstream rotated the pair and before the commit, so the stored refresh token
+    #: may be spent. Treated like ``refresh_token_dead``: the refresh goes to Login instead of replaying it.
+    lease_lapsed: bool = False
     bulk_request_id: str | None = None
     created_at: str = ""
     updated_at: str = ""
@@ -310,6 +314,7 @@ class DynamoTokenStore:
         names: dict[str, str] | None = None,
         *,
         return_new: bool = False,
+        return_old: bool = False,
     ) -> dict[str, Any] | None:
         kwargs: dict[str, Any] = {
             "Key": {"pk": {"S": pk}},
@@ -319,10 +324,10 @@ class DynamoTokenStore:
         }
         if names:
             kwargs["ExpressionAttributeNames"] = names
-        if return_new:
-            kwargs["ReturnValues"] = "ALL_NEW"
+        if return_new or return_old:
+            kwargs["ReturnValues"] = "ALL_NEW" if return_new else "ALL_OLD"
         response = self._call("update_item", **kwargs)
-        return _from_item(response["Attributes"]) if return_new else None
+        return _from_item(response["Attributes"]) if return_new or return_old else None
 
     # -- reads
 
@@ -605,18 +610,20 @@ class DynamoTokenStore:
             )
             values[":due"] = due_by
         try:
-            attrs = self._update(
+            # The item as it was: whether a (lapsed) lease was there tells how its last refresh ended.
+            old = self._update(
                 user_pk(device_token),
                 "SET LeaseOwner = :me, LeaseExpiresAt = :until",
                 condition,
                 values,
                 {"#s": "Status"},
-                return_new=True,
+                return_old=True,
             )
         except ConditionFailedError:
             return None
-        assert attrs is not None
-        return _record(attrs)
+        assert old is not None
+        leased = _record({**old, "LeaseOwner": owner, "LeaseExpiresAt": int(now) + ttl})
+        return replace(leased, lease_lapsed="LeaseOwner" in old)
 
     def commit_tokens(self, *, device_token: str, expected_version: int, tokens: Tokens, now: float) -> UserRecord:
         """Store a rotated pair. Condition: the version, not the lease (a lease can expire under a slow
