@@ -233,10 +233,10 @@ class ManagementApi:
         pagination = values.get("Pagination", {})
         page_number = values.get("PageNumber", pagination.get("Page"))
         page_size = values.get("PageSize", pagination.get("PageSize"))
-        if page_number is None:
-            errors.append(FieldError("PageNumber", "The PageNumber field is required."))
-        if page_size is None:
-            errors.append(FieldError("PageSize", "The PageSize field is required."))
+        already = {error.key for error in errors}
+        for name, value in (("PageNumber", page_number), ("PageSize", page_size)):
+            if value is None and name not in already and f"Pagination.{name.removesuffix('Number')}" not in already:
+                errors.append(FieldError(name, f"The {name} field is required."))
         if errors:
             raise _unprocessable(errors)
         for name, value in filters.items():
