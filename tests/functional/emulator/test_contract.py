@@ -745,6 +745,28 @@ def test_generated_default_instance_is_printed_and_usable() -> None:
         assert_token_pair(emulator, assert_envelope(response, 200)["Result"])
 
 
+def test_generated_admin_account_is_printed_and_usable() -> None:
+    with running_emulator() as emulator:
+        assert emulator.admin_account is not None
+        assert any(line.startswith("admin: ") for line in emulator.output())
+        response = requests.post(f"{emulator.url}/v1/Auth/Login", json=emulator.admin_login_body(), timeout=10)
+        assert assert_envelope(response, 200)["Result"]["AccessToken"]["ExpiresIn"] == 86_400
+
+
+@pytest.mark.parametrize("how", ["argument", "EMULATOR_ADMIN=@file"])
+def test_admin_account_from_the_environment_or_a_file(tmp_path: Any, how: str) -> None:
+    admin = {"Email": "ops@example.com", "Password": "correct horse"}
+    path = tmp_path / "admin.json"
+    path.write_text(json.dumps(admin), encoding="utf-8")
+    options: dict[str, Any] = {"admin": admin} if how == "argument" else {"env": {"EMULATOR_ADMIN": f"@{path}"}}
+
+    with running_emulator(**options) as emulator:
+        assert not any(line.startswith("admin: ") for line in emulator.output())  # given, so not printed
+        emulator.admin_account = admin
+        response = requests.post(f"{emulator.url}/v1/Auth/Login", json=emulator.admin_login_body(), timeout=10)
+        assert_envelope(response, 200)
+
+
 @pytest.mark.parametrize("how", ["EMULATOR_INSTANCES=@file", "EMULATOR_INSTANCES_FILE"])
 def test_instances_token_lifetime_and_faults_from_the_environment(tmp_path: Any, how: str) -> None:
     instances = {"fleet-us": {"instanceId": str(uuid.uuid4()), "instanceKey": str(uuid.uuid4())}}
@@ -781,6 +803,8 @@ def test_bad_start_configuration_fails_fast() -> None:
     ):
         pass
     with pytest.raises(EmulatorError, match="error_rate"), running_emulator(faults={"error_rate": 3}):
+        pass
+    with pytest.raises(EmulatorError, match="admin: Email"), running_emulator(admin={"Email": "nobody"}):
         pass
 
 
