@@ -17,7 +17,7 @@ from local.emulator.faults import DROP_AFTER_COMMIT, ERROR, HANG, NO_FAULT, RATE
 from local.emulator.management import ManagementApi
 from local.emulator.messages import ApiError, FieldError, Reply, Request, error_envelope
 from local.emulator.schema import fold_keys
-from local.emulator.state import EmulatorState
+from local.emulator.state import MANAGEMENT_CALLS, EmulatorState
 from local.emulator.tokens import TokenIssuer
 
 Handler = Callable[[Request], Reply]
@@ -161,6 +161,8 @@ class App:
                 headers={"Retry-After": str(refusal.retry_after_s)},
             )
             return Outcome(error_envelope(error))
+        if route.call in MANAGEMENT_CALLS:
+            self.state.count_management(route.call)  # every call received, faulted or not
         self.state.enter_call()
         try:
             return self._run_public(route, request, client_gone)

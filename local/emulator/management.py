@@ -156,9 +156,8 @@ class ManagementApi:
         self._state = state
         self._issuer = issuer
 
-    def _authorize(self, request: Request, kind: str) -> None:
-        """Count the call; 401 without a valid, unexpired admin JWT, 403 for a user's JWT."""
-        self._state.count_management(kind)
+    def _authorize(self, request: Request) -> None:
+        """401 without a valid, unexpired admin JWT, 403 for a user's JWT."""
         header = request.header("Authorization") or ""
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -178,7 +177,7 @@ class ManagementApi:
     # ------------------------------------------------------------------ find
 
     def find(self, request: Request) -> Reply:
-        self._authorize(request, "find")
+        self._authorize(request)
         given = {name: request.query[name.lower()] for name in FIND_PARAMS if request.query.get(name.lower())}
         if not given:
             raise _unprocessable([FieldError("Query", f"Give at least one of {', '.join(FIND_PARAMS)}")])
@@ -224,7 +223,7 @@ class ManagementApi:
     # ------------------------------------------------------------------ GetFilteredPage
 
     def get_filtered_page(self, request: Request) -> Reply:
-        self._authorize(request, "get_filtered_page")
+        self._authorize(request)
         body = request.body if request.body is not None else {}
         if not isinstance(body, dict):
             raise ApiError.single(400, "Body", "The request body must be a JSON object")
@@ -335,7 +334,7 @@ class ManagementApi:
     # ------------------------------------------------------------------ writes
 
     def update(self, request: Request) -> Reply:
-        self._authorize(request, "update")
+        self._authorize(request)
         target = request.header("UserDeviceToken")
         if target is None:
             raise _unprocessable([FieldError("UserDeviceToken", "The UserDeviceToken header is required.")])
@@ -353,13 +352,13 @@ class ManagementApi:
         return envelope(200)
 
     def delete(self, request: Request) -> Reply:
-        self._authorize(request, "delete")
+        self._authorize(request)
         (device_token,) = request.path_params
         self._state.delete(normalize_device_token(device_token))
         return envelope(200)
 
     def change_instance(self, request: Request) -> Reply:
-        self._authorize(request, "change_instance")
+        self._authorize(request)
         body = request.body if request.body is not None else {}
         if not isinstance(body, dict):
             raise ApiError.single(400, "Body", "The request body must be a JSON object")
