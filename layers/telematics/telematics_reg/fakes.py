@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from pydantic import SecretStr
@@ -520,3 +520,10 @@ class FakeUserService:
                 "RefreshToken": user.refresh_token,
             }
         )
+
+
+if TYPE_CHECKING:
+    from telematics_reg.upstream import UserService
+
+    def _conforms(fake: FakeUserService) -> UserService:
+        return fake  # mypy proves the fake is a whole UserService
