@@ -443,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
 
     load_before = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     with moto_server() as endpoint, running_emulator(instances=INSTANCES) as emulator:
+        print(f"emulator {emulator.login_limit_line}")
 
         def stack(name: str) -> LocalStack:
             return provision(

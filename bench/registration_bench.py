@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     with moto_server() as endpoint, running_emulator(instances=INSTANCES) as emulator:
+        print(f"emulator {emulator.login_limit_line}")
         stack = provision(
             endpoint,
             template_path=REPO_ROOT / "template.yaml",

@@ -122,7 +122,8 @@ from local.demo import (  # noqa: E402
     drain_dead_letters,
     queue_depth,
 )
-from local.emulator.testing import EmulatorHandle, running_emulator  # noqa: E402
+from local.emulator.login_limit import VENDOR_LIMIT_PER_MINUTE  # noqa: E402
+from local.emulator.testing import EmulatorHandle, login_limit_relaxations, running_emulator  # noqa: E402
 from local.send import client, publish_signups, send_messages  # noqa: E402
 from local.stack import LocalStack, provision  # noqa: E402
 from telematics_reg.registration import CREATE_MANY_CHUNK, device_token_for  # noqa: E402
@@ -1686,7 +1687,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     soak: Soak | None = None
     try:
         host, port = moto.get_host_and_port()
-        with running_emulator(token_lifetime=options.token_lifetime) as emulator:
+        # The vendor allows 5 Logins a minute per IP (then an hour's block): a Login budget above that needs the
+        # emulator's limit off, and the output says so.
+        relax = options.login_budget > VENDOR_LIMIT_PER_MINUTE
+        with running_emulator(
+            token_lifetime=options.token_lifetime,
+            login_limit_per_minute=0 if relax else None,
+            login_limit_reason=f"the soak's LoginBudgetPerMinute is {options.login_budget}" if relax else None,
+        ) as emulator:
             stack = provision(
                 f"http://{host}:{port}",
                 template_path=REPO_ROOT / "template.yaml",
@@ -1703,6 +1711,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             stack_path = stack.save(options.workdir / "stack.json")
             print(f"soak: moto {stack.endpoint_url}, emulator {emulator.url}, logs in {options.workdir}", file=out)
+            print(f"soak: emulator {emulator.login_limit_line}", file=out)
+            for line in login_limit_relaxations():
+                print(f"soak: {line}", file=out)
             work = build_workload(options)
             soak = Soak(options, stack, emulator, stack_path, work, out, started=t0)
             try:

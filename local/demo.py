@@ -775,6 +775,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"stack {options.stack_name!r} provisioned from template.yaml in moto {service.stack.endpoint_url}; "
                 f"handlers run in-process (logs: {options.log_file})"
             )
+            progress.say(f"User Service emulator {service.emulator.login_limit_line}")
             observer = OutcomeObserver(service.stack)
             if options.serve:
                 if not options.workload:

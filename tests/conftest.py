@@ -70,3 +70,14 @@ def _no_secret_in_any_log_line() -> Iterator[_Capture]:
         if (found := secrets_in(text, keys))
     ]
     assert not leaks, "secrets in log lines:\n" + "\n".join(leaks[:20])
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say where a test ran the emulator with a Login limit laxer than the vendor's, and why."""
+    from local.emulator.testing import login_limit_relaxations  # noqa: PLC0415 - read at the end of the run
+
+    relaxed = sorted(set(login_limit_relaxations()))
+    if relaxed:
+        terminalreporter.section("emulator Login limit relaxed (the vendor's: 5 a minute per IP, then 1 h blocked)")
+        for line in relaxed:
+            terminalreporter.write_line(line)

@@ -2,7 +2,8 @@
 
 It behaves as the real client does from the outside: a Create with a ``CustomToken`` that already exists returns
 the user with fresh tokens (as the client's Login recovery does), refresh tokens are single-use, CreateMany can
-be switched off (one Create per user then), and any call can be told to fail.
+be switched off (one Create per user then), and any call can be told to fail. The admin session and the User
+Management API answer as the client does too: an admin JWT only, deleting a user already gone succeeds.
 """
 
 from __future__ import annotations
@@ -17,15 +18,29 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
+
+from pydantic import SecretStr
 
 from telematics_reg.errors import (
     DeadRefreshTokenError,
     FieldError,
+    ForbiddenError,
     NotFoundError,
     UnauthorizedError,
     UpstreamError,
+    UpstreamValidationError,
+)
+from telematics_reg.management_models import (
+    AdminCredentials,
+    AdminSession,
+    ManagedUser,
+    UserPage,
+    UserPageQuery,
+    UserSort,
+    UserUpdate,
 )
 from telematics_reg.models import (
     MAX_CREATE_MANY_PER_CALL,
@@ -49,6 +64,38 @@ class FakeUser:
     profile: dict[str, Any]
     refresh_token: str | None = field(default=None, repr=False)
     login_disabled: bool = False
+    status: str = "Active"
+    """As written: ``Active``, ``Deactivated`` or ``Deleted`` (read back ``Active`` or ``Inactive``)."""
+    created_at: float = 0.0
+
+    def as_managed(self) -> ManagedUser:
+        """The user as find and GetFilteredPage read it."""
+        flags = self.profile.get("UserFields") or {}
+        return ManagedUser.model_validate(
+            {
+                "DeviceToken": str(self.device_token),
+                "DateCreated": datetime.fromtimestamp(self.created_at, UTC).isoformat(),
+                "Status": "Active" if self.status == "Active" else "Inactive",
+                "UserProfile": {
+                    key: value for key, value in self.profile.items() if key not in _NOT_PROFILE and value is not None
+                },
+                "AccountInfo": {"InstanceId": str(self.instance_id)},
+                "UserFields": [
+                    {
+                        "ClientId": self.client_id,
+                        "Enabled": flags.get("Enabled", True),
+                        "EnableTracking": flags.get("EnableTracking", True),
+                        "EnableLogging": flags.get("EnableLogging", False),
+                        "EnableRealTimeLocation": flags.get("EnableRealtimeLocation", False),
+                    }
+                ],
+            }
+        )
+
+
+_NOT_PROFILE = frozenset(
+    {"UserFields", "Status", "CustomToken", "CreateAccessToken", "InstanceInviteCode", "IdentityId", "IdentityProvider"}
+)
 
 
 @dataclass
@@ -76,6 +123,8 @@ class FakeUserService:
         Unix time, for ``iat``/``exp``.
     create_many_offered
         False makes ``create_many`` work as one Create per user (as the client's fallback does).
+    admin
+        The admin account whose Login succeeds (any, when ``None``).
 
     Example
     -------
@@ -100,6 +149,7 @@ class FakeUserService:
         token_lifetime: int = 7200,
         clock: Callable[[], float] = time.time,
         create_many_offered: bool = True,
+        admin: AdminCredentials | None = None,
     ) -> None:
         self._instances = (
             {c.instance_id: c.instance_key.get_secret_value() for c in instances} if instances is not None else None
@@ -114,6 +164,9 @@ class FakeUserService:
         self.users: dict[UUID, FakeUser] = {}
         """Users by DeviceToken."""
         self.rejected_refresh_tokens = 0
+        self.admin = admin
+        """When given, admin Logins must match it; otherwise any admin credentials are accepted."""
+        self._admin_refresh_tokens: set[str] = set()
 
     # --- test controls --------------------------------------------------------------------------------
 
@@ -251,6 +304,171 @@ class FakeUserService:
             self._leave(after)
             return found
 
+    # --- the admin session and the User Management API --------------------------------------------------
+
+    def admin_login(self, admin: AdminCredentials) -> AdminSession:
+        with self._lock:
+            after = self._enter("admin_login")
+            if self.admin is not None and (
+                admin.email.lower() != self.admin.email.lower()
+                or admin.password.get_secret_value() != self.admin.password.get_secret_value()
+            ):
+                raise UnauthorizedError("User Service admin_login failed: Unauthorized", status=401, call="admin_login")
+            session = self._issue_admin()
+            self._leave(after)
+            return session
+
+    def admin_refresh(self, access_token: str | SecretStr, refresh_token: str | SecretStr) -> AdminSession:
+        with self._lock:
+            after = self._enter("admin_refresh")
+            token = refresh_token.get_secret_value() if isinstance(refresh_token, SecretStr) else refresh_token
+            if token not in self._admin_refresh_tokens:
+                self.rejected_refresh_tokens += 1
+                raise DeadRefreshTokenError(
+                    "User Service admin_refresh failed: Bad Request", status=400, call="admin_refresh"
+                )
+            self._admin_refresh_tokens.discard(token)
+            session = self._issue_admin()
+            self._leave(after)
+            return session
+
+    def find_users(
+        self,
+        admin_token: str | SecretStr,
+        *,
+        device_token: UUID | None = None,
+        email: str | None = None,
+        phone: str | None = None,
+        client_id: str | None = None,
+        first_name: str | None = None,
+        last_name: str | None = None,
+    ) -> list[ManagedUser]:
+        criteria = {"Email": email, "Phone": phone, "FirstName": first_name, "LastName": last_name}
+        if device_token is None and client_id is None and not any(criteria.values()):
+            raise ValueError("find_users needs at least one criterion")
+        with self._lock:
+            after = self._enter("find_users")
+            self._authorize_admin(admin_token, "find_users")
+            found = [
+                user.as_managed()
+                for user in sorted(self.users.values(), key=lambda u: (u.created_at, str(u.device_token)))
+                if (device_token is None or user.device_token == device_token)
+                and (client_id is None or user.client_id == client_id)
+                and all(
+                    wanted is None or str(user.profile.get(name, "")).lower() == wanted.lower()
+                    for name, wanted in criteria.items()
+                )
+            ]
+            self._leave(after)
+            return found
+
+    def users_page(self, admin_token: str | SecretStr, query: UserPageQuery) -> UserPage:
+        with self._lock:
+            after = self._enter("users_page")
+            self._authorize_admin(admin_token, "users_page")
+            instances = set(query.instance_ids) if query.instance_ids else None
+            chosen = [
+                user
+                for user in self.users.values()
+                if (instances is None or user.instance_id in instances)
+                and (query.show_inactive_users or user.status == "Active")
+                and (query.date_created_from is None or user.created_at >= query.date_created_from.timestamp())
+                and (query.date_created_to is None or user.created_at <= query.date_created_to.timestamp())
+            ]
+            by_token = query.sort in (UserSort.DEVICE_TOKEN, UserSort.DEVICE_TOKEN_DESC)
+            chosen.sort(
+                key=lambda u: (str(u.device_token),) if by_token else (u.created_at, str(u.device_token)),
+                reverse=query.sort in (UserSort.DATE_CREATED_DESC, UserSort.DEVICE_TOKEN_DESC),
+            )
+            size, number = query.page_size, query.page_number
+            pages = -(-len(chosen) // size)
+            page = UserPage(
+                users=[user.as_managed() for user in chosen[(number - 1) * size : number * size]],
+                has_previous_page=number > 1,
+                has_next_page=number < pages,
+                total_users=len(chosen),
+                total_pages=pages,
+                current_page=number,
+            )
+            self._leave(after)
+            return page
+
+    def update_user(self, admin_token: str | SecretStr, device_token: UUID, changes: UserUpdate) -> None:
+        body = changes.to_upstream()
+        if not body:
+            raise ValueError("update_user: the update sets no field")
+        with self._lock:
+            after = self._enter("update_user")
+            self._authorize_admin(admin_token, "update_user")
+            user = self._managed_user(device_token, "update_user")
+            for name, value in body.items():
+                if name == "Status":
+                    user.status = value
+                elif name == "UserFields":
+                    flags = dict(user.profile.get("UserFields") or {})
+                    for key, flag in value.items():
+                        flags["EnableRealtimeLocation" if key == "EnableRealTimeLocation" else key] = flag
+                    user.profile["UserFields"] = flags
+                    user.client_id = flags.get("ClientId", user.client_id)
+                else:
+                    user.profile[name] = value
+            self._leave(after)
+
+    def delete_user(self, admin_token: str | SecretStr, device_token: UUID) -> None:
+        with self._lock:
+            after = self._enter("delete_user")
+            self._authorize_admin(admin_token, "delete_user")
+            self.users.pop(device_token, None)  # already gone: success, as the client treats 403/404
+            self._leave(after)
+
+    def change_instance(self, admin_token: str | SecretStr, device_token: UUID, to: InstanceCredentials) -> None:
+        with self._lock:
+            after = self._enter("change_instance")
+            self._authorize_admin(admin_token, "change_instance")
+            if (
+                self._instances is not None
+                and self._instances.get(to.instance_id) != to.instance_key.get_secret_value()
+            ):
+                raise UpstreamValidationError(
+                    "User Service change_instance failed: Unprocessable Entity",
+                    status=422,
+                    errors=[FieldError("ToInstanceKey", "The key does not match the target instance")],
+                    call="change_instance",
+                )
+            self._managed_user(device_token, "change_instance").instance_id = to.instance_id
+            self._leave(after)
+
+    def _issue_admin(self) -> AdminSession:
+        now = int(self._clock())
+        claims = {"sub": "admin", "Role": "Admin", "jti": str(uuid.uuid4()), "iat": now, "exp": now + 86_400}
+        refresh_token = base64.b64encode(secrets.token_bytes(32)).decode()
+        self._admin_refresh_tokens.add(refresh_token)
+        return AdminSession.model_validate(
+            {
+                "AccessToken": {"Token": f"{_b64({'alg': 'none'})}.{_b64(claims)}.fake", "ExpiresIn": 86_400},
+                "RefreshToken": refresh_token,
+            }
+        )
+
+    def _authorize_admin(self, admin_token: str | SecretStr, call: str) -> None:
+        token = admin_token.get_secret_value() if isinstance(admin_token, SecretStr) else admin_token
+        claims = read_jwt_claims(token) or {}
+        if claims.get("Role") != "Admin" and "DeviceToken" in claims:
+            raise ForbiddenError(f"User Service {call} failed: Forbidden", status=403, call=call)
+        if claims.get("Role") != "Admin" or not isinstance(claims.get("exp"), int) or claims["exp"] <= self._clock():
+            raise UnauthorizedError(f"User Service {call} failed: Unauthorized", status=401, call=call)
+
+    def _managed_user(self, device_token: UUID, call: str) -> FakeUser:
+        user = self.users.get(device_token)
+        if user is None:
+            raise NotFoundError(
+                f"User Service {call} failed: Not Found",
+                status=404,
+                errors=[FieldError("DeviceToken", "User not found")],
+                call=call,
+            )
+        return user
+
     # --- internals ------------------------------------------------------------------------------------
 
     def _enter(self, call: str) -> UpstreamError | None:
@@ -279,7 +497,7 @@ class FakeUserService:
     def _new_user(self, instance_id: UUID, body: CreateUserRequest) -> FakeUser:
         device_token = body.custom_token or uuid.uuid4()
         client_id = body.user_fields.client_id if body.user_fields else None
-        user = FakeUser(instance_id, device_token, client_id, body.to_upstream())
+        user = FakeUser(instance_id, device_token, client_id, body.to_upstream(), created_at=self._clock())
         self.users[device_token] = user
         return user
 
@@ -302,3 +520,10 @@ class FakeUserService:
                 "RefreshToken": user.refresh_token,
             }
         )
+
+
+if TYPE_CHECKING:
+    from telematics_reg.upstream import UserService
+
+    def _conforms(fake: FakeUserService) -> UserService:
+        return fake  # mypy proves the fake is a whole UserService

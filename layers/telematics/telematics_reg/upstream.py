@@ -3,15 +3,22 @@
 Every answer is turned into a :class:`CreateResult`/``bool`` or one of the typed errors of
 :mod:`telematics_reg.errors`. What a failure means depends on the call:
 
-============  =====================================  ============================================
-call          retried here (full-jitter backoff)     an answer lost after the request went out
-============  =====================================  ============================================
-Create        never-sent, 429, 503                   OutcomeUnknownError (recovered by Login when
-CreateMany    never-sent, 429, 503                   the body has a CustomToken)
-Refresh       never-sent, 429, 503                   OutcomeUnknownError: the token may be spent
-Login         never-sent, 429, 503                   TransientUpstreamError (rate-limited upstream)
-UserExists    every transient failure                TransientUpstreamError
-============  =====================================  ============================================
+==============  =====================================  ============================================
+call            retried here (full-jitter backoff)     an answer lost after the request went out
+==============  =====================================  ============================================
+Create          never-sent, 429, 503                   OutcomeUnknownError (recovered by Login when
+CreateMany      never-sent, 429, 503                   the body has a CustomToken)
+Refresh         never-sent, 429, 503                   OutcomeUnknownError: the token may be spent
+Login (user,    never-sent only: every Login that      TransientUpstreamError; a 429 is raised at
+admin)          reaches the upstream counts against    once as RateLimitedError (never retried: the
+                its limit (5 a minute per IP)          next Login would only extend the block)
+UserExists      every transient failure                TransientUpstreamError
+find, page      every transient failure                TransientUpstreamError
+update, delete  every transient failure, 429 (PUT      TransientUpstreamError after the last attempt
+                and DELETE are safe to repeat)
+change          never-sent, 429, 503                   verified with find, then repeated if not done
+instance
+==============  =====================================  ============================================
 
 Tokens, refresh tokens and InstanceKeys never appear in logs or exception messages.
 """
@@ -28,12 +35,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from http import HTTPStatus
-from typing import Any, Final, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 from uuid import UUID
 
 import requests
 from aws_lambda_powertools.metrics import MetricUnit
-from pydantic import SecretStr, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError
 from urllib3.util.retry import Retry
@@ -70,14 +77,33 @@ from telematics_reg.models import (
 )
 from telematics_reg.observability import logger, metrics
 
-__all__ = ["REFRESH_PATH_OBSERVED", "REFRESH_PATH_SPEC", "UserService", "UserServiceClient", "parse_retry_after"]
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from telematics_reg.management_models import (
+        AdminCredentials,
+        AdminSession,
+        ManagedUser,
+        UserPage,
+        UserPageQuery,
+        UserUpdate,
+    )
+
+__all__ = [
+    "REFRESH_PATH_OBSERVED",
+    "REFRESH_PATH_SPEC",
+    "UserService",
+    "UserServiceClient",
+    "iter_user_pages",
+    "parse_retry_after",
+]
 
 REFRESH_PATH_OBSERVED: Final = "/v1/Auth/RefreshToken"
 """Refresh path every official client uses."""
 REFRESH_PATH_SPEC: Final = "/v1/RefreshToken"
 """Refresh path the product spec writes; tried once when the observed one answers 404."""
 
-_ModelT = TypeVar("_ModelT", CreateResult, CreateManyResult, UserExistsResult)
+_ModelT = TypeVar("_ModelT", bound=BaseModel)
 
 
 class UserService(Protocol):
@@ -106,6 +132,78 @@ class UserService(Protocol):
         """Whether the instance has a user with this ``UserFields.ClientId``."""
         ...
 
+    # --- the admin session and the User Management API (admin JWT only) ---
+
+    def admin_login(self, admin: AdminCredentials) -> AdminSession:
+        """Start an admin session (rate-limited with every other Login: not the normal path)."""
+        ...
+
+    def admin_refresh(self, access_token: str | SecretStr, refresh_token: str | SecretStr) -> AdminSession:
+        """Exchange the admin JWT and its single-use refresh token for a new pair."""
+        ...
+
+    def find_users(
+        self,
+        admin_token: str | SecretStr,
+        *,
+        device_token: UUID | None = None,
+        email: str | None = None,
+        phone: str | None = None,
+        client_id: str | None = None,
+        first_name: str | None = None,
+        last_name: str | None = None,
+    ) -> list[ManagedUser]:
+        """Users matching every criterion given (at least one), across every instance of the company."""
+        ...
+
+    def users_page(self, admin_token: str | SecretStr, query: UserPageQuery) -> UserPage:
+        """One page of GetFilteredPage (see :func:`iter_user_pages` for all of them)."""
+        ...
+
+    def update_user(self, admin_token: str | SecretStr, device_token: UUID, changes: UserUpdate) -> None:
+        """Change only the fields ``changes`` sets."""
+        ...
+
+    def delete_user(self, admin_token: str | SecretStr, device_token: UUID) -> None:
+        """Delete the user for good; a user already gone is success."""
+        ...
+
+    def change_instance(self, admin_token: str | SecretStr, device_token: UUID, to: InstanceCredentials) -> None:
+        """Move the user to instance ``to`` (whose key the upstream checks)."""
+        ...
+
+
+def iter_user_pages(service: UserService, admin_token: str | SecretStr, query: UserPageQuery) -> Iterator[UserPage]:
+    """Every page of GetFilteredPage from ``query.page_number`` on, while the upstream says there is a next one.
+
+    Parameters
+    ----------
+    service
+        The User Service (any implementation).
+    admin_token
+        An admin JWT.
+    query
+        Filters and page size; ``page_number`` is where to start (to resume a walk).
+
+    Returns
+    -------
+    Iterator[UserPage]
+        Pages in order; stops after the page whose ``HasNextPage`` is false (or that has no users).
+
+    Example
+    -------
+    >>> from telematics_reg.management_models import UserPageQuery
+    >>> client = UserServiceClient("http://127.0.0.1:8081")
+    >>> for page in iter_user_pages(client, "<admin jwt>", UserPageQuery(page_size=500)):  # doctest: +SKIP
+    ...     print(page.current_page, len(page.users))
+    """
+    while True:
+        page = service.users_page(admin_token, query)
+        yield page
+        if not page.has_next_page or not page.users:
+            return
+        query = query.next_page()
+
 
 @dataclass(frozen=True)
 class _Call:
@@ -114,19 +212,37 @@ class _Call:
     repeatable: bool
     # Changes state upstream: an answer lost after sending means "maybe done", never "not done".
     commits: bool
+    # Every attempt that reaches the upstream counts against its Login limit (5 a minute per IP, then an hour's
+    # block): retried only when it provably never left, and a 429 is never retried.
+    login: bool = False
 
 
 _CREATE: Final = _Call("create", repeatable=False, commits=True)
 _CREATE_MANY: Final = _Call("create_many", repeatable=False, commits=True)
 _REFRESH: Final = _Call("refresh", repeatable=False, commits=True)
-_LOGIN: Final = _Call("login", repeatable=False, commits=False)
+_LOGIN: Final = _Call("login", repeatable=False, commits=False, login=True)
 _USER_EXISTS: Final = _Call("user_exists", repeatable=True, commits=False)
+_ADMIN_LOGIN: Final = _Call("admin_login", repeatable=False, commits=False, login=True)
+_ADMIN_REFRESH: Final = _Call("admin_refresh", repeatable=False, commits=True)
+_FIND_USERS: Final = _Call("find_users", repeatable=True, commits=False)
+_USERS_PAGE: Final = _Call("users_page", repeatable=True, commits=False)
+# PUT and DELETE are idempotent (the vendor: "safe to repeat"): a lost answer is simply asked again.
+_UPDATE_USER: Final = _Call("update_user", repeatable=True, commits=False)
+_DELETE_USER: Final = _Call("delete_user", repeatable=True, commits=False)
+_CHANGE_INSTANCE: Final = _Call("change_instance", repeatable=False, commits=True)
 _LATENCY_METRIC: Final = {
     "create": "UpstreamCreateLatency",
     "create_many": "UpstreamCreateManyLatency",
     "refresh": "UpstreamRefreshLatency",
     "login": "UpstreamLoginLatency",
     "user_exists": "UpstreamUserExistsLatency",
+    "admin_login": "UpstreamAdminLoginLatency",
+    "admin_refresh": "UpstreamAdminRefreshLatency",
+    "find_users": "UpstreamFindUsersLatency",
+    "users_page": "UpstreamUsersPageLatency",
+    "update_user": "UpstreamUpdateUserLatency",
+    "delete_user": "UpstreamDeleteUserLatency",
+    "change_instance": "UpstreamChangeInstanceLatency",
 }
 
 
@@ -213,6 +329,10 @@ def _scrub(text: str, secrets: Iterable[str]) -> str:
 
 def _secret(value: str | SecretStr) -> SecretStr:
     return value if isinstance(value, SecretStr) else SecretStr(value)
+
+
+def _bearer(token: SecretStr) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token.get_secret_value()}"}
 
 
 class UserServiceClient:
@@ -528,13 +648,18 @@ class UserServiceClient:
         >>> new_pair = client.refresh("<jwt>", "<refresh token>")  # doctest: +SKIP
         """
         body = RefreshRequest(access_token=_secret(access_token), refresh_token=_secret(refresh_token))
+        envelope = self._post_refresh(_REFRESH, body)
+        return self._refresh_result(envelope, body.access_token.get_secret_value())
+
+    def _post_refresh(self, call: _Call, body: RefreshRequest) -> Envelope:
+        """POST a Refresh body on the path that answers (user and admin sessions share both paths)."""
         secrets = [body.access_token.get_secret_value(), body.refresh_token.get_secret_value()]
         with self._lock:
             first = self._refresh_path
         paths = [first, REFRESH_PATH_SPEC if first == REFRESH_PATH_OBSERVED else REFRESH_PATH_OBSERVED]
         for index, path in enumerate(paths):
             try:
-                envelope = self._send(_REFRESH, "POST", path, body=body.to_upstream(), secrets=secrets)
+                envelope = self._send(call, "POST", path, body=body.to_upstream(), secrets=secrets)
             except NotFoundError:
                 # A 404 means no such route: the token was not looked at, so the other path may use it.
                 if index + 1 < len(paths):
@@ -545,7 +670,7 @@ class UserServiceClient:
                     self._remember_refresh_path(path)
                 raise
             self._remember_refresh_path(path)
-            return self._refresh_result(envelope, secrets[0])
+            return envelope
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _remember_refresh_path(self, path: str) -> None:
@@ -646,6 +771,311 @@ class UserServiceClient:
         )
         return self._result(_USER_EXISTS, envelope, UserExistsResult).user_exists
 
+    # --- the admin session ----------------------------------------------------------------------------
+
+    def admin_login(self, admin: AdminCredentials) -> AdminSession:
+        """Start an admin session (``POST /v1/Auth/Login`` with the admin's e-mail and password).
+
+        Login, user and admin together, is limited upstream to 5 calls a minute per IP, then an hour's block:
+        a 429 is raised at once (:class:`RateLimitedError`, with the block's ``retry_after``), never retried;
+        keep the session and refresh it instead of logging in again.
+
+        Parameters
+        ----------
+        admin
+            The company's admin API credentials.
+
+        Returns
+        -------
+        AdminSession
+            The admin JWT (``ExpiresIn`` 86400 s at the vendor) and its refresh token.
+
+        Raises
+        ------
+        UnauthorizedError
+            Wrong e-mail or password.
+        RateLimitedError
+            The Login limit: do not log in again before ``retry_after`` (an hour without one).
+
+        Example
+        -------
+        >>> from telematics_reg.management_models import AdminCredentials
+        >>> client = UserServiceClient("http://127.0.0.1:8081")
+        >>> session = client.admin_login(AdminCredentials(email="ops@example.com", password="pw"))  # doctest: +SKIP
+        """
+        from telematics_reg.management_models import AdminSession  # noqa: PLC0415 - see management_models
+
+        envelope = self._send(
+            _ADMIN_LOGIN,
+            "POST",
+            "/v1/Auth/Login",
+            body=admin.login_body(),
+            secrets=[admin.password.get_secret_value()],
+        )
+        return self._result(_ADMIN_LOGIN, envelope, AdminSession)
+
+    def admin_refresh(self, access_token: str | SecretStr, refresh_token: str | SecretStr) -> AdminSession:
+        """Exchange the admin JWT (possibly expired) and its single-use refresh token for a new pair.
+
+        The same paths as a user's Refresh; once the request went out it is never repeated here.
+
+        Raises
+        ------
+        DeadRefreshTokenError
+            HTTP 400: the refresh token is used or expired (only an admin Login starts a new session).
+        OutcomeUnknownError
+            The answer was lost: the refresh token may be spent.
+
+        Example
+        -------
+        >>> client = UserServiceClient("http://127.0.0.1:8081")
+        >>> session = client.admin_refresh("<admin jwt>", "<refresh token>")  # doctest: +SKIP
+        """
+        from telematics_reg.management_models import AdminSession  # noqa: PLC0415 - see management_models
+
+        body = RefreshRequest(access_token=_secret(access_token), refresh_token=_secret(refresh_token))
+        return self._result(_ADMIN_REFRESH, self._post_refresh(_ADMIN_REFRESH, body), AdminSession)
+
+    # --- the User Management API ----------------------------------------------------------------------
+
+    def find_users(
+        self,
+        admin_token: str | SecretStr,
+        *,
+        device_token: UUID | None = None,
+        email: str | None = None,
+        phone: str | None = None,
+        client_id: str | None = None,
+        first_name: str | None = None,
+        last_name: str | None = None,
+    ) -> list[ManagedUser]:
+        """Users matching every criterion given (``GET /v1/Management/users/find``), in every instance.
+
+        Parameters
+        ----------
+        admin_token
+            An admin JWT.
+        device_token, email, phone, client_id, first_name, last_name
+            Criteria, ANDed; at least one.
+
+        Returns
+        -------
+        list[ManagedUser]
+            Possibly empty (the upstream's ``Result`` is always an array).
+
+        Raises
+        ------
+        ValueError
+            No criterion given.
+        UnauthorizedError
+            The admin JWT is missing, bad or expired (refresh the admin session).
+        ForbiddenError
+            Not an admin JWT.
+
+        Example
+        -------
+        >>> client = UserServiceClient("http://127.0.0.1:8081")
+        >>> client.find_users("<admin jwt>", client_id="customer-42")  # doctest: +SKIP
+        []
+        """
+        from telematics_reg.management_models import ManagedUser  # noqa: PLC0415 - see management_models
+
+        criteria = {
+            "DeviceToken": str(device_token) if device_token is not None else None,
+            "Email": email,
+            "Phone": phone,
+            "ClientId": client_id,
+            "FirstName": first_name,
+            "LastName": last_name,
+        }
+        params = {name: value for name, value in criteria.items() if value}
+        if not params:
+            raise ValueError("find_users needs at least one criterion")
+        token = _secret(admin_token)
+        envelope = self._send(
+            _FIND_USERS,
+            "GET",
+            "/v1/Management/users/find",
+            headers=_bearer(token),
+            params=params,
+            secrets=[token.get_secret_value()],
+        )
+        if not isinstance(envelope.result, list):
+            raise UpstreamError(
+                "User Service find_users: answer has an unexpected shape (Result: not an array)",
+                status=envelope.status,
+                call=_FIND_USERS.name,
+            )
+        return [self._parse(_FIND_USERS, item, ManagedUser, envelope.status) for item in envelope.result]
+
+    def users_page(self, admin_token: str | SecretStr, query: UserPageQuery) -> UserPage:
+        """One page of users (``POST /v1/Management/users/GetFilteredPage``); :func:`iter_user_pages` walks them.
+
+        Example
+        -------
+        >>> from telematics_reg.management_models import UserPageQuery
+        >>> client = UserServiceClient("http://127.0.0.1:8081")
+        >>> page = client.users_page("<admin jwt>", UserPageQuery(page_size=500))  # doctest: +SKIP
+        """
+        from telematics_reg.management_models import UserPage  # noqa: PLC0415 - see management_models
+
+        token = _secret(admin_token)
+        envelope = self._send(
+            _USERS_PAGE,
+            "POST",
+            "/v1/Management/users/GetFilteredPage",
+            headers=_bearer(token),
+            body=query.to_upstream(),
+            secrets=[token.get_secret_value()],
+        )
+        return self._result(_USERS_PAGE, envelope, UserPage)
+
+    def update_user(self, admin_token: str | SecretStr, device_token: UUID, changes: UserUpdate) -> None:
+        """Change the fields ``changes`` sets, and only those (``PUT /v1/Management/users``).
+
+        PUT is idempotent: a 5xx, a 429 or a lost answer is asked again (bounded, full-jitter backoff).
+
+        Raises
+        ------
+        ValueError
+            ``changes`` sets nothing.
+        NotFoundError
+            No such user.
+        UpstreamValidationError
+            Rejected (422); ``errors`` names the fields.
+        TransientUpstreamError, RateLimitedError
+            Still failing after the last attempt: try again later (it is safe).
+
+        Example
+        -------
+        >>> from uuid import uuid4
+        >>> from telematics_reg.management_models import UserUpdate
+        >>> client = UserServiceClient("http://127.0.0.1:8081")
+        >>> client.update_user("<admin jwt>", uuid4(), UserUpdate(status="Deactivated"))  # doctest: +SKIP
+        """
+        body = changes.to_upstream()
+        if not body:
+            raise ValueError("update_user: the update sets no field")
+        token = _secret(admin_token)
+        self._send(
+            _UPDATE_USER,
+            "PUT",
+            "/v1/Management/users",
+            headers={**_bearer(token), "UserDeviceToken": str(device_token)},
+            body=body,
+            secrets=[token.get_secret_value()],
+        )
+
+    def delete_user(self, admin_token: str | SecretStr, device_token: UUID) -> None:
+        """Delete the user and all its data, for good (``DELETE /v1/Management/users/{DeviceToken}``).
+
+        Idempotent: a lost answer is asked again, and a user already gone is success. The vendor answers 404
+        *or 403* for a deleted user; a 403 is also "not an admin token", so a 403 counts as done only when find,
+        with the same token, confirms that the user is gone (else :class:`ForbiddenError`).
+
+        Raises
+        ------
+        ForbiddenError
+            The token may not delete (find answered 403 too, or still finds the user).
+        TransientUpstreamError, RateLimitedError
+            Still failing after the last attempt: try again later (it is safe).
+
+        Example
+        -------
+        >>> from uuid import uuid4
+        >>> client = UserServiceClient("http://127.0.0.1:8081")
+        >>> client.delete_user("<admin jwt>", uuid4())  # doctest: +SKIP
+        """
+        token = _secret(admin_token)
+        try:
+            self._send(
+                _DELETE_USER,
+                "DELETE",
+                f"/v1/Management/users/{device_token}",
+                headers=_bearer(token),
+                secrets=[token.get_secret_value()],
+            )
+        except NotFoundError:
+            logger.info("user service delete: already gone", extra={"call": _DELETE_USER.name, "status": 404})
+        except ForbiddenError as forbidden:
+            if self.find_users(token, device_token=device_token):
+                raise
+            logger.info(
+                "user service delete: already gone", extra={"call": _DELETE_USER.name, "status": forbidden.status}
+            )
+
+    def change_instance(self, admin_token: str | SecretStr, device_token: UUID, to: InstanceCredentials) -> None:
+        """Move the user to instance ``to`` (``POST /v1/Management/users/instances/change``).
+
+        The user keeps its DeviceToken; from then on its Login takes ``to``'s id and key. The vendor does not
+        say the call is safe to repeat, so an answer lost after sending is first verified with find::
+
+            change(T -> B) --x answer lost (timeout, dropped connection, 5xx)
+            find(T) --> instance B ........... done
+                    --> instance A ........... change(T -> B) again (bounded)
+                    --> no user .............. NotFoundError
+
+        Raises
+        ------
+        NotFoundError
+            No such user.
+        UpstreamValidationError
+            Rejected (422), e.g. a wrong ``ToInstanceKey``.
+        OutcomeUnknownError
+            Still unknown after the bounded rounds, or find could not tell.
+
+        Example
+        -------
+        >>> from uuid import uuid4
+        >>> client = UserServiceClient("http://127.0.0.1:8081")
+        >>> target = InstanceCredentials(instance_id=uuid4(), instance_key="key")
+        >>> client.change_instance("<admin jwt>", uuid4(), target)  # doctest: +SKIP
+        """
+        token = _secret(admin_token)
+        body = {
+            "DeviceToken": str(device_token),
+            "ToInstanceId": str(to.instance_id),
+            "ToInstanceKey": to.instance_key.get_secret_value(),
+        }
+        secrets = [token.get_secret_value(), to.instance_key.get_secret_value()]
+        rounds = 1 + self._max_create_recoveries
+        for round_number in range(rounds):
+            try:
+                self._send(
+                    _CHANGE_INSTANCE,
+                    "POST",
+                    "/v1/Management/users/instances/change",
+                    headers=_bearer(token),
+                    body=body,
+                    secrets=secrets,
+                )
+            except OutcomeUnknownError as lost:
+                try:
+                    users = self.find_users(token, device_token=device_token)
+                except UpstreamError as exc:
+                    raise OutcomeUnknownError(
+                        f"User Service change_instance: outcome unknown and find could not tell ({type(exc).__name__})",
+                        status=exc.status,
+                        call=_CHANGE_INSTANCE.name,
+                    ) from exc
+                if not users:
+                    raise NotFoundError(
+                        "User Service change_instance failed: the user is not found",
+                        status=404,
+                        call=_CHANGE_INSTANCE.name,
+                    ) from lost
+                if any(user.instance_id == to.instance_id for user in users):
+                    logger.info("user service change_instance verified by find", extra={"call": _CHANGE_INSTANCE.name})
+                    return
+                if round_number + 1 >= rounds:
+                    raise
+                logger.warning(
+                    "user service change_instance not applied after a lost answer: sent again",
+                    extra={"call": _CHANGE_INSTANCE.name, "attempt": round_number + 2},
+                )
+            else:
+                return
+
     # --- transport ------------------------------------------------------------------------------------
 
     def _send(
@@ -684,6 +1114,8 @@ class UserServiceClient:
     def _retry_delay(self, call: _Call, failed: _Failed, attempt: int) -> float | None:
         """Seconds to wait before the next attempt, or None when this failure must not be retried."""
         error = failed.error
+        if call.login and not (failed.not_processed and error.status is None):
+            return None  # only a Login that never reached the upstream is tried again (see _Call.login)
         retryable = isinstance(error, RateLimitedError) or (
             isinstance(error, TransientUpstreamError) and (failed.not_processed or call.repeatable)
         )
@@ -780,12 +1212,16 @@ class UserServiceClient:
 
     @staticmethod
     def _result(call: _Call, envelope: Envelope, model: type[_ModelT]) -> _ModelT:
+        return UserServiceClient._parse(call, envelope.result, model, envelope.status)
+
+    @staticmethod
+    def _parse(call: _Call, value: Any, model: type[_ModelT], status: int | None) -> _ModelT:
         try:
-            return model.model_validate(envelope.result)
+            return model.model_validate(value)
         except ValidationError as exc:
             message = f"User Service {call.name}: answer has an unexpected shape ({_shape_problems(exc)})"
             error_type = OutcomeUnknownError if call.commits else UpstreamError
-            raise error_type(message, status=envelope.status, call=call.name) from None
+            raise error_type(message, status=status, call=call.name) from None
 
 
 def _shape_problems(exc: ValidationError) -> str:
@@ -838,7 +1274,7 @@ def _error_for_status(
     error_type: type[UpstreamError]
     if status in _BY_STATUS:
         error_type = _BY_STATUS[status]
-    elif status == 400 and call is _REFRESH:
+    elif status == 400 and call in (_REFRESH, _ADMIN_REFRESH):
         error_type = DeadRefreshTokenError
     elif status == 422 and any(e.key.lower() == "customtoken" for e in errors):
         error_type = UserAlreadyExistsError
