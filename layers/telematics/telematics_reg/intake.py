@@ -6,12 +6,18 @@ Every message ends in exactly one of three places:
 * stored (registered, or reported as the existing registration of its ClientId);
 * retried (the exception propagates: a batch item failure, or a failed async invocation);
 * the dead-letter queue at once, with its reason, when retrying can never help (bad input, an unknown
-  instance, a permanent upstream rejection, a bulk chunk whose answer was lost).
+  instance, a permanent upstream rejection, a bulk chunk whose answer was lost, a ``RequestId`` reused for a
+  bulk of another size).
+
+A bulk without ``RequestId`` is given the message id as its ``RequestId`` here, before anything is called
+upstream: SQS redelivers a message with the same id, and every dead letter of a bulk carries the id in its
+body, so a redrive (a new message, a new id) continues the same bulk instead of making it again.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +28,13 @@ from telematics_reg.errors import FieldError, InvalidMessageError, UpstreamValid
 from telematics_reg.models import BulkRegistrationRequest, parse_registration_message
 from telematics_reg.observability import logger, metrics
 from telematics_reg.outcomes import ErrorItem, EventPublisher, RegistrationFailed, Source
-from telematics_reg.registration import BulkIncompleteError, RegistrationService
+from telematics_reg.registration import (
+    BulkDeferredError,
+    BulkIncompleteError,
+    BulkRequestConflictError,
+    RegistrationService,
+    stamp_request_id,
+)
 
 
 @dataclass(frozen=True)
@@ -45,8 +57,18 @@ class RegistrationIntake:
         self._dead_letters = dead_letters
         self._publisher = publisher
 
-    def handle(self, body: str | bytes | dict[str, Any], *, message_id: str, source: Source) -> MessageResult:
-        """Register what ``body`` asks for. Raises only for failures worth retrying."""
+    def handle(
+        self,
+        body: str | bytes | dict[str, Any],
+        *,
+        message_id: str,
+        source: Source,
+        time_left: Callable[[], float] | None = None,
+    ) -> MessageResult:
+        """Register what ``body`` asks for. Raises only for failures worth retrying.
+
+        ``time_left`` gives the seconds the invocation has left (a bulk stops starting chunks when it is short).
+        """
         raw = body if isinstance(body, (str, bytes)) else json.dumps(body)
         try:
             request = parse_registration_message(body)
@@ -57,11 +79,17 @@ class RegistrationIntake:
             # A signup event is one user (DESIGN.md); bulk loads belong on the registration queue.
             problem = FieldError("Quantity", "bulk requests go on the registration queue, not in a signup event")
             return self._dead_letter(raw, "invalid_fields", [problem], message_id, source, request.instance, None)
+        if isinstance(request, BulkRegistrationRequest) and request.request_id is None:
+            request = request.model_copy(update={"request_id": message_id})
+            text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
+            raw = stamp_request_id(text, message_id)
         client_id = None if isinstance(request, BulkRegistrationRequest) else request.client_id
         logger.thread_safe_append_keys(client_id=client_id, message_id=message_id)
         try:
             if isinstance(request, BulkRegistrationRequest):
-                bulk = self._service.register_bulk(request, source=source, message_id=message_id)
+                bulk = self._service.register_bulk(
+                    request, source=source, message_id=message_id, time_left=time_left
+                )
                 metrics.add_metric("BulkUsersRegistered", MetricUnit.Count, len(bulk.device_tokens))
                 return MessageResult("bulk", stored=bulk.stored)
             outcome = self._service.register(request, source=source, message_id=message_id)
@@ -70,8 +98,13 @@ class RegistrationIntake:
         except UpstreamValidationError as exc:
             errors = exc.errors or [FieldError("Upstream", str(exc))]
             return self._dead_letter(raw, "upstream_rejected", errors, message_id, source, request.instance, client_id)
-        except BulkIncompleteError as exc:
+        except (BulkIncompleteError, BulkRequestConflictError) as exc:
             return self._dead_letter(raw, exc.reason, exc.errors, message_id, source, request.instance, None)
+        except BulkDeferredError as exc:
+            # Not a failure: the bulk goes on at the next delivery of this message.
+            metrics.add_metric("BulkDeferred", MetricUnit.Count, 1)
+            logger.info("bulk continues at the next delivery", extra={"detail": str(exc)})
+            raise
         except Exception as exc:
             # Left to be retried (batch item failure, or the async invocation's retry): counted for the alarm.
             metrics.add_metric("RegistrationRetries", MetricUnit.Count, 1)

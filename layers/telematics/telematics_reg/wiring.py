@@ -24,6 +24,8 @@ from telematics_reg.store import DynamoTokenStore
 from telematics_reg.upstream import UserServiceClient
 
 T = TypeVar("T")
+# Time a bulk chunk needs beyond its upstream call: storing 100 users (batch writes, retried) and its events.
+BULK_STORE_SECONDS = 10.0
 
 
 def aws_client(service: str, settings: ServiceSettings) -> Any:
@@ -37,12 +39,12 @@ def aws_client(service: str, settings: ServiceSettings) -> Any:
     return boto3.client(service, config=config)
 
 
-def build_user_service(settings: ServiceSettings) -> UserServiceClient:
+def build_user_service(settings: ServiceSettings, *, max_attempts: int | None = None) -> UserServiceClient:
     return UserServiceClient(
         str(settings.user_service_url),
         connect_timeout=settings.upstream_connect_timeout,
         read_timeout=settings.upstream_read_timeout,
-        max_attempts=settings.upstream_max_attempts,
+        max_attempts=max_attempts or settings.upstream_max_attempts,
         max_connections=settings.upstream_concurrency * 2,
     )
 
@@ -76,6 +78,11 @@ def build_intake(settings: ServiceSettings) -> RegistrationIntake:
         credentials=build_credentials(settings),
         publisher=publisher,
         claim_seconds=settings.claim_seconds,
+        # Bulk chunks: one attempt per call, so the longest call is its connect + read timeouts (plus storing
+        # its users), which is what a chunk needs left of the invocation to start; retries are the service's.
+        bulk_upstream=build_user_service(settings, max_attempts=1),
+        bulk_call_seconds=settings.upstream_connect_timeout + settings.upstream_read_timeout + BULK_STORE_SECONDS,
+        bulk_attempts=settings.upstream_max_attempts,
     )
     dead_letters = SqsDeadLetters(aws_client("sqs", settings), queue_url=settings.dead_letter_queue_url)
     return RegistrationIntake(service=service, dead_letters=dead_letters, publisher=publisher)
