@@ -87,9 +87,7 @@ class RegistrationIntake:
         logger.thread_safe_append_keys(client_id=client_id, message_id=message_id)
         try:
             if isinstance(request, BulkRegistrationRequest):
-                bulk = self._service.register_bulk(
-                    request, source=source, message_id=message_id, time_left=time_left
-                )
+                bulk = self._service.register_bulk(request, source=source, message_id=message_id, time_left=time_left)
                 metrics.add_metric("BulkUsersRegistered", MetricUnit.Count, len(bulk.device_tokens))
                 return MessageResult("bulk", stored=bulk.stored)
             outcome = self._service.register(request, source=source, message_id=message_id)
