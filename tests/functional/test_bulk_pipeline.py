@@ -142,7 +142,7 @@ def test_chunk_claims_in_dynamodb_admit_one_caller_and_fence_a_caller_that_was_t
     client = boto3.client("dynamodb", endpoint_url=stack.endpoint_url, region_name=stack.region)
     store = DynamoTokenStore(client, table_name=stack.outputs["TokensTableName"])
     request_id = f"claims-{uuid.uuid4().hex[:8]}"
-    where = {"instance": "default", "request_id": request_id, "index": 0}
+    where: dict[str, Any] = {"instance": "default", "request_id": request_id, "index": 0}
     store.start_bulk(instance="default", request_id=request_id, quantity=100, chunk_size=100, now=1000)
 
     store.claim_chunk(**where, owner="A", now=1000)
