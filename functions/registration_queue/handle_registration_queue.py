@@ -14,10 +14,10 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from telematics_reg.batching import ConcurrentBatchProcessor
 from telematics_reg.intake import RegistrationIntake
 from telematics_reg.observability import logger, metrics, tracer
-from telematics_reg.wiring import ColdStart, build_intake
+from telematics_reg.wiring import ColdStart, build_queue_intake
 
 # Built from this function's environment on its first invocation, reused while the container lives.
-_intake = ColdStart(build_intake)
+_intake = ColdStart(build_queue_intake)
 
 
 def handle_registration_batch(
@@ -29,8 +29,8 @@ def handle_registration_batch(
 ) -> dict[str, Any]:
     """Register every record of an SQS batch; returns the partial batch response.
 
-    ``time_left`` (seconds the invocation has left) lets a bulk stop before Lambda cuts it off: its record is
-    then reported failed, and the next delivery continues it.
+    ``time_left`` (seconds the invocation has left) lets a bulk stop before Lambda cuts it off: it is then sent
+    back onto the queue to continue (its record handled) when it stored users, and reported failed otherwise.
     """
 
     def record_handler(record: SQSRecord) -> str:

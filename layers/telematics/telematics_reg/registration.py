@@ -157,8 +157,16 @@ class RegistrationInProgressError(TelematicsError):
 
 
 class BulkDeferredError(TelematicsError):
-    """Too little of the invocation's time is left to start another chunk (or Create) safely: the message is
-    retried, and the next delivery continues where this one stopped."""
+    """Too little of the invocation's time is left to start another chunk (or Create) safely: the bulk goes on
+    in a later delivery, from where this one stopped.
+
+    ``stored`` counts the users this delivery made and stored before it stopped: with some, the queue function
+    sends the bulk back onto its queue itself (progress costs no receive); with none, the message is retried.
+    """
+
+    def __init__(self, message: str, *, stored: int = 0) -> None:
+        super().__init__(message)
+        self.stored = stored
 
 
 class BulkRequestConflictError(TelematicsError):
@@ -370,7 +378,8 @@ class RegistrationService:
         Raises
         ------
         BulkDeferredError, RegistrationInProgressError
-            Retry later: time ran short, or another delivery is calling a chunk right now.
+            Continue later: time ran short (``stored`` says how many users this delivery stored first), or
+            another delivery is calling a chunk right now.
         BulkIncompleteError, BulkRequestConflictError
             Permanent: dead-lettered with the reason.
         """
@@ -405,7 +414,9 @@ class RegistrationService:
                     problems.append(FieldError(chunk.key, "UNKNOWN: not retried automatically"))
                     continue
             if time_left is not None and time_left() < self._bulk_call_seconds:
-                raise BulkDeferredError(f"bulk {request_id}: too little time left for {chunk.key}; continued later")
+                raise BulkDeferredError(
+                    f"bulk {request_id}: too little time left for {chunk.key}; continued later", stored=len(stored_now)
+                )
             try:
                 users = self._register_chunk(
                     chunk, creds, bodies[index], owner, abandoned, progress.made.get(index), time_left
@@ -413,6 +424,8 @@ class RegistrationService:
             except _ChunkProblem as problem:
                 problems.extend(problem.errors)
                 continue
+            except BulkDeferredError as exc:  # a per-user chunk stopped part-way: count the chunks before it too
+                raise BulkDeferredError(str(exc), stored=len(stored_now) + exc.stored) from None
             done_now += 1
             stored_now.extend(u.device_token for u in users)
             self._announce_bulk(users)
@@ -540,7 +553,8 @@ class RegistrationService:
                 self._announce_bulk(made_now)
                 raise BulkDeferredError(
                     f"bulk {chunk.request_id} {chunk.key}: {position} of {body.quantity} users made; "
-                    "too little time left, continued later"
+                    "too little time left, continued later",
+                    stored=len(made_now),
                 )
             single = CreateUserRequest(
                 create_access_token=body.create_access_token, user_fields=user_fields, custom_token=tokens[position]

@@ -13,6 +13,7 @@ import boto3
 from botocore.config import Config
 
 from telematics_reg.budget import DynamoLoginBudget
+from telematics_reg.continuations import BulkContinuations, SqsBulkContinuations
 from telematics_reg.credentials import SecretsManagerCredentials
 from telematics_reg.dead_letters import SqsDeadLetters
 from telematics_reg.intake import RegistrationIntake
@@ -69,8 +70,9 @@ def build_credentials(settings: ServiceSettings) -> SecretsManagerCredentials:
     )
 
 
-def build_intake(settings: ServiceSettings) -> RegistrationIntake:
-    """Everything the signup and queue functions need, wired to AWS and the User Service."""
+def build_intake(settings: ServiceSettings, *, continuations: BulkContinuations | None = None) -> RegistrationIntake:
+    """Everything the signup function needs (and the queue function, with ``continuations``), wired to AWS and
+    the User Service."""
     publisher = build_publisher(settings)
     service = RegistrationService(
         upstream=build_user_service(settings),
@@ -85,7 +87,20 @@ def build_intake(settings: ServiceSettings) -> RegistrationIntake:
         bulk_attempts=settings.upstream_max_attempts,
     )
     dead_letters = SqsDeadLetters(aws_client("sqs", settings), queue_url=settings.dead_letter_queue_url)
-    return RegistrationIntake(service=service, dead_letters=dead_letters, publisher=publisher)
+    return RegistrationIntake(
+        service=service, dead_letters=dead_letters, publisher=publisher, continuations=continuations
+    )
+
+
+def build_queue_intake(settings: ServiceSettings) -> RegistrationIntake:
+    """The queue function's intake: a bulk that stopped part-way after storing users is sent back onto the
+    registration queue to continue, instead of spending one of its receives."""
+    continuations = SqsBulkContinuations(
+        aws_client("sqs", settings),
+        queue_url=settings.registration_queue_url,
+        delay_seconds=settings.bulk_continuation_delay_seconds,
+    )
+    return build_intake(settings, continuations=continuations)
 
 
 def build_refresher(settings: ServiceSettings) -> TokenRefresher:
