@@ -27,6 +27,9 @@ from rich.table import Table
 from telematics_cli import output
 from telematics_cli.errors import EXIT_DATA, EXIT_OK, CliError
 from telematics_cli.target import Target
+from telematics_reg.errors import InvalidMessageError
+from telematics_reg.models import BulkRegistrationRequest, parse_registration_message
+from telematics_reg.registration import stamp_request_id
 
 LIST_VISIBILITY: Final = 30
 REDRIVE_VISIBILITY: Final = 120
@@ -66,6 +69,8 @@ class Letter:
     receive_count: int
     #: The original EventBridge event, when the letter holds one (EventBridge DLQ, Lambda destination record).
     event: dict[str, Any] | None = None
+    #: Id of the message that was dead-lettered (our ``OriginalMessageId``; SQS keeps the id when it moves one).
+    original_message_id: str | None = None
 
     def matches(self, reasons: list[str], needle: str | None) -> bool:
         if reasons and self.reason not in reasons:
@@ -102,6 +107,7 @@ def classify(message: dict[str, Any]) -> Letter:
         sent_at=output.iso(int(sent) / 1000) if sent else None,
         receive_count=int(system.get("ApproximateReceiveCount", 0) or 0),
     )
+    letter.original_message_id = _attribute(message, "OriginalMessageId") or letter.message_id
     reason = _attribute(message, "Reason")
     if reason:
         letter.reason = reason
@@ -282,7 +288,8 @@ def _send_back(target: Target, spec: DeadLetterQueue, letter: Letter) -> str:
     if spec.redrive == "queue":
         assert spec.redrive_output is not None
         url = target.output(spec.redrive_output)
-        target.client("sqs").send_message(QueueUrl=url, MessageBody=letter.body)
+        body = _with_bulk_id(letter) if spec.name == "registration" else letter.body
+        target.client("sqs").send_message(QueueUrl=url, MessageBody=body)
         return url.rsplit("/", 1)[-1]
     bus = target.output("EventBusName")
     if letter.event is not None:
@@ -307,6 +314,22 @@ def _send_back(target: Target, spec: DeadLetterQueue, letter: Letter) -> str:
         entry = response.get("Entries", [{}])[0]
         raise RedriveError(f"EventBridge refused it: {entry.get('ErrorCode')}: {entry.get('ErrorMessage')}")
     return f"bus {bus} as {detail_type}"
+
+
+def _with_bulk_id(letter: Letter) -> str:
+    """The body to send back: a bulk without ``RequestId`` gets the id it was registered under.
+
+    That bulk is known by the id of the message that brought it; sent back as is, it would arrive as a new
+    message with a new id and be made again from the start. The id is our ``OriginalMessageId`` attribute, or
+    for a letter SQS moved after ``maxReceiveCount``, its message id (which SQS keeps when it moves a message).
+    """
+    try:
+        request = parse_registration_message(letter.body)
+    except InvalidMessageError:
+        return letter.body
+    if not isinstance(request, BulkRegistrationRequest) or request.request_id is not None:
+        return letter.body
+    return stamp_request_id(letter.body, letter.original_message_id or letter.message_id)
 
 
 def run_redrive(

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from aws_lambda_powertools.utilities.batch import EventType, process_partial_response
@@ -13,17 +14,27 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from telematics_reg.batching import ConcurrentBatchProcessor
 from telematics_reg.intake import RegistrationIntake
 from telematics_reg.observability import logger, metrics, tracer
-from telematics_reg.wiring import ColdStart, build_intake
+from telematics_reg.wiring import ColdStart, build_queue_intake
 
 # Built from this function's environment on its first invocation, reused while the container lives.
-_intake = ColdStart(build_intake)
+_intake = ColdStart(build_queue_intake)
 
 
-def handle_registration_batch(event: dict[str, Any], intake: RegistrationIntake, *, concurrency: int) -> dict[str, Any]:
-    """Register every record of an SQS batch; returns the partial batch response."""
+def handle_registration_batch(
+    event: dict[str, Any],
+    intake: RegistrationIntake,
+    *,
+    concurrency: int,
+    time_left: Callable[[], float] | None = None,
+) -> dict[str, Any]:
+    """Register every record of an SQS batch; returns the partial batch response.
+
+    ``time_left`` (seconds the invocation has left) lets a bulk stop before Lambda cuts it off: it is then sent
+    back onto the queue to continue (its record handled) when it stored users, and reported failed otherwise.
+    """
 
     def record_handler(record: SQSRecord) -> str:
-        return intake.handle(record.body, message_id=record.message_id, source="queue").status
+        return intake.handle(record.body, message_id=record.message_id, source="queue", time_left=time_left).status
 
     processor = ConcurrentBatchProcessor(EventType.SQS, max_workers=concurrency)
     return dict(process_partial_response(event=event, record_handler=record_handler, processor=processor))
@@ -38,4 +49,9 @@ def warm() -> None:
 @metrics.log_metrics(capture_cold_start_metric=True)
 @tracer.capture_lambda_handler(capture_response=False)
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    return handle_registration_batch(event, _intake.get(), concurrency=_intake.settings.upstream_concurrency)
+    return handle_registration_batch(
+        event,
+        _intake.get(),
+        concurrency=_intake.settings.upstream_concurrency,
+        time_left=lambda: context.get_remaining_time_in_millis() / 1000,
+    )

@@ -12,6 +12,7 @@ from typing import Any
 
 from telematics_reg.store import (
     BulkProgress,
+    ChunkClaim,
     ChunkState,
     ConditionFailedError,
     DuePage,
@@ -144,7 +145,13 @@ class InMemoryTokenStore:
                     {},
                 )
             progress = self.bulks[key]
-            return replace(progress, chunks=dict(progress.chunks), stored=dict(progress.stored))
+            return replace(
+                progress,
+                chunks=dict(progress.chunks),
+                stored=dict(progress.stored),
+                claims=dict(progress.claims),
+                made=dict(progress.made),
+            )
 
     def set_chunk_state(
         self,
@@ -156,14 +163,67 @@ class InMemoryTokenStore:
         new: ChunkState,
         stored: int | None = None,
         now: float,
+        owner: str | None = None,
     ) -> None:
         with self._lock:
             progress = self.bulks[(instance, request_id)]
-            if progress.chunks[index] not in set(expected):
+            state = progress.chunks[index]
+            if state not in set(expected):
                 raise ConditionFailedError("set_chunk_state: chunk moved on")
+            claim = progress.claims.get(index)
+            if owner is not None and state is ChunkState.CALLING and (claim is None or claim.owner != owner):
+                raise ConditionFailedError("set_chunk_state: chunk called by another delivery")
             progress.chunks[index] = new
             if stored is not None:
                 progress.stored[index] = stored
+            if new is not ChunkState.CALLING:
+                progress.claims.pop(index, None)
+
+    def claim_chunk(
+        self,
+        *,
+        instance: str,
+        request_id: str,
+        index: int,
+        owner: str,
+        now: float,
+        abandoned: ChunkClaim | None = None,
+    ) -> None:
+        with self._lock:
+            progress = self.bulks[(instance, request_id)]
+            state = progress.chunks[index]
+            if abandoned is None:
+                if state is not ChunkState.TODO:
+                    raise ConditionFailedError("claim_chunk: chunk is not TODO")
+            elif state is not ChunkState.CALLING or progress.claims.get(index) != abandoned:
+                raise ConditionFailedError("claim_chunk: the abandoned claim moved on")
+            progress.chunks[index] = ChunkState.CALLING
+            progress.claims[index] = ChunkClaim(owner, int(now))
+
+    def make_chunk_per_user(self, *, instance: str, request_id: str, index: int, owner: str) -> int:
+        with self._lock:
+            progress = self.bulks[(instance, request_id)]
+            claim = progress.claims.get(index)
+            if progress.chunks[index] is not ChunkState.CALLING or claim is None or claim.owner != owner:
+                raise ConditionFailedError("make_chunk_per_user: chunk not ours")
+            return progress.made.setdefault(index, 0)
+
+    def store_chunk_user(
+        self, *, instance: str, request_id: str, index: int, owner: str, position: int, user: NewUser, now: float
+    ) -> None:
+        with self._lock:
+            progress = self.bulks[(instance, request_id)]
+            claim = progress.claims.get(index)
+            if (
+                progress.chunks[index] is not ChunkState.CALLING
+                or claim is None
+                or claim.owner != owner
+                or progress.made.get(index) != position
+                or user.device_token in self.users
+            ):
+                raise ConditionFailedError("store_chunk_user: chunk taken over or user stored")
+            self.put_new_users([user], now=now)
+            progress.made[index] = position + 1
 
     def query_due(self, *, shard: str, horizon: int, limit: int, start_key: dict[str, Any] | None = None) -> DuePage:
         with self._lock:

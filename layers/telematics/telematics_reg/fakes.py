@@ -32,6 +32,7 @@ from telematics_reg.errors import (
     UnauthorizedError,
     UpstreamError,
     UpstreamValidationError,
+    UserAlreadyExistsError,
 )
 from telematics_reg.management_models import (
     AdminCredentials,
@@ -208,11 +209,18 @@ class FakeUserService:
 
     # --- UserService --------------------------------------------------------------------------------
 
-    def create(self, creds: InstanceCredentials, body: CreateUserRequest) -> CreateResult:
+    def create(self, creds: InstanceCredentials, body: CreateUserRequest, *, recover: bool = True) -> CreateResult:
         with self._lock:
             after = self._enter("create")
             self._authorize(creds)
             existing = self.users.get(body.custom_token) if body.custom_token is not None else None
+            if existing is not None and not recover:
+                raise UserAlreadyExistsError(
+                    "User Service create failed: Unprocessable Entity",
+                    status=422,
+                    errors=[FieldError("CustomToken", "A user with this CustomToken already exists")],
+                    call="create",
+                )
             if existing is not None and existing.instance_id == creds.instance_id:
                 # What the real client does on "CustomToken exists": Login and return that user's tokens.
                 self.calls["login"] += 1
@@ -224,13 +232,21 @@ class FakeUserService:
             return result
 
     def create_many(
-        self, creds: InstanceCredentials, body: CreateManyRequest, custom_tokens: Sequence[UUID] | None = None
+        self,
+        creds: InstanceCredentials,
+        body: CreateManyRequest,
+        custom_tokens: Sequence[UUID] | None = None,
+        *,
+        fallback: bool = True,
     ) -> list[CreateResult]:
         if body.quantity > MAX_CREATE_MANY_PER_CALL:
             raise ValueError(f"CreateMany takes at most {MAX_CREATE_MANY_PER_CALL} users per call")
         if custom_tokens is not None and len(custom_tokens) != body.quantity:
             raise ValueError(f"custom_tokens has {len(custom_tokens)} items for Quantity {body.quantity}")
         with self._lock:
+            if not self.create_many_offered and not fallback:
+                # The real client learns the 404 once and then answers this without a call: not counted.
+                raise NotFoundError("User Service create_many failed: Not Found", status=404, call="create_many")
             after = self._enter("create_many")
             self._authorize(creds)
             flags = body.custom_fields.model_dump() if body.custom_fields else {}

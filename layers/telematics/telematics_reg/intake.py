@@ -6,30 +6,48 @@ Every message ends in exactly one of three places:
 * stored (registered, or reported as the existing registration of its ClientId);
 * retried (the exception propagates: a batch item failure, or a failed async invocation);
 * the dead-letter queue at once, with its reason, when retrying can never help (bad input, an unknown
-  instance, a permanent upstream rejection, a bulk chunk whose answer was lost).
+  instance, a permanent upstream rejection, a bulk chunk whose answer was lost, a ``RequestId`` reused for a
+  bulk of another size).
+
+A bulk without ``RequestId`` is given the message id as its ``RequestId`` here, before anything is called
+upstream: SQS redelivers a message with the same id, and every dead letter of a bulk carries the id in its
+body, so a redrive (a new message, a new id) continues the same bulk instead of making it again.
+
+A bulk that runs short of invocation time after storing users is sent back onto its queue (the same body, so
+the same ``RequestId``) and its message is reported handled: progress never spends one of the queue's receives.
+A bulk that stops without storing anyone (a twin holds its chunk, the upstream fails) is retried as before, so
+the DLQ still catches a bulk that cannot progress.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aws_lambda_powertools.metrics import MetricUnit
 
+from telematics_reg.continuations import BulkContinuations
 from telematics_reg.dead_letters import DeadLetter, DeadLetterSink
 from telematics_reg.errors import FieldError, InvalidMessageError, UpstreamValidationError
 from telematics_reg.models import BulkRegistrationRequest, parse_registration_message
 from telematics_reg.observability import logger, metrics
 from telematics_reg.outcomes import ErrorItem, EventPublisher, RegistrationFailed, Source
-from telematics_reg.registration import BulkIncompleteError, RegistrationService
+from telematics_reg.registration import (
+    BulkDeferredError,
+    BulkIncompleteError,
+    BulkRequestConflictError,
+    RegistrationService,
+    stamp_request_id,
+)
 
 
 @dataclass(frozen=True)
 class MessageResult:
     """What became of one message (for the handler's response and for tests)."""
 
-    status: str  # "registered" | "duplicate" | "bulk" | "dead_lettered"
+    status: str  # "registered" | "duplicate" | "bulk" | "bulk_continued" | "dead_lettered"
     device_token: str | None = None
     reason: str | None = None
     stored: int = 0
@@ -39,14 +57,32 @@ class RegistrationIntake:
     """Turns one delivered message into a registration, a retry, or a dead letter with its reason."""
 
     def __init__(
-        self, *, service: RegistrationService, dead_letters: DeadLetterSink, publisher: EventPublisher
+        self,
+        *,
+        service: RegistrationService,
+        dead_letters: DeadLetterSink,
+        publisher: EventPublisher,
+        continuations: BulkContinuations | None = None,
     ) -> None:
+        """``continuations`` is the registration queue, for the queue function: a bulk that stopped part-way
+        after storing users goes back there instead of being retried. Without it, every stop is retried."""
         self._service = service
         self._dead_letters = dead_letters
         self._publisher = publisher
+        self._continuations = continuations
 
-    def handle(self, body: str | bytes | dict[str, Any], *, message_id: str, source: Source) -> MessageResult:
-        """Register what ``body`` asks for. Raises only for failures worth retrying."""
+    def handle(
+        self,
+        body: str | bytes | dict[str, Any],
+        *,
+        message_id: str,
+        source: Source,
+        time_left: Callable[[], float] | None = None,
+    ) -> MessageResult:
+        """Register what ``body`` asks for. Raises only for failures worth retrying.
+
+        ``time_left`` gives the seconds the invocation has left (a bulk stops starting chunks when it is short).
+        """
         raw = body if isinstance(body, (str, bytes)) else json.dumps(body)
         try:
             request = parse_registration_message(body)
@@ -57,11 +93,15 @@ class RegistrationIntake:
             # A signup event is one user (DESIGN.md); bulk loads belong on the registration queue.
             problem = FieldError("Quantity", "bulk requests go on the registration queue, not in a signup event")
             return self._dead_letter(raw, "invalid_fields", [problem], message_id, source, request.instance, None)
+        if isinstance(request, BulkRegistrationRequest) and request.request_id is None:
+            request = request.model_copy(update={"request_id": message_id})
+            text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
+            raw = stamp_request_id(text, message_id)
         client_id = None if isinstance(request, BulkRegistrationRequest) else request.client_id
         logger.thread_safe_append_keys(client_id=client_id, message_id=message_id)
         try:
             if isinstance(request, BulkRegistrationRequest):
-                bulk = self._service.register_bulk(request, source=source, message_id=message_id)
+                bulk = self._service.register_bulk(request, source=source, message_id=message_id, time_left=time_left)
                 metrics.add_metric("BulkUsersRegistered", MetricUnit.Count, len(bulk.device_tokens))
                 return MessageResult("bulk", stored=bulk.stored)
             outcome = self._service.register(request, source=source, message_id=message_id)
@@ -70,8 +110,17 @@ class RegistrationIntake:
         except UpstreamValidationError as exc:
             errors = exc.errors or [FieldError("Upstream", str(exc))]
             return self._dead_letter(raw, "upstream_rejected", errors, message_id, source, request.instance, client_id)
-        except BulkIncompleteError as exc:
+        except (BulkIncompleteError, BulkRequestConflictError) as exc:
             return self._dead_letter(raw, exc.reason, exc.errors, message_id, source, request.instance, None)
+        except BulkDeferredError as exc:
+            # Not a failure: the bulk goes on in a later delivery, of a new message or of this one.
+            metrics.add_metric("BulkDeferred", MetricUnit.Count, 1)
+            metrics.add_metric("BulkUsersRegistered", MetricUnit.Count, exc.stored)
+            text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
+            if source == "queue" and self._continue_bulk(text, exc):
+                return MessageResult("bulk_continued", stored=exc.stored)
+            logger.info("bulk continues at the next delivery", extra={"detail": str(exc), "stored": exc.stored})
+            raise
         except Exception as exc:
             # Left to be retried (batch item failure, or the async invocation's retry): counted for the alarm.
             metrics.add_metric("RegistrationRetries", MetricUnit.Count, 1)
@@ -87,6 +136,36 @@ class RegistrationIntake:
         )
         status = "duplicate" if outcome.duplicate else "registered"
         return MessageResult(status, device_token=outcome.device_token)
+
+    def _continue_bulk(self, body: str, stopped: BulkDeferredError) -> bool:
+        """Send a bulk that stopped part-way back onto its queue; False leaves its message to be retried.
+
+        Only a delivery that stored users does: each new message follows at least one user stored, and each
+        user is stored once, so a bulk makes at most ``Quantity`` of them, duplicates included. A delivery that
+        stored nobody is retried (and dead-lettered after ``maxReceiveCount`` such tries). Re-sending is safe
+        both ways the send can go::
+
+            D1 (message m1): stores users 0..99, time short -> send m2 (same body, same RequestId) -> m1 handled
+              send fails: m1 is reported failed and comes back (one receive spent), nothing is lost
+              D1 cut off after the send, before its response: m1 comes back as well as m2; both continue the
+              same RequestId, the chunk claims admit one caller per chunk, and each user is stored once
+        """
+        if self._continuations is None or stopped.stored <= 0:
+            return False
+        try:
+            continuation = self._continuations.send(body)
+        except Exception as exc:  # noqa: BLE001 - any failure to re-send: the message is retried instead
+            logger.warning(
+                "could not send the bulk back onto its queue: retried instead",
+                extra={"error": type(exc).__name__, "stored": stopped.stored},
+            )
+            return False
+        metrics.add_metric("BulkContinued", MetricUnit.Count, 1)
+        logger.info(
+            "bulk sent back onto its queue to continue",
+            extra={"detail": str(stopped), "stored": stopped.stored, "continuation_message_id": continuation},
+        )
+        return True
 
     def _dead_letter(
         self,

@@ -29,6 +29,9 @@ class ServiceSettings(BaseSettings):
     event_bus_name: str = "default"
     outcome_event_source: str = "telematics.registration"
     dead_letter_queue_url: str = ""
+    # The queue function's own source queue: a bulk that stopped part-way is sent back there to continue.
+    registration_queue_url: str = ""
+    bulk_continuation_delay_seconds: int = Field(5, ge=0, le=900)
     refresh_queue_url: str = ""
 
     # Upstream protection: how many upstream calls one invocation keeps in flight, and per-call timeouts.

@@ -11,7 +11,9 @@ Item shape (see README "Token store") -- partition key ``pk``:
     stored refresh token was rejected or may be spent: the next attempt logs in instead), ``BulkRequestId``,
     ``CreatedAt``, ``UpdatedAt``.
 ``BULK#<Instance>#<RequestId>``
-    progress of one bulk request: ``Quantity``, ``ChunkSize``, ``ChunkCount`` and per chunk ``Chunk<n>`` state.
+    progress of one bulk request: ``Quantity``, ``ChunkSize``, ``ChunkCount`` and per chunk ``Chunk<n>`` state,
+    ``Stored<n>`` (users stored once DONE), ``Owner<n>``/``Since<n>`` (who is calling it, since when: epoch s) and,
+    for a chunk made one Create per user, ``Made<n>`` (how many of its users are made and stored, in order).
 
 Every write that can race is conditional; the conditions are spelled out above each write.
 """
@@ -41,8 +43,8 @@ class UserStatus(StrEnum):
 
 
 class ChunkState(StrEnum):
-    TODO = "TODO"
-    CALLING = "CALLING"  # a CreateMany call is (or was) in flight: its outcome is unknown until DONE
+    TODO = "TODO"  # nothing in flight (with ``Made<n>``: that many of its users made and stored, the rest to do)
+    CALLING = "CALLING"  # ``Owner<n>`` is calling it (since ``Since<n>``): its outcome is unknown until DONE
     DONE = "DONE"
     UNKNOWN = "UNKNOWN"  # the answer was lost: never called again, reported
     FAILED = "FAILED"  # the upstream rejected it permanently
@@ -114,6 +116,14 @@ class NewUser:
 
 
 @dataclass(frozen=True)
+class ChunkClaim:
+    """Who is calling a bulk chunk, and since when (epoch seconds, by the caller's clock)."""
+
+    owner: str
+    since: int
+
+
+@dataclass(frozen=True)
 class BulkProgress:
     instance: str
     request_id: str
@@ -121,6 +131,10 @@ class BulkProgress:
     chunk_size: int
     chunks: dict[int, ChunkState]
     stored: dict[int, int]
+    #: The claim of each CALLING chunk.
+    claims: dict[int, ChunkClaim] = field(default_factory=dict)
+    #: Chunks made one Create per user (CreateMany not offered): how many of their users are made and stored.
+    made: dict[int, int] = field(default_factory=dict)
 
     @property
     def chunk_count(self) -> int:
@@ -195,6 +209,21 @@ class TokenStore(Protocol):
         new: ChunkState,
         stored: int | None = None,
         now: float,
+        owner: str | None = None,
+    ) -> None: ...
+    def claim_chunk(
+        self,
+        *,
+        instance: str,
+        request_id: str,
+        index: int,
+        owner: str,
+        now: float,
+        abandoned: ChunkClaim | None = None,
+    ) -> None: ...
+    def make_chunk_per_user(self, *, instance: str, request_id: str, index: int, owner: str) -> int: ...
+    def store_chunk_user(
+        self, *, instance: str, request_id: str, index: int, owner: str, position: int, user: NewUser, now: float
     ) -> None: ...
     def query_due(
         self, *, shard: str, horizon: int, limit: int, start_key: dict[str, Any] | None = None
@@ -521,22 +550,139 @@ class DynamoTokenStore:
         new: ChunkState,
         stored: int | None = None,
         now: float,
+        owner: str | None = None,
     ) -> None:
-        """Move one chunk between states; the condition on its current state makes each move happen once."""
+        """Move one chunk between states; the condition on its current state makes each move happen once.
+
+        With ``owner``, a chunk that is CALLING moves only if ``owner`` is the one calling it: a delivery whose
+        chunk was taken over after it was judged abandoned never moves it. Leaving CALLING removes the claim.
+        """
         expected_states = list(expected)
         placeholders = {f":e{i}": s.value for i, s in enumerate(expected_states)}
         values: dict[str, Any] = {":new": new.value, ":now": iso(now), **placeholders}
+        names = {"#c": f"Chunk{index}"}
         expression = "SET #c = :new, UpdatedAt = :now"
+        condition = f"#c IN ({', '.join(placeholders)})"
         if stored is not None:
             values[":stored"] = stored
+            names["#n"] = f"Stored{index}"
             expression += ", #n = :stored"
+        if owner is not None:
+            values |= {":calling": ChunkState.CALLING.value, ":owner": owner}
+            names["#o"] = f"Owner{index}"
+            condition += " AND (#c <> :calling OR #o = :owner)"
+        if new is not ChunkState.CALLING:
+            names |= {"#o": f"Owner{index}", "#t": f"Since{index}"}
+            expression += " REMOVE #o, #t"
+        self._update(bulk_pk(instance, request_id), expression, condition, values, names)
+
+    def claim_chunk(
+        self,
+        *,
+        instance: str,
+        request_id: str,
+        index: int,
+        owner: str,
+        now: float,
+        abandoned: ChunkClaim | None = None,
+    ) -> None:
+        """Become the one calling a chunk: from TODO, or (``abandoned``) from a claim whose holder's time ran out.
+
+        Condition: the chunk is TODO, or still CALLING under exactly the claim that was judged abandoned (same
+        owner, same start), so of two deliveries taking over the same dead claim only one succeeds::
+
+            D1: claim (owner D1, since t0) ... cut off at its timeout
+            D2: reads CALLING (D1, t0); t0 + claim_seconds < now   -> take over if still (D1, t0)   ok
+            D3: reads CALLING (D1, t0) as well                      -> take over if still (D1, t0)   fails
+        """
+        values: dict[str, Any] = {
+            ":calling": ChunkState.CALLING.value,
+            ":me": owner,
+            ":since": int(now),
+            ":now": iso(now),
+        }
+        if abandoned is None:
+            condition = "#c = :todo"
+            values[":todo"] = ChunkState.TODO.value
+        else:
+            condition = "#c = :calling AND #o = :old AND #t = :oldsince"
+            values |= {":old": abandoned.owner, ":oldsince": abandoned.since}
         self._update(
             bulk_pk(instance, request_id),
-            expression,
-            f"#c IN ({', '.join(placeholders)})",
+            "SET #c = :calling, #o = :me, #t = :since, UpdatedAt = :now",
+            condition,
             values,
-            {"#c": f"Chunk{index}", "#n": f"Stored{index}"} if stored is not None else {"#c": f"Chunk{index}"},
+            {"#c": f"Chunk{index}", "#o": f"Owner{index}", "#t": f"Since{index}"},
         )
+
+    def make_chunk_per_user(self, *, instance: str, request_id: str, index: int, owner: str) -> int:
+        """Record, before its first Create, that a chunk is made one Create per user; returns how many are made.
+
+        Condition: we are calling it. From now on no delivery calls CreateMany for it: each resumes the Creates.
+        """
+        attrs = self._update(
+            bulk_pk(instance, request_id),
+            "SET #m = if_not_exists(#m, :zero)",
+            "#c = :calling AND #o = :me",
+            {":zero": 0, ":calling": ChunkState.CALLING.value, ":me": owner},
+            {"#c": f"Chunk{index}", "#o": f"Owner{index}", "#m": f"Made{index}"},
+            return_new=True,
+        )
+        assert attrs is not None
+        return int(attrs[f"Made{index}"])
+
+    def store_chunk_user(
+        self, *, instance: str, request_id: str, index: int, owner: str, position: int, user: NewUser, now: float
+    ) -> None:
+        """Store the user made at ``position`` of a per-user chunk and count it, in one transaction.
+
+        Conditions: we still call the chunk and exactly ``position`` users are counted (so a delivery that lost
+        the chunk to a takeover stores nothing), and the user is new. A delivery cut off after its Create and
+        before this write leaves ``Made<n> = position``: the next one repeats the Create with the same
+        CustomToken, which cannot make a second user (it answers "exists").
+        """
+        try:
+            self._client.transact_write_items(
+                TransactItems=[
+                    {
+                        "Put": {
+                            "TableName": self._table,
+                            "Item": _to_item(self._new_user_values(user, now)),
+                            "ConditionExpression": "attribute_not_exists(pk)",
+                        }
+                    },
+                    {
+                        "Update": {
+                            "TableName": self._table,
+                            "Key": {"pk": {"S": bulk_pk(instance, request_id)}},
+                            "UpdateExpression": "SET #m = :next, UpdatedAt = :now",
+                            "ConditionExpression": "#c = :calling AND #o = :me AND #m = :position",
+                            "ExpressionAttributeNames": {
+                                "#c": f"Chunk{index}",
+                                "#o": f"Owner{index}",
+                                "#m": f"Made{index}",
+                            },
+                            "ExpressionAttributeValues": _to_item(
+                                {
+                                    ":next": position + 1,
+                                    ":now": iso(now),
+                                    ":calling": ChunkState.CALLING.value,
+                                    ":me": owner,
+                                    ":position": position,
+                                }
+                            ),
+                        }
+                    },
+                ]
+            )
+        except ClientError as exc:
+            reasons = exc.response.get("CancellationReasons") or []
+            if any(r.get("Code") == "ConditionalCheckFailed" for r in reasons) or (
+                exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
+            ):
+                raise ConditionFailedError("store_chunk_user: chunk taken over or user stored") from None
+            code = exc.response.get("Error", {}).get("Code", "Unknown")
+            raise StoreError(f"DynamoDB transact_write_items failed: {code}") from exc
 
     # -- token maintenance
 
@@ -708,4 +854,10 @@ def _bulk(values: dict[str, Any]) -> BulkProgress:
         chunk_size=int(values["ChunkSize"]),
         chunks={i: ChunkState(values[f"Chunk{i}"]) for i in range(count)},
         stored={i: int(values[f"Stored{i}"]) for i in range(count) if f"Stored{i}" in values},
+        claims={
+            i: ChunkClaim(str(values[f"Owner{i}"]), int(values[f"Since{i}"]))
+            for i in range(count)
+            if f"Owner{i}" in values and f"Since{i}" in values
+        },
+        made={i: int(values[f"Made{i}"]) for i in range(count) if f"Made{i}" in values},
     )

@@ -110,14 +110,22 @@ class UserService(Protocol):
     """What the library needs from the User Service. :class:`UserServiceClient` is the real one;
     :class:`telematics_reg.fakes.FakeUserService` is an in-memory one for tests."""
 
-    def create(self, creds: InstanceCredentials, body: CreateUserRequest) -> CreateResult:
-        """Register one user. With ``body.custom_token`` a lost answer is recovered, never doubled."""
+    def create(self, creds: InstanceCredentials, body: CreateUserRequest, *, recover: bool = True) -> CreateResult:
+        """Register one user. With ``body.custom_token`` a lost answer is recovered, never doubled (with
+        ``recover=False`` it is raised instead, and "exists" raises :class:`UserAlreadyExistsError`: no Login)."""
         ...
 
     def create_many(
-        self, creds: InstanceCredentials, body: CreateManyRequest, custom_tokens: Sequence[UUID] | None = None
+        self,
+        creds: InstanceCredentials,
+        body: CreateManyRequest,
+        custom_tokens: Sequence[UUID] | None = None,
+        *,
+        fallback: bool = True,
     ) -> list[CreateResult]:
-        """Register ``body.quantity`` (at most 100) anonymous users; ``custom_tokens`` serve the Create fallback."""
+        """Register ``body.quantity`` (at most 100) anonymous users; ``custom_tokens`` serve the Create fallback.
+
+        With ``fallback=False`` a CreateMany that is not offered raises :class:`NotFoundError` instead."""
         ...
 
     def refresh(self, access_token: str, refresh_token: str) -> CreateResult:
@@ -430,7 +438,7 @@ class UserServiceClient:
 
     # --- calls ----------------------------------------------------------------------------------------
 
-    def create(self, creds: InstanceCredentials, body: CreateUserRequest) -> CreateResult:
+    def create(self, creds: InstanceCredentials, body: CreateUserRequest, *, recover: bool = True) -> CreateResult:
         """Register one user (``POST /v1/Registration/Create``).
 
         A body with a ``CustomToken`` (a DeviceToken we chose) is exactly-once: when the answer is lost, the
@@ -448,6 +456,10 @@ class UserServiceClient:
             The instance to register the user in.
         body
             The Create body; ``to_upstream()`` is sent.
+        recover
+            False: never Login. A lost answer raises :class:`OutcomeUnknownError` and an existing ``CustomToken``
+            :class:`UserAlreadyExistsError`; the caller settles them (the bulk fallback stores such a user
+            without tokens rather than spend the Login budget).
 
         Returns
         -------
@@ -477,7 +489,7 @@ class UserServiceClient:
         try:
             return self._create_once(creds, body)
         except (OutcomeUnknownError, UserAlreadyExistsError) as exc:
-            if body.custom_token is None:
+            if body.custom_token is None or not recover:
                 raise
             return self._recover_create(creds, body, body.custom_token, exc)
 
@@ -523,7 +535,12 @@ class UserServiceClient:
         ) from last
 
     def create_many(
-        self, creds: InstanceCredentials, body: CreateManyRequest, custom_tokens: Sequence[UUID] | None = None
+        self,
+        creds: InstanceCredentials,
+        body: CreateManyRequest,
+        custom_tokens: Sequence[UUID] | None = None,
+        *,
+        fallback: bool = True,
     ) -> list[CreateResult]:
         """Register ``body.quantity`` anonymous users (``POST /v1/Registration/CreateMany``).
 
@@ -539,6 +556,9 @@ class UserServiceClient:
             At most ``MAX_CREATE_MANY_PER_CALL`` (100) users: chunking is the caller's job.
         custom_tokens
             ``body.quantity`` DeviceTokens for the fallback, or None.
+        fallback
+            False: when CreateMany is not offered, raise :class:`NotFoundError` instead of creating one by one
+            (a caller that stores each user as it is made runs the Creates itself).
 
         Returns
         -------
@@ -549,6 +569,8 @@ class UserServiceClient:
         ------
         ValueError
             Quantity above 100, or ``custom_tokens`` of the wrong length.
+        NotFoundError
+            CreateMany is not offered and ``fallback`` is False.
         CreateManyIncompleteError
             The fallback stopped part-way; ``completed`` holds the users made so far.
 
@@ -579,8 +601,12 @@ class UserServiceClient:
                 with self._lock:
                     self._create_many_offered = False
                 logger.info("user service create_many not offered: one create per user", extra={"call": "create_many"})
+                if not fallback:
+                    raise
             else:
                 return self._result(_CREATE_MANY, envelope, CreateManyResult).results
+        elif not fallback:
+            raise NotFoundError("User Service create_many: not offered", status=404, call=_CREATE_MANY.name)
         return self._create_each(creds, body, custom_tokens)
 
     def _create_each(

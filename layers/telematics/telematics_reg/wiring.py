@@ -13,6 +13,7 @@ import boto3
 from botocore.config import Config
 
 from telematics_reg.budget import DynamoLoginBudget
+from telematics_reg.continuations import BulkContinuations, SqsBulkContinuations
 from telematics_reg.credentials import SecretsManagerCredentials
 from telematics_reg.dead_letters import SqsDeadLetters
 from telematics_reg.intake import RegistrationIntake
@@ -24,6 +25,8 @@ from telematics_reg.store import DynamoTokenStore
 from telematics_reg.upstream import UserServiceClient
 
 T = TypeVar("T")
+# Time a bulk chunk needs beyond its upstream call: storing 100 users (batch writes, retried) and its events.
+BULK_STORE_SECONDS = 10.0
 
 
 def aws_client(service: str, settings: ServiceSettings) -> Any:
@@ -37,12 +40,12 @@ def aws_client(service: str, settings: ServiceSettings) -> Any:
     return boto3.client(service, config=config)
 
 
-def build_user_service(settings: ServiceSettings) -> UserServiceClient:
+def build_user_service(settings: ServiceSettings, *, max_attempts: int | None = None) -> UserServiceClient:
     return UserServiceClient(
         str(settings.user_service_url),
         connect_timeout=settings.upstream_connect_timeout,
         read_timeout=settings.upstream_read_timeout,
-        max_attempts=settings.upstream_max_attempts,
+        max_attempts=max_attempts or settings.upstream_max_attempts,
         max_connections=settings.upstream_concurrency * 2,
     )
 
@@ -67,8 +70,9 @@ def build_credentials(settings: ServiceSettings) -> SecretsManagerCredentials:
     )
 
 
-def build_intake(settings: ServiceSettings) -> RegistrationIntake:
-    """Everything the signup and queue functions need, wired to AWS and the User Service."""
+def build_intake(settings: ServiceSettings, *, continuations: BulkContinuations | None = None) -> RegistrationIntake:
+    """Everything the signup function needs (and the queue function, with ``continuations``), wired to AWS and
+    the User Service."""
     publisher = build_publisher(settings)
     service = RegistrationService(
         upstream=build_user_service(settings),
@@ -76,9 +80,27 @@ def build_intake(settings: ServiceSettings) -> RegistrationIntake:
         credentials=build_credentials(settings),
         publisher=publisher,
         claim_seconds=settings.claim_seconds,
+        # Bulk chunks: one attempt per call, so the longest call is its connect + read timeouts (plus storing
+        # its users), which is what a chunk needs left of the invocation to start; retries are the service's.
+        bulk_upstream=build_user_service(settings, max_attempts=1),
+        bulk_call_seconds=settings.upstream_connect_timeout + settings.upstream_read_timeout + BULK_STORE_SECONDS,
+        bulk_attempts=settings.upstream_max_attempts,
     )
     dead_letters = SqsDeadLetters(aws_client("sqs", settings), queue_url=settings.dead_letter_queue_url)
-    return RegistrationIntake(service=service, dead_letters=dead_letters, publisher=publisher)
+    return RegistrationIntake(
+        service=service, dead_letters=dead_letters, publisher=publisher, continuations=continuations
+    )
+
+
+def build_queue_intake(settings: ServiceSettings) -> RegistrationIntake:
+    """The queue function's intake: a bulk that stopped part-way after storing users is sent back onto the
+    registration queue to continue, instead of spending one of its receives."""
+    continuations = SqsBulkContinuations(
+        aws_client("sqs", settings),
+        queue_url=settings.registration_queue_url,
+        delay_seconds=settings.bulk_continuation_delay_seconds,
+    )
+    return build_intake(settings, continuations=continuations)
 
 
 def build_refresher(settings: ServiceSettings) -> TokenRefresher:
