@@ -215,6 +215,7 @@ def in_memory_refresher(emulator: EmulatorHandle, store: InMemoryTokenStore, con
         publisher=RecordingPublisher(),
         budget=InMemoryLoginBudget(5),
         margin_seconds=MARGIN,
+        timing=ServiceSettings().lease_timing,
     )
 
 
@@ -268,6 +269,7 @@ def moto_capacity(table: str, shards: int, concurrency: int, seconds: float = 3.
             store.commit_tokens(
                 device_token=users[index],
                 expected_version=version,
+                owner=owner,
                 tokens=fake_tokens(int(time.time()) + 7200),
                 now=time.time(),
             )

@@ -849,6 +849,7 @@ def test_racing_workers_never_lease_the_same_version_twice_as_on_dynamodb(servic
                 store.commit_tokens(
                     device_token=user,
                     expected_version=leased.version,
+                    owner=owner,
                     tokens=Tokens(f"at-{uuid.uuid4()}", f"rt-{uuid.uuid4()}", int(time.time()) + 3600),
                     now=time.time(),
                 )

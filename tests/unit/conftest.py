@@ -15,6 +15,10 @@ from telematics_reg.models import InstanceCredentials
 from telematics_reg.outcomes import RecordingPublisher
 from telematics_reg.refresh import TokenRefresher
 from telematics_reg.registration import RegistrationService
+from telematics_reg.timing import LeaseTiming
+
+#: The production defaults: a 180 s lease, calls up to 142.2 s (4 attempts, Retry-After up to 30 s), 10 s skew.
+TIMING = LeaseTiming(lease_seconds=180, call_seconds=142.2, clock_skew_seconds=10)
 
 
 class FakeClock:
@@ -72,6 +76,7 @@ def world() -> World:
         publisher=publisher,
         budget=budget,
         margin_seconds=600,
+        timing=TIMING,
         clock=clock,
         sleep=clock.sleep,
     )

@@ -43,6 +43,7 @@ def build_user_service(settings: ServiceSettings) -> UserServiceClient:
         connect_timeout=settings.upstream_connect_timeout,
         read_timeout=settings.upstream_read_timeout,
         max_attempts=settings.upstream_max_attempts,
+        max_retry_after=settings.upstream_max_retry_after,
         max_connections=settings.upstream_concurrency * 2,
     )
 
@@ -93,7 +94,7 @@ def build_refresher(settings: ServiceSettings) -> TokenRefresher:
             dynamodb, table_name=settings.tokens_table_name, per_minute=settings.login_budget_per_minute
         ),
         margin_seconds=settings.refresh_margin_seconds,
-        lease_seconds=settings.refresh_lease_seconds,
+        timing=settings.lease_timing,
     )
 
 
