@@ -36,6 +36,7 @@ from telematics_reg.errors import (
     UnknownInstanceError,
     UpstreamError,
 )
+from telematics_reg.models import InstanceCredentials
 from telematics_reg.observability import logger, metrics
 from telematics_reg.outcomes import EventPublisher, TokenRefreshFailed
 from telematics_reg.registration import tokens_of
@@ -238,6 +239,10 @@ class _HeldLease:
         return self.record.device_token
 
 
+def _same_credentials(a: InstanceCredentials, b: InstanceCredentials) -> bool:
+    return a.instance_id == b.instance_id and a.instance_key.get_secret_value() == b.instance_key.get_secret_value()
+
+
 class TokenRefresher:
     """Refreshes one user's tokens at a time; safe to run on any number of threads and functions at once.
 
@@ -427,38 +432,60 @@ class TokenRefresher:
             creds = self._credentials.get(leased.instance)
         except UnknownInstanceError:
             return self._give_up(held, f"{reason}; instance {leased.instance!r} has no credentials")
-        if not self._budget.try_acquire(str(creds.instance_id), self._clock()):
-            metrics.add_metric("LoginBudgetExhausted", MetricUnit.Count, 1)
-            retry_at = (int(self._clock()) // 60 + 1) * 60 + int(self._rng.uniform(0, 60))
-            # Every way into _login leaves the stored refresh token dead or suspect: note it for the next attempt.
-            self._store.release_lease(
-                device_token=leased.device_token,
-                owner=held.owner,
-                retry_after=retry_at,
-                error=f"{reason}; login budget spent",
-                now=self._clock(),
-                refresh_token_dead=True,
-            )
-            return RefreshOutcome.DEFERRED
-        if not self._start_call(held, "login"):
-            # Every way into _login leaves the stored refresh token dead or suspect.
-            return self._not_started(held, refresh_token_dead=True)
-        metrics.add_metric("LoginFallbacks", MetricUnit.Count, 1)
+        # At most two Logins: the second only after a 401, with credentials re-read from the secret and different
+        # from the first (a key rotated since this container cached it). The same key again would only be refused
+        # again, and a Login is too scarce to spend on that.
+        for attempt in (1, 2):
+            if not self._budget.try_acquire(str(creds.instance_id), self._clock()):
+                metrics.add_metric("LoginBudgetExhausted", MetricUnit.Count, 1)
+                retry_at = (int(self._clock()) // 60 + 1) * 60 + int(self._rng.uniform(0, 60))
+                # Every way into _login leaves the stored refresh token dead or suspect: note it for the next attempt.
+                self._store.release_lease(
+                    device_token=leased.device_token,
+                    owner=held.owner,
+                    retry_after=retry_at,
+                    error=f"{reason}; login budget spent",
+                    now=self._clock(),
+                    refresh_token_dead=True,
+                )
+                return RefreshOutcome.DEFERRED
+            if not self._start_call(held, "login"):
+                # Every way into _login leaves the stored refresh token dead or suspect.
+                return self._not_started(held, refresh_token_dead=True)
+            metrics.add_metric("LoginFallbacks", MetricUnit.Count, 1)
+            try:
+                result = self._upstream.login(creds, uuid.UUID(leased.device_token))
+            except (RetryableUpstreamError, OutcomeUnknownError) as exc:
+                # A Login whose answer was lost rotated the tokens too: the stored refresh token is dead either way.
+                return self._defer(held, exc, refresh_token_dead=True)
+            except UnauthorizedError as exc:
+                fresh = self._reread_credentials(leased.instance) if attempt == 1 else None
+                if fresh is None or _same_credentials(fresh, creds):
+                    return self._give_up(held, f"{reason}; login failed: {exc}")
+                metrics.add_metric("LoginRetriedWithRereadCredentials", MetricUnit.Count, 1)
+                logger.info(
+                    "login refused with a cached key: retrying with the re-read one",
+                    extra={"device_token": leased.device_token},
+                )
+                creds = fresh
+                continue
+            except UpstreamError as exc:
+                return self._give_up(held, f"{reason}; login failed: {exc}")
+            tokens = tokens_of(result, self._clock())
+            if tokens is None:
+                return self._give_up(held, f"{reason}; login returned no tokens")
+            if not self._commit(held, tokens):
+                return RefreshOutcome.LEASE_LOST
+            return RefreshOutcome.LOGGED_IN
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _reread_credentials(self, instance: str) -> InstanceCredentials | None:
+        """The instance's credentials fetched again (the cached ones were refused), or None if it has none now."""
+        self._credentials.invalidate()
         try:
-            result = self._upstream.login(creds, uuid.UUID(leased.device_token))
-        except (RetryableUpstreamError, OutcomeUnknownError) as exc:
-            # A Login whose answer was lost rotated the tokens too: the stored refresh token is dead either way.
-            return self._defer(held, exc, refresh_token_dead=True)
-        except UpstreamError as exc:
-            if isinstance(exc, UnauthorizedError):
-                self._credentials.invalidate()
-            return self._give_up(held, f"{reason}; login failed: {exc}")
-        tokens = tokens_of(result, self._clock())
-        if tokens is None:
-            return self._give_up(held, f"{reason}; login returned no tokens")
-        if not self._commit(held, tokens):
-            return RefreshOutcome.LEASE_LOST
-        return RefreshOutcome.LOGGED_IN
+            return self._credentials.get(instance)
+        except UnknownInstanceError:
+            return None
 
     def _defer(self, held: _HeldLease, exc: UpstreamError, *, refresh_token_dead: bool = False) -> RefreshOutcome:
         leased = held.record
