@@ -27,7 +27,7 @@ What one run does
    (PENDING claims, live refresh leases, bulk chunk states, messages in flight) and a new runner starts at once
    against the same moto server and emulator, as Lambda's pollers would go on. The messages the dead runner held
    stay invisible until their visibility timeout lapses. The template's is 360 s (6x the function timeout) and no
-   parameter overrides it, so the lapse is *simulated*: ``--orphan-visibility`` (125 s) after the kill, exactly those
+   parameter overrides it, so the lapse is *simulated*: ``--orphan-visibility`` (185 s) after the kill, exactly those
    messages (same receipt handle as at the kill) are made visible again in moto. 125 s keeps the order the design
    relies on -- visibility timeout > registration claim (120 s) > refresh lease (60 s) -- so a redelivered message
    finds its dead holder's claim or lease expired, as on AWS; making them visible at once would not.
@@ -126,6 +126,7 @@ from local.emulator.testing import EmulatorHandle, running_emulator  # noqa: E40
 from local.send import client, publish_signups, send_messages  # noqa: E402
 from local.stack import LocalStack, provision  # noqa: E402
 from telematics_reg.registration import CREATE_MANY_CHUNK, device_token_for  # noqa: E402
+from telematics_reg.settings import ServiceSettings  # noqa: E402
 
 log = logging.getLogger("soak")
 
@@ -138,6 +139,41 @@ SWEEPER: Final = "RefreshSweeperFunction"
 JWT: Final = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*")
 REFRESH_TOKEN: Final = re.compile(r"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{43}=(?![A-Za-z0-9+/=])")
 _deserializer: Final = TypeDeserializer()
+#: With --claim-seconds/--lease-seconds (quick runs), what lets such short claims and leases pass the service's own
+#: checks (claims and leases must outlive the function and its longest upstream call, plus clock skew): upstream calls
+#: bounded to a few seconds (2 attempts, 0.5 s connect, 1.5 s read, Retry-After up to 2 s), a 1 s commit allowance,
+#: no clock skew, and a declared function timeout no longer than the TTLs. Below what AWS needs: said in the output.
+QUICK_TIMING: Final = {
+    "UPSTREAM_MAX_ATTEMPTS": "2",
+    "UPSTREAM_CONNECT_TIMEOUT": "0.5",
+    "UPSTREAM_READ_TIMEOUT": "1.5",
+    "UPSTREAM_MAX_RETRY_AFTER": "2",
+    "REFRESH_COMMIT_SECONDS": "1",
+    "CLOCK_SKEW_SECONDS": "0",
+}
+
+
+def quick_timing_environment(claim_seconds: int | None, lease_seconds: int | None) -> dict[str, str]:
+    """The functions' environment for shortened claims and leases (empty when neither is shortened)."""
+    if claim_seconds is None and lease_seconds is None:
+        return {}
+    environment = dict(QUICK_TIMING)
+    environment["FUNCTION_TIMEOUT_SECONDS"] = str(min(claim_seconds or 120, lease_seconds or 180))
+    if claim_seconds is not None:
+        environment["CLAIM_SECONDS"] = str(claim_seconds)
+    if lease_seconds is not None:
+        environment["REFRESH_LEASE_SECONDS"] = str(lease_seconds)
+    return environment
+
+
+def quick_timing_problem(claim_seconds: int | None, lease_seconds: int | None) -> str | None:
+    """Why the service would refuse these shortened claims and leases, or None."""
+    quick = quick_timing_environment(claim_seconds, lease_seconds)
+    try:
+        ServiceSettings(**{name.lower(): value for name, value in quick.items()})
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 # --------------------------------------------------------------------------------------------- options
@@ -171,7 +207,7 @@ class SoakOptions:
     kill: bool = True
     kill_at: float = 0.5
     kill_after_refreshes: int = 20
-    orphan_visibility: int = 125
+    orphan_visibility: int = 185
     claim_seconds: int | None = None
     lease_seconds: int | None = None
     failure_visibility: int = 40
@@ -255,7 +291,7 @@ def parse_options(argv: Sequence[str] | None = None) -> SoakOptions:
     add(
         "--lease-seconds",
         type=int,
-        help="refresh lease TTL (REFRESH_LEASE_SECONDS; unset: the service's 60) - for quick runs",
+        help="refresh lease TTL (REFRESH_LEASE_SECONDS; unset: the service's 180) - for quick runs",
     )
     add("--failure-visibility", type=int, default=d.failure_visibility, help="failed SQS records back after S s")
     add("--async-retry-delay", type=float, default=d.async_retry_delay, help="first async retry after S s")
@@ -275,8 +311,10 @@ def parse_options(argv: Sequence[str] | None = None) -> SoakOptions:
         parser.error("--both-paths cannot exceed --signups or --registrations")
     # The simulated visibility timeout must stay longer than a claim and a lease, as 360 s is on AWS: a redelivered
     # message must find its dead holder's claim or lease expired.
-    if args.orphan_visibility <= max(args.claim_seconds or 120, args.lease_seconds or 60):
-        parser.error("--orphan-visibility must exceed the claim (120 s) and lease (60 s) TTLs")
+    if args.orphan_visibility <= max(args.claim_seconds or 120, args.lease_seconds or 180):
+        parser.error("--orphan-visibility must exceed the claim (120 s) and lease (180 s) TTLs")
+    if problem := quick_timing_problem(args.claim_seconds, args.lease_seconds):
+        parser.error(f"--claim-seconds/--lease-seconds too short even for a quick run: {problem}")
     return SoakOptions(
         signups=args.signups,
         registrations=args.registrations,
@@ -644,14 +682,7 @@ class Runner:
             "async_retry_delay": options.async_retry_delay,
             # As many signup invocations at once as the template reserves for the function (SignupMaximumConcurrency).
             "async_concurrency": 10,
-            "environment": {
-                name: str(value)
-                for name, value in (
-                    ("CLAIM_SECONDS", options.claim_seconds),
-                    ("REFRESH_LEASE_SECONDS", options.lease_seconds),
-                )
-                if value is not None
-            },
+            "environment": quick_timing_environment(options.claim_seconds, options.lease_seconds),
         }
         env = {
             **os.environ,
@@ -1625,7 +1656,14 @@ def results_section(options: SoakOptions, checks: Sequence[Check], m: Measures, 
         f"Tokens live {options.token_lifetime} s and are refreshed "
         f"{options.refresh_margin} s before expiry; two sweepers every {options.sweep_every:g} s; "
         f"RefreshMaximumConcurrency {options.refresh_concurrency}; Login budget {options.login_budget}/min; claims "
-        f"live {options.claim_seconds or 120} s, refresh leases {options.lease_seconds or 60} s. Runner "
+        f"live {options.claim_seconds or 120} s, refresh leases {options.lease_seconds or 180} s"
+        + (
+            " (shortened for a quick run, below what AWS needs: upstream calls bounded to 2 attempts of 2 s, "
+            "no clock skew allowed)"
+            if options.claim_seconds is not None or options.lease_seconds is not None
+            else ""
+        )
+        + ". Runner "
         f"{killed}. Revoked: {len(revoke.revoked)} refresh tokens, and {len(revoke.dead)} more denied Login.",
         "",
         "| check | result | detail |",

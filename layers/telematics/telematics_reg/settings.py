@@ -50,6 +50,8 @@ class ServiceSettings(BaseSettings):
     # (clocks of two workers may differ by up to clock_skew_seconds). Checked below, at start.
     function_timeout_seconds: int = Field(60, ge=1, le=900)
     clock_skew_seconds: int = Field(10, ge=0, le=300)
+    # Time allowed, after a rotating call answered, to store its pair before the lease may be taken over.
+    refresh_commit_seconds: float = Field(COMMIT_SECONDS, ge=0.5, le=60)
     # A registration claim outlives one invocation so a crashed attempt is taken over by the next delivery.
     claim_seconds: int = Field(120, ge=10)
 
@@ -78,6 +80,7 @@ class ServiceSettings(BaseSettings):
             lease_seconds=self.refresh_lease_seconds,
             call_seconds=self.longest_upstream_call_seconds,
             clock_skew_seconds=self.clock_skew_seconds,
+            commit_seconds=self.refresh_commit_seconds,
         )
 
     @model_validator(mode="after")
@@ -92,13 +95,14 @@ class ServiceSettings(BaseSettings):
                 f"= {claim_needed} s"
             )
         call = self.longest_upstream_call_seconds
-        lease_needed = max(self.function_timeout_seconds, call + COMMIT_SECONDS) + skew
+        commit = self.refresh_commit_seconds
+        lease_needed = max(self.function_timeout_seconds, call + commit) + skew
         if self.refresh_lease_seconds < lease_needed:
             raise ValueError(
                 f"REFRESH_LEASE_SECONDS={self.refresh_lease_seconds} is too short: a refresh lease must outlive the "
                 f"function holding it (FUNCTION_TIMEOUT_SECONDS={self.function_timeout_seconds}) and the longest "
                 f"upstream call with its commit ({call:g} s from UPSTREAM_MAX_ATTEMPTS, the timeouts and "
-                f"UPSTREAM_MAX_RETRY_AFTER, + {COMMIT_SECONDS:g} s), plus CLOCK_SKEW_SECONDS={skew}: at least "
-                f"{lease_needed:g} s"
+                f"UPSTREAM_MAX_RETRY_AFTER, + REFRESH_COMMIT_SECONDS={commit:g}), plus CLOCK_SKEW_SECONDS={skew}: "
+                f"at least {lease_needed:g} s"
             )
         return self

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 #: Time allowed, after a rotating call answered, to store its pair (one DynamoDB write and its SDK retries).
 COMMIT_SECONDS = 10.0
 
-#: The HTTP client's full-jitter back-off cap (``UserServiceClient(backoff_cap=...)``, default 5 s).
+#: The HTTP client's full-jitter back-off (``UserServiceClient(backoff_base=..., backoff_cap=...)`` defaults): before
+#: retry ``n`` it sleeps at most ``min(cap, base * 2**n)``.
+CLIENT_BACKOFF_BASE_SECONDS = 0.2
 CLIENT_BACKOFF_CAP_SECONDS = 5.0
 
 
@@ -31,13 +33,14 @@ def longest_call_seconds(
     connect_timeout: float,
     read_timeout: float,
     max_retry_after: float,
+    backoff_base: float = CLIENT_BACKOFF_BASE_SECONDS,
     backoff_cap: float = CLIENT_BACKOFF_CAP_SECONDS,
 ) -> float:
     """The longest one upstream call of the client can take, retries and their pauses included.
 
     Every attempt may wait ``connect_timeout + read_timeout`` (the read timeout bounds each wait for bytes: an
     answer trickling in slower than that is the one case it does not bound), and every pause between attempts
-    may be a full ``Retry-After`` the client honours (``max_retry_after``) or a full back-off.
+    may be a full ``Retry-After`` the client honours (``max_retry_after``) or a full back-off, whichever is longer.
 
     Example
     -------
@@ -45,8 +48,8 @@ def longest_call_seconds(
     142.2
     """
     per_attempt = connect_timeout + read_timeout
-    pause = max(max_retry_after, backoff_cap)
-    return round(max_attempts * per_attempt + (max_attempts - 1) * pause, 3)
+    pauses = sum(max(max_retry_after, min(backoff_cap, backoff_base * float(2**n))) for n in range(max_attempts - 1))
+    return round(max_attempts * per_attempt + pauses, 3)
 
 
 @dataclass(frozen=True)
