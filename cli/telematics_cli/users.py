@@ -180,9 +180,22 @@ def build_refresher(target: Target, options: TokenOptions) -> TokenRefresher:
         )
     except ValueError as exc:
         raise CliError(f"{target.description}: {exc}") from None
+    # The fleet's Login budget and block: a person's Login through this tool counts with the functions' Logins.
+    login_budget = DynamoLoginBudget(
+        dynamodb,
+        table_name=table,
+        per_minute=target.int_setting("LOGIN_BUDGET_PER_MINUTE", "LoginBudgetPerMinute", 3),
+        clock_skew_seconds=target.int_setting("CLOCK_SKEW_SECONDS", None, 10),
+        default_block_seconds=target.int_setting("LOGIN_BLOCK_SECONDS", None, 3600),
+    )
     return TokenRefresher(
         upstream=UserServiceClient(
-            url, max_attempts=attempts, connect_timeout=3.05, read_timeout=10.0, max_retry_after=max_retry_after
+            url,
+            max_attempts=attempts,
+            connect_timeout=3.05,
+            read_timeout=10.0,
+            max_retry_after=max_retry_after,
+            login_budget=login_budget,
         ),
         store=DynamoTokenStore(dynamodb, table_name=table, shards=shards),
         credentials=SecretsManagerCredentials(secret, max_age=300, client=target.client("secretsmanager")),
@@ -190,11 +203,6 @@ def build_refresher(target: Target, options: TokenOptions) -> TokenRefresher:
             target.client("events"),
             bus_name=str(bus),
             source=str(target.setting("OUTCOME_EVENT_SOURCE", None, "telematics.registration")),
-        ),
-        budget=DynamoLoginBudget(
-            dynamodb,
-            table_name=table,
-            per_minute=target.int_setting("LOGIN_BUDGET_PER_MINUTE", "LoginBudgetPerMinute", 5),
         ),
         margin_seconds=target.int_setting("REFRESH_MARGIN_SECONDS", "RefreshMarginSeconds", 900),
         timing=timing,
@@ -250,7 +258,10 @@ def run_relogin(target: Target, ref: UserRef, options: TokenOptions) -> int:
         explanation = {
             RefreshOutcome.LOGGED_IN: "logged in: tokens stored, back in the refresh index",
             RefreshOutcome.FRESH: "not in NEEDS_RELOGIN: nothing to do",
-            RefreshOutcome.DEFERRED: "deferred: the Login budget is spent or the upstream is busy; try again later",
+            RefreshOutcome.DEFERRED: (
+                "deferred: the fleet's Login budget is spent, Login is blocked after a 429, or the upstream is busy "
+                "(see its LastError with show); try again later"
+            ),
             RefreshOutcome.NEEDS_RELOGIN: "Login failed again: still NEEDS_RELOGIN (see its LastError with show)",
             RefreshOutcome.LEASE_CONFLICT: "another worker holds the user right now; try again",
             RefreshOutcome.LEASE_LOST: "the lease was taken over before the tokens were stored; try again",

@@ -55,12 +55,12 @@ class World:
 def world() -> World:
     clock = FakeClock()
     creds = InstanceCredentials.model_validate({"InstanceId": str(uuid.uuid4()), "InstanceKey": str(uuid.uuid4())})
-    upstream = FakeUserService(instances=[creds], token_lifetime=3600, clock=clock)
+    budget = InMemoryLoginBudget(per_minute=5, clock=clock)
+    upstream = FakeUserService(instances=[creds], token_lifetime=3600, clock=clock, login_budget=budget)
     store = InMemoryTokenStore(shards=4)
     credentials = StaticCredentials({"default": creds})
     publisher = RecordingPublisher()
     dead_letters = RecordingDeadLetters()
-    budget = InMemoryLoginBudget(per_minute=5)
     service = RegistrationService(
         upstream=upstream,
         store=store,
@@ -74,7 +74,6 @@ def world() -> World:
         store=store,
         credentials=credentials,
         publisher=publisher,
-        budget=budget,
         margin_seconds=600,
         timing=TIMING,
         clock=clock,

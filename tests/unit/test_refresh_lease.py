@@ -79,7 +79,6 @@ def _worker(world: World, upstream: SlowUpstream, clock: Callable[[], float], sl
         store=world.store,
         credentials=world.credentials,
         publisher=world.publisher,
-        budget=world.budget,
         margin_seconds=600,
         timing=TIMING,
         clock=clock,

@@ -32,7 +32,6 @@ def _refresher(world: World, credentials: StaticCredentials) -> TokenRefresher:
         store=world.store,
         credentials=credentials,
         publisher=world.publisher,
-        budget=world.budget,
         margin_seconds=600,
         timing=TIMING,
         clock=world.clock,

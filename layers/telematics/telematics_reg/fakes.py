@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
+from telematics_reg.budget import LoginBudget
 from telematics_reg.errors import (
     DeadRefreshTokenError,
     FieldError,
     NotFoundError,
+    RateLimitedError,
     UnauthorizedError,
     UpstreamError,
 )
@@ -100,6 +102,7 @@ class FakeUserService:
         token_lifetime: int = 7200,
         clock: Callable[[], float] = time.time,
         create_many_offered: bool = True,
+        login_budget: LoginBudget | None = None,
     ) -> None:
         self._instances = (
             {c.instance_id: c.instance_key.get_secret_value() for c in instances} if instances is not None else None
@@ -114,6 +117,8 @@ class FakeUserService:
         self.users: dict[UUID, FakeUser] = {}
         """Users by DeviceToken."""
         self.rejected_refresh_tokens = 0
+        self.login_budget = login_budget
+        """Spent by every Login (Create recovery included) and blocked by a 429 on one, as the real client does."""
 
     # --- test controls --------------------------------------------------------------------------------
 
@@ -162,6 +167,8 @@ class FakeUserService:
             existing = self.users.get(body.custom_token) if body.custom_token is not None else None
             if existing is not None and existing.instance_id == creds.instance_id:
                 # What the real client does on "CustomToken exists": Login and return that user's tokens.
+                if self.login_budget is not None:
+                    self.login_budget.acquire()
                 self.calls["login"] += 1
                 result = self._issue(existing)
             else:
@@ -226,6 +233,16 @@ class FakeUserService:
             return result
 
     def login(self, creds: InstanceCredentials, device_token: UUID) -> CreateResult:
+        if self.login_budget is not None:
+            self.login_budget.acquire()
+        try:
+            return self._login(creds, device_token)
+        except RateLimitedError as exc:
+            if self.login_budget is not None:
+                self.login_budget.block(exc.retry_after)
+            raise
+
+    def _login(self, creds: InstanceCredentials, device_token: UUID) -> CreateResult:
         with self._lock:
             after = self._enter("login")
             self._authorize(creds)

@@ -6,7 +6,7 @@ Three pieces:
   ``RefreshDue`` index (cost grows with the users due, not the table) and queues one refresh job per user,
   each delayed by a random part of the spread so that a bulk-loaded cohort does not refresh all at once;
 * :class:`TokenRefresher` refreshes one user under a lease, commits the rotated pair conditioned on the
-  version, and falls back to Login (within a budget shared by all workers) when the refresh token is dead;
+  version, and falls back to Login (within the Login budget of the whole fleet) when the refresh token is dead;
 * :meth:`TokenRefresher.valid_token` is the read path for the app backend.
 """
 
@@ -24,10 +24,10 @@ from typing import Any, Protocol
 
 from aws_lambda_powertools.metrics import MetricUnit
 
-from telematics_reg.budget import LoginBudget
 from telematics_reg.credentials import CredentialsProvider
 from telematics_reg.errors import (
     DeadRefreshTokenError,
+    LoginDeferredError,
     OutcomeUnknownError,
     RateLimitedError,
     RetryableUpstreamError,
@@ -56,7 +56,7 @@ class RefreshOutcome(StrEnum):
     FRESH = "fresh"  # nothing to do: not due (any more)
     LEASE_CONFLICT = "lease_conflict"  # another worker holds the user or moved it on
     LEASE_LOST = "lease_lost"  # our lease was taken over before our pair was stored: the new holder logs in
-    DEFERRED = "deferred"  # upstream busy or Login budget spent: RetryAfter set, the next sweep takes it
+    DEFERRED = "deferred"  # upstream busy, Login budget spent or Login blocked: RetryAfter set, a later sweep takes it
     NEEDS_RELOGIN = "needs_relogin"  # refresh and Login both failed: marked, announced, out of the index
     GONE = "gone"  # no such user, or not one whose tokens we keep
 
@@ -259,7 +259,6 @@ class TokenRefresher:
         store: TokenStore,
         credentials: CredentialsProvider,
         publisher: EventPublisher,
-        budget: LoginBudget,
         margin_seconds: int,
         timing: LeaseTiming,
         commit_attempts: int = 10,
@@ -271,7 +270,6 @@ class TokenRefresher:
         self._store = store
         self._credentials = credentials
         self._publisher = publisher
-        self._budget = budget
         self._margin = margin_seconds
         self._timing = timing
         self._lease = timing.lease_seconds
@@ -436,25 +434,26 @@ class TokenRefresher:
         # from the first (a key rotated since this container cached it). The same key again would only be refused
         # again, and a Login is too scarce to spend on that.
         for attempt in (1, 2):
-            if not self._budget.try_acquire(str(creds.instance_id), self._clock()):
-                metrics.add_metric("LoginBudgetExhausted", MetricUnit.Count, 1)
-                retry_at = (int(self._clock()) // 60 + 1) * 60 + int(self._rng.uniform(0, 60))
-                # Every way into _login leaves the stored refresh token dead or suspect: note it for the next attempt.
-                self._store.release_lease(
-                    device_token=leased.device_token,
-                    owner=held.owner,
-                    retry_after=retry_at,
-                    error=f"{reason}; login budget spent",
-                    now=self._clock(),
-                    refresh_token_dead=True,
-                )
-                return RefreshOutcome.DEFERRED
             if not self._start_call(held, "login"):
                 # Every way into _login leaves the stored refresh token dead or suspect.
                 return self._not_started(held, refresh_token_dead=True)
-            metrics.add_metric("LoginFallbacks", MetricUnit.Count, 1)
             try:
+                # The fleet's Login budget is spent inside (LoginDeferredError when spent or blocked: nothing sent).
                 result = self._upstream.login(creds, uuid.UUID(leased.device_token))
+            except LoginDeferredError as exc:
+                # Not a failure of the user: wait for the budget or the block, the reason noted; the stored refresh
+                # token stays marked dead (every way into _login leaves it dead or suspect).
+                jitter = self._rng.uniform(0, 60)
+                self._store.release_lease(
+                    device_token=leased.device_token,
+                    owner=held.owner,
+                    retry_after=int(max(exc.retry_at, self._clock()) + jitter),
+                    error=f"{reason}; {exc.message}",
+                    now=self._clock(),
+                    refresh_token_dead=True,
+                )
+                metrics.add_metric("RefreshDeferred", MetricUnit.Count, 1)
+                return RefreshOutcome.DEFERRED
             except (RetryableUpstreamError, OutcomeUnknownError) as exc:
                 # A Login whose answer was lost rotated the tokens too: the stored refresh token is dead either way.
                 return self._defer(held, exc, refresh_token_dead=True)
@@ -471,6 +470,7 @@ class TokenRefresher:
                 continue
             except UpstreamError as exc:
                 return self._give_up(held, f"{reason}; login failed: {exc}")
+            metrics.add_metric("LoginFallbacks", MetricUnit.Count, 1)
             tokens = tokens_of(result, self._clock())
             if tokens is None:
                 return self._give_up(held, f"{reason}; login returned no tokens")
@@ -497,7 +497,8 @@ class TokenRefresher:
             # a quarter of it (at least DEFER_FLOOR_SECONDS), so a later sweep still finds it alive.
             left = (leased.access_expires_at or 0) - now
             base = min(DEFER_SECONDS, max(DEFER_FLOOR_SECONDS, left / 4))
-        retry_at = int(now + base + self._rng.uniform(0, base))
+        # Jitter up to as much again, at most 5 minutes (a Retry-After of an hour is not stretched to two).
+        retry_at = int(now + base + self._rng.uniform(0, min(base, 300.0)))
         self._store.release_lease(
             device_token=leased.device_token,
             owner=held.owner,

@@ -61,7 +61,13 @@ class ServiceSettings(BaseSettings):
     refresh_lease_seconds: int = Field(180, ge=5)
     refresh_spread_seconds: int = Field(60, ge=0, le=900)
     sweep_page_size: int = Field(500, ge=1, le=1000)
-    login_budget_per_minute: int = Field(5, ge=0)
+
+    # The upstream's Login limit (the vendor's: 5 a minute per source IP, user and admin Logins together; beyond it,
+    # 429 and an hour's block). The fleet's budget stays below it, leaving room for a person; 0 = no Logins.
+    upstream_login_limit_per_minute: int = Field(5, ge=1, le=10_000)
+    login_budget_per_minute: int = Field(3, ge=0, le=9_999)
+    # How long a 429 on Login without Retry-After blocks every Login of the fleet.
+    login_block_seconds: int = Field(3600, ge=60, le=86_400)
 
     @property
     def longest_upstream_call_seconds(self) -> float:
@@ -93,6 +99,12 @@ class ServiceSettings(BaseSettings):
                 f"CLAIM_SECONDS={self.claim_seconds} is too short: a registration claim must outlive the function "
                 f"holding it, FUNCTION_TIMEOUT_SECONDS={self.function_timeout_seconds} + CLOCK_SKEW_SECONDS={skew} "
                 f"= {claim_needed} s"
+            )
+        if self.login_budget_per_minute >= self.upstream_login_limit_per_minute:
+            raise ValueError(
+                f"LOGIN_BUDGET_PER_MINUTE={self.login_budget_per_minute} must stay below the upstream's Login limit "
+                f"(UPSTREAM_LOGIN_LIMIT_PER_MINUTE={self.upstream_login_limit_per_minute}), leaving room for a person: "
+                "one Login over it blocks every Login from our address for an hour"
             )
         call = self.longest_upstream_call_seconds
         commit = self.refresh_commit_seconds

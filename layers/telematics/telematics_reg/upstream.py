@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from http import HTTPStatus
-from typing import Any, Final, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 from uuid import UUID
 
 import requests
@@ -69,6 +69,9 @@ from telematics_reg.models import (
     read_jwt_claims,
 )
 from telematics_reg.observability import logger, metrics
+
+if TYPE_CHECKING:
+    from telematics_reg.budget import LoginBudget
 
 __all__ = ["REFRESH_PATH_OBSERVED", "REFRESH_PATH_SPEC", "UserService", "UserServiceClient", "parse_retry_after"]
 
@@ -237,6 +240,9 @@ class UserServiceClient:
         Login/Create rounds spent recovering a Create with a CustomToken whose outcome is unknown.
     sleep, random_uniform
         Injected for tests.
+    login_budget
+        The fleet's Login budget (:mod:`telematics_reg.budget`): taken before every Login, Create recovery
+        included (``LoginDeferredError`` when spent or blocked, with nothing sent); a 429 on a Login blocks the fleet.
 
     Example
     -------
@@ -259,6 +265,7 @@ class UserServiceClient:
         user_agent: str | None = None,
         sleep: Callable[[float], None] = time.sleep,
         random_uniform: Callable[[float, float], float] = random.uniform,
+        login_budget: LoginBudget | None = None,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError("base_url must start with http:// or https://")
@@ -276,6 +283,8 @@ class UserServiceClient:
         self._lock = threading.Lock()
         self._refresh_path = REFRESH_PATH_OBSERVED
         self._create_many_offered = True
+        # Every Login this client makes (Create recovery included) spends the fleet's budget; a 429 blocks them all.
+        self._login_budget = login_budget
 
         self._session = requests.Session()
         # Proxy settings from the environment are read once here, not on every request (requests would walk
@@ -601,14 +610,21 @@ class UserServiceClient:
         >>> creds = InstanceCredentials(instance_id=uuid4(), instance_key="key")
         >>> pair = client.login(creds, uuid4())  # doctest: +SKIP
         """
-        envelope = self._send(
-            _LOGIN,
-            "POST",
-            "/v1/Auth/Login",
-            headers={"InstanceId": str(creds.instance_id)},
-            body=LoginRequest.for_device(creds, device_token).to_upstream(),
-            secrets=[creds.instance_key.get_secret_value()],
-        )
+        if self._login_budget is not None:
+            self._login_budget.acquire()  # LoginDeferredError: budget spent or Login blocked, nothing sent
+        try:
+            envelope = self._send(
+                _LOGIN,
+                "POST",
+                "/v1/Auth/Login",
+                headers={"InstanceId": str(creds.instance_id)},
+                body=LoginRequest.for_device(creds, device_token).to_upstream(),
+                secrets=[creds.instance_key.get_secret_value()],
+            )
+        except RateLimitedError as exc:
+            if self._login_budget is not None:
+                self._login_budget.block(exc.retry_after)
+            raise
         return self._result(_LOGIN, envelope, CreateResult)
 
     def user_exists(self, creds: InstanceCredentials, client_id: str) -> bool:

@@ -37,6 +37,17 @@ def aws_client(service: str, settings: ServiceSettings) -> Any:
     return boto3.client(service, config=config)
 
 
+def build_login_budget(settings: ServiceSettings) -> DynamoLoginBudget:
+    """The fleet's Login budget and block, shared by every function through the tokens table."""
+    return DynamoLoginBudget(
+        aws_client("dynamodb", settings),
+        table_name=settings.tokens_table_name,
+        per_minute=settings.login_budget_per_minute,
+        clock_skew_seconds=settings.clock_skew_seconds,
+        default_block_seconds=settings.login_block_seconds,
+    )
+
+
 def build_user_service(settings: ServiceSettings) -> UserServiceClient:
     return UserServiceClient(
         str(settings.user_service_url),
@@ -45,6 +56,7 @@ def build_user_service(settings: ServiceSettings) -> UserServiceClient:
         max_attempts=settings.upstream_max_attempts,
         max_retry_after=settings.upstream_max_retry_after,
         max_connections=settings.upstream_concurrency * 2,
+        login_budget=build_login_budget(settings),
     )
 
 
@@ -90,9 +102,6 @@ def build_refresher(settings: ServiceSettings) -> TokenRefresher:
         store=DynamoTokenStore(dynamodb, table_name=settings.tokens_table_name, shards=settings.refresh_shards),
         credentials=build_credentials(settings),
         publisher=build_publisher(settings),
-        budget=DynamoLoginBudget(
-            dynamodb, table_name=settings.tokens_table_name, per_minute=settings.login_budget_per_minute
-        ),
         margin_seconds=settings.refresh_margin_seconds,
         timing=settings.lease_timing,
     )
