@@ -49,7 +49,6 @@ from handle_refresh_jobs import handle_refresh_batch
 from local.emulator.testing import EmulatorHandle, running_emulator
 from local.lambda_runtime import environment
 from local.stack import LocalStack, provision
-from telematics_reg.budget import InMemoryLoginBudget
 from telematics_reg.credentials import StaticCredentials
 from telematics_reg.fake_store import InMemoryTokenStore
 from telematics_reg.models import CreateManyRequest, InstanceCredentials
@@ -213,8 +212,8 @@ def in_memory_refresher(emulator: EmulatorHandle, store: InMemoryTokenStore, con
         store=store,
         credentials=StaticCredentials(INSTANCES),
         publisher=RecordingPublisher(),
-        budget=InMemoryLoginBudget(5),
         margin_seconds=MARGIN,
+        timing=ServiceSettings().lease_timing,
     )
 
 
@@ -268,6 +267,7 @@ def moto_capacity(table: str, shards: int, concurrency: int, seconds: float = 3.
             store.commit_tokens(
                 device_token=users[index],
                 expected_version=version,
+                owner=owner,
                 tokens=fake_tokens(int(time.time()) + 7200),
                 now=time.time(),
             )

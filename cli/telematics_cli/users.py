@@ -23,6 +23,7 @@ from telematics_reg.observability import logger
 from telematics_reg.outcomes import EventBridgePublisher
 from telematics_reg.refresh import RefreshOutcome, TokenRefresher, TokenUnavailableError
 from telematics_reg.store import DynamoTokenStore, client_key, user_pk
+from telematics_reg.timing import LeaseTiming, longest_call_seconds
 from telematics_reg.upstream import UserServiceClient
 
 _deserializer = TypeDeserializer()
@@ -165,8 +166,37 @@ def build_refresher(target: Target, options: TokenOptions) -> TokenRefresher:
     dynamodb = target.client("dynamodb")
     shards = target.int_setting("REFRESH_SHARDS", "RefreshIndexShards", 8)
     bus = target.outputs.get("EventBusName") or target.setting("EVENT_BUS_NAME", "SignupEventBusName", "default")
+    # Unlike a function, this process is never cut off at a Timeout: only the lease's arithmetic keeps its calls
+    # from overlapping a worker's. Its own client bounds its calls; the skew allowed is the stack's.
+    attempts, max_retry_after = 3, 30.0
+    call_seconds = longest_call_seconds(
+        max_attempts=attempts, connect_timeout=3.05, read_timeout=10.0, max_retry_after=max_retry_after
+    )
+    try:
+        timing = LeaseTiming(
+            lease_seconds=target.int_setting("REFRESH_LEASE_SECONDS", None, 180),
+            call_seconds=call_seconds,
+            clock_skew_seconds=target.int_setting("CLOCK_SKEW_SECONDS", None, 10),
+        )
+    except ValueError as exc:
+        raise CliError(f"{target.description}: {exc}") from None
+    # The fleet's Login budget and block: a person's Login through this tool counts with the functions' Logins.
+    login_budget = DynamoLoginBudget(
+        dynamodb,
+        table_name=table,
+        per_minute=target.int_setting("LOGIN_BUDGET_PER_MINUTE", "LoginBudgetPerMinute", 3),
+        clock_skew_seconds=target.int_setting("CLOCK_SKEW_SECONDS", None, 10),
+        default_block_seconds=target.int_setting("LOGIN_BLOCK_SECONDS", None, 3600),
+    )
     return TokenRefresher(
-        upstream=UserServiceClient(url, max_attempts=3),
+        upstream=UserServiceClient(
+            url,
+            max_attempts=attempts,
+            connect_timeout=3.05,
+            read_timeout=10.0,
+            max_retry_after=max_retry_after,
+            login_budget=login_budget,
+        ),
         store=DynamoTokenStore(dynamodb, table_name=table, shards=shards),
         credentials=SecretsManagerCredentials(secret, max_age=300, client=target.client("secretsmanager")),
         publisher=EventBridgePublisher(
@@ -174,13 +204,8 @@ def build_refresher(target: Target, options: TokenOptions) -> TokenRefresher:
             bus_name=str(bus),
             source=str(target.setting("OUTCOME_EVENT_SOURCE", None, "telematics.registration")),
         ),
-        budget=DynamoLoginBudget(
-            dynamodb,
-            table_name=table,
-            per_minute=target.int_setting("LOGIN_BUDGET_PER_MINUTE", "LoginBudgetPerMinute", 5),
-        ),
         margin_seconds=target.int_setting("REFRESH_MARGIN_SECONDS", "RefreshMarginSeconds", 900),
-        lease_seconds=target.int_setting("REFRESH_LEASE_SECONDS", None, 60),
+        timing=timing,
     )
 
 
@@ -233,9 +258,13 @@ def run_relogin(target: Target, ref: UserRef, options: TokenOptions) -> int:
         explanation = {
             RefreshOutcome.LOGGED_IN: "logged in: tokens stored, back in the refresh index",
             RefreshOutcome.FRESH: "not in NEEDS_RELOGIN: nothing to do",
-            RefreshOutcome.DEFERRED: "deferred: the Login budget is spent or the upstream is busy; try again later",
+            RefreshOutcome.DEFERRED: (
+                "deferred: the fleet's Login budget is spent, Login is blocked after a 429, or the upstream is busy "
+                "(see its LastError with show); try again later"
+            ),
             RefreshOutcome.NEEDS_RELOGIN: "Login failed again: still NEEDS_RELOGIN (see its LastError with show)",
             RefreshOutcome.LEASE_CONFLICT: "another worker holds the user right now; try again",
+            RefreshOutcome.LEASE_LOST: "the lease was taken over before the tokens were stored; try again",
         }.get(outcome, outcome.value)
         output.stderr().print(f"{ref.describe()}: {explanation}", markup=False)
     return EXIT_OK if ok else EXIT_DATA

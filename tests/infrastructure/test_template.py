@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 from cfnlint.api import lint
+from pydantic import ValidationError
 
 from local.stack import CODE_PATHS_METADATA, load_template, translate_template
 from telematics_reg.settings import ServiceSettings
@@ -408,7 +409,8 @@ def environment_problems(template: Template) -> list[str]:
     for function in resources(template, "AWS::Lambda::Function"):
         variables = environment(template, function)
         used = settings_used(handler_file(template, function))
-        unknown_fields = used - set(fields)
+        derived = {name for name in dir(ServiceSettings) if isinstance(getattr(ServiceSettings, name), property)}
+        unknown_fields = used - set(fields) - derived
         if unknown_fields:
             problems.append(f"{function}: code reads settings the model does not have: {sorted(unknown_fields)}")
         for name in sorted(used & set(fields)):
@@ -477,6 +479,50 @@ def retry_and_dead_letter_problems(template: Template) -> list[str]:
     return problems
 
 
+def _calls_upstream(template: Template, function: str) -> bool:
+    """Whether a function reads the instance credentials: it calls the upstream, under claims or leases."""
+    role = role_of(template, function)
+    return any(
+        owner == role and allows(statement, "secretsmanager:GetSecretValue")
+        for owner, statement in inline_policies(template)
+    )
+
+
+def _default_of(template: Template, value: Any) -> Any:
+    """A literal of the template, or the default of the parameter it refers to."""
+    name = value.get("Ref") if isinstance(value, dict) else None
+    return value if name is None else template["Parameters"][name].get("Default")
+
+
+def timing_problems(template: Template) -> list[str]:
+    """Claims and leases outlive whoever holds them: every function that calls the upstream states its Timeout in
+    FUNCTION_TIMEOUT_SECONDS, truthfully, and its settings (with the parameters' defaults) pass the model's checks
+    of claim and lease lengths against it."""
+    problems: list[str] = []
+    fields = ServiceSettings.model_fields
+    for function, props in resources(template, "AWS::Lambda::Function").items():
+        variables = environment(template, function)
+        declared = variables.get("FUNCTION_TIMEOUT_SECONDS")
+        if declared is None:
+            if _calls_upstream(template, function):
+                problems.append(f"{function}: calls the upstream but does not set FUNCTION_TIMEOUT_SECONDS")
+            continue
+        if int(declared) != int(props.get("Timeout", 3)):
+            problems.append(
+                f"{function}: FUNCTION_TIMEOUT_SECONDS={declared} but its Timeout is {props.get('Timeout')}"
+            )
+        numbers = {
+            name.lower(): _default_of(template, value)
+            for name, value in variables.items()
+            if name.lower() in fields and fields[name.lower()].annotation in (int, float, "int", "float")
+        }
+        try:
+            ServiceSettings(**numbers)
+        except ValidationError as exc:
+            problems += [f"{function}: {error['msg']}" for error in exc.errors()]
+    return problems
+
+
 RULES: dict[str, Callable[[Template], list[str]]] = {
     "sqs sources": sqs_source_problems,
     "service writers": service_writer_problems,
@@ -485,6 +531,7 @@ RULES: dict[str, Callable[[Template], list[str]]] = {
     "iam": iam_problems,
     "environment": environment_problems,
     "retries and dead letters": retry_and_dead_letter_problems,
+    "timing": timing_problems,
 }
 
 
@@ -662,6 +709,16 @@ BREAKAGES: dict[str, tuple[Callable[[Template], Any], str, str]] = {
         lambda t: _event(t, "RefreshSweeperFunction", "Sweep").pop("RetryPolicy"),
         "retries and dead letters",
         "RetryPolicy",
+    ),
+    "timeout raised without its claims": (
+        lambda t: _props(t, "RegistrationQueueFunction").update(Timeout=300),
+        "timing",
+        "FUNCTION_TIMEOUT_SECONDS=60 but its Timeout is 300",
+    ),
+    "lease shorter than its calls": (
+        lambda t: _props(t, "RefreshWorkerFunction")["Environment"]["Variables"].update(REFRESH_LEASE_SECONDS="60"),
+        "timing",
+        "REFRESH_LEASE_SECONDS=60 is too short",
     ),
     "schedule without a DLQ": (
         lambda t: _event(t, "RefreshSweeperFunction", "Sweep").pop("DeadLetterConfig"),

@@ -15,6 +15,10 @@ from telematics_reg.models import InstanceCredentials
 from telematics_reg.outcomes import RecordingPublisher
 from telematics_reg.refresh import TokenRefresher
 from telematics_reg.registration import RegistrationService
+from telematics_reg.timing import LeaseTiming
+
+#: The production defaults: a 180 s lease, calls up to 142.2 s (4 attempts, Retry-After up to 30 s), 10 s skew.
+TIMING = LeaseTiming(lease_seconds=180, call_seconds=142.2, clock_skew_seconds=10)
 
 
 class FakeClock:
@@ -51,12 +55,12 @@ class World:
 def world() -> World:
     clock = FakeClock()
     creds = InstanceCredentials.model_validate({"InstanceId": str(uuid.uuid4()), "InstanceKey": str(uuid.uuid4())})
-    upstream = FakeUserService(instances=[creds], token_lifetime=3600, clock=clock)
+    budget = InMemoryLoginBudget(per_minute=5, clock=clock)
+    upstream = FakeUserService(instances=[creds], token_lifetime=3600, clock=clock, login_budget=budget)
     store = InMemoryTokenStore(shards=4)
     credentials = StaticCredentials({"default": creds})
     publisher = RecordingPublisher()
     dead_letters = RecordingDeadLetters()
-    budget = InMemoryLoginBudget(per_minute=5)
     service = RegistrationService(
         upstream=upstream,
         store=store,
@@ -70,8 +74,8 @@ def world() -> World:
         store=store,
         credentials=credentials,
         publisher=publisher,
-        budget=budget,
         margin_seconds=600,
+        timing=TIMING,
         clock=clock,
         sleep=clock.sleep,
     )

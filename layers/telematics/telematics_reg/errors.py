@@ -81,6 +81,15 @@ class RateLimitedError(RetryableUpstreamError):
     retry_after: float | None = None
 
 
+@dataclass
+class LoginDeferredError(RetryableUpstreamError):
+    """No Login may be made now: the fleet's Login budget for the sliding minute is spent, or a 429 on a Login opened
+    a fleet-wide block (``blocked``). Nothing was sent. ``retry_at`` (epoch seconds) is when one may be possible."""
+
+    retry_at: float = 0.0
+    blocked: bool = False
+
+
 class OutcomeUnknownError(UpstreamError):
     """The request may have been committed upstream but its answer was lost (timeout, dropped connection, 5xx
     after sending). Repeating a Create or CreateMany blindly could make a second user, so it is never retried

@@ -282,14 +282,25 @@ class InMemoryTokenStore:
             self.users[device_token] = record
             return replace(record, lease_lapsed=current.lease_owner is not None)
 
-    def commit_tokens(self, *, device_token: str, expected_version: int, tokens: Tokens, now: float) -> UserRecord:
+    def renew_lease(self, *, device_token: str, version: int, owner: str, now: float, ttl: int) -> int | None:
+        with self._lock:
+            current = self.users.get(device_token)
+            if current is None or current.version != version or current.lease_owner != owner:
+                return None
+            until = int(now) + ttl
+            self.users[device_token] = replace(current, lease_expires_at=until)
+            return until
+
+    def commit_tokens(
+        self, *, device_token: str, expected_version: int, owner: str, tokens: Tokens, now: float
+    ) -> UserRecord:
         with self._lock:
             if self.fail_next_commits > 0:
                 self.fail_next_commits -= 1
                 raise StoreError("injected commit failure")
             current = self.users.get(device_token)
-            if current is None or current.version != expected_version:
-                raise ConditionFailedError("commit_tokens: version moved on")
+            if current is None or current.version != expected_version or current.lease_owner != owner:
+                raise ConditionFailedError("commit_tokens: version moved on or lease lost")
             record = replace(
                 current,
                 access_token=tokens.access_token,
@@ -308,6 +319,16 @@ class InMemoryTokenStore:
             self.users[device_token] = record
             self.queued.pop(device_token, None)
             return record
+
+    def mark_refresh_token_dead(self, *, device_token: str, version: int, reason: str, now: float) -> bool:
+        with self._lock:
+            current = self.users.get(device_token)
+            if current is None or current.version != version:
+                return False
+            self.users[device_token] = replace(
+                current, refresh_token_dead=True, last_error=reason[:500], updated_at=iso(now)
+            )
+            return True
 
     def release_lease(
         self,
@@ -334,11 +355,13 @@ class InMemoryTokenStore:
                 refresh_token_dead=current.refresh_token_dead or refresh_token_dead,
             )
 
-    def mark_needs_relogin(self, *, device_token: str, expected_version: int, reason: str, now: float) -> None:
+    def mark_needs_relogin(
+        self, *, device_token: str, expected_version: int, owner: str, reason: str, now: float
+    ) -> None:
         with self._lock:
             current = self.users.get(device_token)
-            if current is None or current.version != expected_version:
-                raise ConditionFailedError("mark_needs_relogin: version moved on")
+            if current is None or current.version != expected_version or current.lease_owner != owner:
+                raise ConditionFailedError("mark_needs_relogin: version moved on or lease lost")
             self.queued.pop(device_token, None)
             self.users[device_token] = replace(
                 current,

@@ -24,11 +24,13 @@ from uuid import UUID
 
 from pydantic import SecretStr
 
+from telematics_reg.budget import LoginBudget
 from telematics_reg.errors import (
     DeadRefreshTokenError,
     FieldError,
     ForbiddenError,
     NotFoundError,
+    RateLimitedError,
     UnauthorizedError,
     UpstreamError,
     UpstreamValidationError,
@@ -151,6 +153,7 @@ class FakeUserService:
         clock: Callable[[], float] = time.time,
         create_many_offered: bool = True,
         admin: AdminCredentials | None = None,
+        login_budget: LoginBudget | None = None,
     ) -> None:
         self._instances = (
             {c.instance_id: c.instance_key.get_secret_value() for c in instances} if instances is not None else None
@@ -168,6 +171,8 @@ class FakeUserService:
         self.admin = admin
         """When given, admin Logins must match it; otherwise any admin credentials are accepted."""
         self._admin_refresh_tokens: set[str] = set()
+        self.login_budget = login_budget
+        """Spent by every Login (Create recovery included) and blocked by a 429 on one, as the real client does."""
 
     # --- test controls --------------------------------------------------------------------------------
 
@@ -223,6 +228,8 @@ class FakeUserService:
                 )
             if existing is not None and existing.instance_id == creds.instance_id:
                 # What the real client does on "CustomToken exists": Login and return that user's tokens.
+                if self.login_budget is not None:
+                    self.login_budget.acquire()
                 self.calls["login"] += 1
                 result = self._issue(existing)
             else:
@@ -295,6 +302,16 @@ class FakeUserService:
             return result
 
     def login(self, creds: InstanceCredentials, device_token: UUID) -> CreateResult:
+        if self.login_budget is not None:
+            self.login_budget.acquire()
+        try:
+            return self._login(creds, device_token)
+        except RateLimitedError as exc:
+            if self.login_budget is not None:
+                self.login_budget.block(exc.retry_after)
+            raise
+
+    def _login(self, creds: InstanceCredentials, device_token: UUID) -> CreateResult:
         with self._lock:
             after = self._enter("login")
             self._authorize(creds)

@@ -240,7 +240,11 @@ class TokenStore(Protocol):
         reactivate: bool = False,
         due_by: int | None = None,
     ) -> UserRecord | None: ...
-    def commit_tokens(self, *, device_token: str, expected_version: int, tokens: Tokens, now: float) -> UserRecord: ...
+    def renew_lease(self, *, device_token: str, version: int, owner: str, now: float, ttl: int) -> int | None: ...
+    def commit_tokens(
+        self, *, device_token: str, expected_version: int, owner: str, tokens: Tokens, now: float
+    ) -> UserRecord: ...
+    def mark_refresh_token_dead(self, *, device_token: str, version: int, reason: str, now: float) -> bool: ...
     def release_lease(
         self,
         *,
@@ -251,7 +255,9 @@ class TokenStore(Protocol):
         now: float,
         refresh_token_dead: bool = False,
     ) -> None: ...
-    def mark_needs_relogin(self, *, device_token: str, expected_version: int, reason: str, now: float) -> None: ...
+    def mark_needs_relogin(
+        self, *, device_token: str, expected_version: int, owner: str, reason: str, now: float
+    ) -> None: ...
 
 
 # ------------------------------------------------------------------------------------------------- DynamoDB
@@ -734,6 +740,13 @@ class DynamoTokenStore:
         or NEEDS_RELOGIN when an operator ``reactivate``s it), and no live lease exists. With ``due_by``, also
         that an ACTIVE user is due (its access token expires by then, and no ``RetryAfter`` is pending), so a
         queued job can lease without reading the user first.
+
+        "No live lease" is judged by the taker's clock, which may run ahead of the holder's: the holder keeps its
+        calls and commit inside ``LeaseExpiresAt - skew`` (see :class:`telematics_reg.timing.LeaseTiming`), so a
+        takeover never overlaps a call still in flight::
+
+            W1 (holder)  lease -> expires at t+L; calls only while now + call + commit + skew <= t+L
+            W2 (ahead S) sees it lapsed from real time t+L-S on, S <= skew: W1's call and commit are over
         """
         condition = (
             "Version = :v AND #s IN (:active, :tokenless, :third) "
@@ -771,21 +784,55 @@ class DynamoTokenStore:
         leased = _record({**old, "LeaseOwner": owner, "LeaseExpiresAt": int(now) + ttl})
         return replace(leased, lease_lapsed="LeaseOwner" in old)
 
-    def commit_tokens(self, *, device_token: str, expected_version: int, tokens: Tokens, now: float) -> UserRecord:
-        """Store a rotated pair. Condition: the version, not the lease (a lease can expire under a slow
-        worker; the version cannot change unless someone else committed)."""
+    def renew_lease(self, *, device_token: str, version: int, owner: str, now: float, ttl: int) -> int | None:
+        """Extend our lease to ``now + ttl`` before a further rotating call; the new expiry, or ``None`` if we lost it.
+
+        Condition: we still hold the lease (``LeaseOwner``) and the version is the one we leased. A worker whose
+        lease was taken over after it lapsed (another worker's clock saw it expire) therefore never starts a call
+        that would spend the token pair the new holder is about to rotate::
+
+            W1 lease(v) ... slow ... lapsed          renew(W1, v) -> refused: no call
+            W2                       lease(v) (takes over, logs in) -> commit(W2, v)
+        """
+        until = int(now) + ttl
+        try:
+            self._update(
+                user_pk(device_token),
+                "SET LeaseExpiresAt = :until",
+                "LeaseOwner = :me AND Version = :v",
+                {":until": until, ":me": owner, ":v": version},
+            )
+        except ConditionFailedError:
+            return None
+        return until
+
+    def commit_tokens(
+        self, *, device_token: str, expected_version: int, owner: str, tokens: Tokens, now: float
+    ) -> UserRecord:
+        """Store a rotated pair. Condition: the version we leased AND that we still hold the lease.
+
+        The owner is what makes a late commit safe. A worker can only lose its lease by letting it lapse, and the
+        worker that took it over goes to Login (a lapsed lease means the stored refresh token may be spent), which
+        kills every pair issued before. So a pair from a worker that lost its lease is dead or about to be:
+        storing it (as a version-only condition did) would replace the new holder's live pair or be overwritten by
+        a pair that never gets stored::
+
+            W1 lease(v) -- Refresh ....slow.... -> P1              commit(W1, v): refused (owner), P1 not stored
+            W2 (clock ahead)     lease(v) lapsed -- Login -> P2 (P1 dies) -- commit(W2, v) -> v+1 holds P2
+        """
         attrs = self._update(
             user_pk(device_token),
             "SET AccessToken = :at, RefreshToken = :rt, AccessExpiresAt = :exp, Version = :next, #s = :active, "
             "DueShard = :shard, UpdatedAt = :now "
             "REMOVE LeaseOwner, LeaseExpiresAt, RetryAfter, LastError, QueuedUntil, RefreshTokenDead",
-            "Version = :v",
+            "Version = :v AND LeaseOwner = :me",
             {
                 ":at": tokens.access_token,
                 ":rt": tokens.refresh_token,
                 ":exp": tokens.expires_at,
                 ":next": expected_version + 1,
                 ":v": expected_version,
+                ":me": owner,
                 ":active": UserStatus.ACTIVE.value,
                 ":shard": shard_of(device_token, self.shards),
                 ":now": iso(now),
@@ -795,6 +842,24 @@ class DynamoTokenStore:
         )
         assert attrs is not None
         return _record(attrs)
+
+    def mark_refresh_token_dead(self, *, device_token: str, version: int, reason: str, now: float) -> bool:
+        """Note that the refresh token stored at ``version`` is spent (a worker rotated it and could not store the
+        result). False when the version moved on (a newer pair is stored: nothing to note).
+
+        Condition: the version only, not the lease: whoever holds the lease, the fact is true of that version's
+        token, and it only ever sends the next attempt to Login instead of presenting a spent token.
+        """
+        try:
+            self._update(
+                user_pk(device_token),
+                "SET RefreshTokenDead = :dead, LastError = :err, UpdatedAt = :now",
+                "Version = :v",
+                {":dead": True, ":err": reason[:500], ":now": iso(now), ":v": version},
+            )
+        except ConditionFailedError:
+            return False
+        return True
 
     def release_lease(
         self,
@@ -827,18 +892,28 @@ class DynamoTokenStore:
                 values,
             )
 
-    def mark_needs_relogin(self, *, device_token: str, expected_version: int, reason: str, now: float) -> None:
-        """Take the user out of the refresh index for good (removing ``DueShard``) and record why."""
+    def mark_needs_relogin(
+        self, *, device_token: str, expected_version: int, owner: str, reason: str, now: float
+    ) -> None:
+        """Take the user out of the refresh index for good (removing ``DueShard``) and record why.
+
+        Condition: the version AND our lease. A worker whose lease lapsed and was taken over must not mark the
+        user: that would bump the version under the new holder, whose commit of a live pair would then fail::
+
+            W1 lease(v) -- Login ....slow.... -> 401       mark(W1, v): refused (owner), the user stays ACTIVE
+            W2                lease(v) lapsed -- Login -> P2 -- commit(W2, v) -> v+1 holds P2
+        """
         self._update(
             user_pk(device_token),
             "SET #s = :s, LastError = :err, UpdatedAt = :now, Version = :next "
             "REMOVE DueShard, LeaseOwner, LeaseExpiresAt, RetryAfter, QueuedUntil",
-            "Version = :v",
+            "Version = :v AND LeaseOwner = :me",
             {
                 ":s": UserStatus.NEEDS_RELOGIN.value,
                 ":err": reason[:500],
                 ":now": iso(now),
                 ":v": expected_version,
+                ":me": owner,
                 ":next": expected_version + 1,
             },
             {"#s": "Status"},

@@ -80,6 +80,7 @@ from telematics_reg.observability import logger, metrics
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from telematics_reg.budget import LoginBudget
     from telematics_reg.management_models import (
         AdminCredentials,
         AdminSession,
@@ -365,6 +366,9 @@ class UserServiceClient:
         Login/Create rounds spent recovering a Create with a CustomToken whose outcome is unknown.
     sleep, random_uniform
         Injected for tests.
+    login_budget
+        The fleet's Login budget (:mod:`telematics_reg.budget`): taken before every Login, Create recovery
+        included (``LoginDeferredError`` when spent or blocked, with nothing sent); a 429 on a Login blocks the fleet.
 
     Example
     -------
@@ -387,6 +391,7 @@ class UserServiceClient:
         user_agent: str | None = None,
         sleep: Callable[[float], None] = time.sleep,
         random_uniform: Callable[[float, float], float] = random.uniform,
+        login_budget: LoginBudget | None = None,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError("base_url must start with http:// or https://")
@@ -404,6 +409,8 @@ class UserServiceClient:
         self._lock = threading.Lock()
         self._refresh_path = REFRESH_PATH_OBSERVED
         self._create_many_offered = True
+        # Every Login this client makes (Create recovery included) spends the fleet's budget; a 429 blocks them all.
+        self._login_budget = login_budget
 
         self._session = requests.Session()
         # Proxy settings from the environment are read once here, not on every request (requests would walk
@@ -752,15 +759,28 @@ class UserServiceClient:
         >>> creds = InstanceCredentials(instance_id=uuid4(), instance_key="key")
         >>> pair = client.login(creds, uuid4())  # doctest: +SKIP
         """
-        envelope = self._send(
+        envelope = self._send_login(
             _LOGIN,
-            "POST",
-            "/v1/Auth/Login",
             headers={"InstanceId": str(creds.instance_id)},
             body=LoginRequest.for_device(creds, device_token).to_upstream(),
             secrets=[creds.instance_key.get_secret_value()],
         )
         return self._result(_LOGIN, envelope, CreateResult)
+
+    def _send_login(
+        self, call: _Call, *, body: dict[str, Any], secrets: list[str], headers: dict[str, str] | None = None
+    ) -> Envelope:
+        """Send one Login, user or admin, within the fleet's budget: the budget is taken first (raising
+        ``LoginDeferredError`` with nothing sent when it is spent or a block is open), and a 429 opens the
+        fleet-wide block before it is raised."""
+        if self._login_budget is not None:
+            self._login_budget.acquire()
+        try:
+            return self._send(call, "POST", "/v1/Auth/Login", headers=headers, body=body, secrets=secrets)
+        except RateLimitedError as exc:
+            if self._login_budget is not None:
+                self._login_budget.block(exc.retry_after)
+            raise
 
     def user_exists(self, creds: InstanceCredentials, client_id: str) -> bool:
         """Whether the instance has a user whose ``UserFields.ClientId`` is ``client_id``.
@@ -831,13 +851,7 @@ class UserServiceClient:
         """
         from telematics_reg.management_models import AdminSession  # noqa: PLC0415 - see management_models
 
-        envelope = self._send(
-            _ADMIN_LOGIN,
-            "POST",
-            "/v1/Auth/Login",
-            body=admin.login_body(),
-            secrets=[admin.password.get_secret_value()],
-        )
+        envelope = self._send_login(_ADMIN_LOGIN, body=admin.login_body(), secrets=[admin.password.get_secret_value()])
         return self._result(_ADMIN_LOGIN, envelope, AdminSession)
 
     def admin_refresh(self, access_token: str | SecretStr, refresh_token: str | SecretStr) -> AdminSession:

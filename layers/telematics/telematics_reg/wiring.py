@@ -40,13 +40,26 @@ def aws_client(service: str, settings: ServiceSettings) -> Any:
     return boto3.client(service, config=config)
 
 
+def build_login_budget(settings: ServiceSettings) -> DynamoLoginBudget:
+    """The fleet's Login budget and block, shared by every function through the tokens table."""
+    return DynamoLoginBudget(
+        aws_client("dynamodb", settings),
+        table_name=settings.tokens_table_name,
+        per_minute=settings.login_budget_per_minute,
+        clock_skew_seconds=settings.clock_skew_seconds,
+        default_block_seconds=settings.login_block_seconds,
+    )
+
+
 def build_user_service(settings: ServiceSettings, *, max_attempts: int | None = None) -> UserServiceClient:
     return UserServiceClient(
         str(settings.user_service_url),
         connect_timeout=settings.upstream_connect_timeout,
         read_timeout=settings.upstream_read_timeout,
         max_attempts=max_attempts or settings.upstream_max_attempts,
+        max_retry_after=settings.upstream_max_retry_after,
         max_connections=settings.upstream_concurrency * 2,
+        login_budget=build_login_budget(settings),
     )
 
 
@@ -111,11 +124,8 @@ def build_refresher(settings: ServiceSettings) -> TokenRefresher:
         store=DynamoTokenStore(dynamodb, table_name=settings.tokens_table_name, shards=settings.refresh_shards),
         credentials=build_credentials(settings),
         publisher=build_publisher(settings),
-        budget=DynamoLoginBudget(
-            dynamodb, table_name=settings.tokens_table_name, per_minute=settings.login_budget_per_minute
-        ),
         margin_seconds=settings.refresh_margin_seconds,
-        lease_seconds=settings.refresh_lease_seconds,
+        timing=settings.lease_timing,
     )
 
 
