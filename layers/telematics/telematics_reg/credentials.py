@@ -34,33 +34,39 @@ class CredentialsProvider(Protocol):
         ...
 
 
-def parse_credentials(document: Mapping[str, Any]) -> dict[str, InstanceCredentials]:
-    """Validate the secret's JSON; the error names the alias and field at fault, never a value.
+def parse_credentials(document: Mapping[str, Any]) -> dict[str, InstanceCredentials | CredentialsConfigError]:
+    """Validate the secret's JSON alias by alias; errors name the alias and field at fault, never a value.
+
+    An invalid entry (e.g. an InstanceKey pasted with a trailing newline) becomes the error that its own
+    messages get; the other aliases keep working.
 
     Example
     -------
     >>> creds = parse_credentials({"default": {"InstanceId": "3c1c8fd7-4133-404a-82e9-93a015d85362",
-    ...                                        "InstanceKey": "1b7cc25f-329e-4482-9dd1-0bb07c0c794b"}})
+    ...                                        "InstanceKey": "1b7cc25f-329e-4482-9dd1-0bb07c0c794b"},
+    ...                            "broken": {"InstanceId": "3c1c8fd7-4133-404a-82e9-93a015d85362",
+    ...                                       "InstanceKey": "1b7cc25f-329e-4482-9dd1-0bb07c0c794b\\n"}})
     >>> str(creds["default"].instance_id)
     '3c1c8fd7-4133-404a-82e9-93a015d85362'
+    >>> str(creds["broken"])
+    "credentials secret: instance 'broken' is invalid (InstanceKey)"
     """
     if not isinstance(document, Mapping) or not document:
         raise CredentialsConfigError("credentials secret must be a non-empty JSON object of instance aliases")
-    parsed: dict[str, InstanceCredentials] = {}
+    parsed: dict[str, InstanceCredentials | CredentialsConfigError] = {}
     for alias, value in document.items():
         try:
             parsed[str(alias)] = InstanceCredentials.model_validate(value)
         except ValidationError as exc:
             fields = ", ".join(".".join(str(p) for p in err["loc"]) or "value" for err in exc.errors())
-            raise CredentialsConfigError(f"credentials secret: instance {alias!r} is invalid ({fields})") from None
+            parsed[str(alias)] = CredentialsConfigError(f"credentials secret: instance {alias!r} is invalid ({fields})")
     return parsed
 
 
-def _unknown(alias: str, known: Mapping[str, object]) -> UnknownInstanceError:
-    return UnknownInstanceError(
-        "unknown_instance",
-        [FieldError("Instance", f"no credentials for instance {alias!r}; known: {', '.join(sorted(known))}")],
-    )
+def _unknown(alias: str) -> UnknownInstanceError:
+    # Names only the alias the message itself gave: this text is published (TelematicsRegistrationFailed) and
+    # stored (dead letters), so it must never list the other instances the secret holds.
+    return UnknownInstanceError("unknown_instance", [FieldError("Instance", f"no credentials for instance {alias!r}")])
 
 
 class SecretsManagerCredentials:
@@ -78,10 +84,10 @@ class SecretsManagerCredentials:
         self._max_age = max_age
         self._provider = parameters.SecretsProvider(boto3_client=client) if client is not None else None
         self._force_fetch = False
-        self._parsed: tuple[str, dict[str, InstanceCredentials]] | None = None
+        self._parsed: tuple[str, dict[str, InstanceCredentials | CredentialsConfigError]] | None = None
         self._lock = threading.Lock()
 
-    def _load(self) -> dict[str, InstanceCredentials]:
+    def _load(self) -> dict[str, InstanceCredentials | CredentialsConfigError]:
         with self._lock:
             if self._provider is None:
                 self._provider = parameters.SecretsProvider()
@@ -102,10 +108,12 @@ class SecretsManagerCredentials:
             return parsed
 
     def get(self, alias: str) -> InstanceCredentials:
-        known = self._load()
-        if alias not in known:
-            raise _unknown(alias, known)
-        return known[alias]
+        found = self._load().get(alias)
+        if found is None:
+            raise _unknown(alias)
+        if isinstance(found, CredentialsConfigError):
+            raise CredentialsConfigError(str(found))  # a fresh exception: the cached one must not gather tracebacks
+        return found
 
     def invalidate(self) -> None:
         with self._lock:
@@ -124,7 +132,7 @@ class StaticCredentials:
 
     def get(self, alias: str) -> InstanceCredentials:
         if alias not in self._known:
-            raise _unknown(alias, self._known)
+            raise _unknown(alias)
         return self._known[alias]
 
     def invalidate(self) -> None:
