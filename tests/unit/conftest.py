@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import pytest
 
 from telematics_reg.budget import InMemoryLoginBudget
-from telematics_reg.credentials import StaticCredentials
+from telematics_reg.credentials import StaticCredentials, StaticDeviceTokenKey
 from telematics_reg.dead_letters import RecordingDeadLetters
 from telematics_reg.fake_store import InMemoryTokenStore
 from telematics_reg.fakes import FakeUserService
@@ -15,6 +15,10 @@ from telematics_reg.models import InstanceCredentials
 from telematics_reg.outcomes import RecordingPublisher
 from telematics_reg.refresh import TokenRefresher
 from telematics_reg.registration import RegistrationService
+
+
+# The DeviceToken key of every unit test's RegistrationService.
+DEVICE_TOKEN_KEY = StaticDeviceTokenKey("unit-tests-device-token-key-0123456789abcdef")
 
 
 class FakeClock:
@@ -61,6 +65,7 @@ def world() -> World:
         upstream=upstream,
         store=store,
         credentials=credentials,
+        device_token_key=DEVICE_TOKEN_KEY,
         publisher=publisher,
         clock=clock,
         sleep=clock.sleep,

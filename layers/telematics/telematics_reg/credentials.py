@@ -1,15 +1,20 @@
-"""Instance credentials: aliases mapped to ``InstanceId`` + ``InstanceKey``, from one Secrets Manager secret.
+"""The service's secrets, each from one Secrets Manager secret, cached by Powertools for ``max_age`` seconds.
 
-The secret's value is JSON: ``{"default": {"InstanceId": "...", "InstanceKey": "..."}, "fleet-eu": {...}}``.
-It is fetched through Powertools parameters, which caches it for ``max_age`` seconds across invocations.
+* Instance credentials: aliases mapped to ``InstanceId`` + ``InstanceKey``; the secret's value is JSON:
+  ``{"default": {"InstanceId": "...", "InstanceKey": "..."}, "fleet-eu": {...}}``.
+* The DeviceToken key: the HMAC key our deterministic DeviceTokens are derived with (see
+  :func:`telematics_reg.registration.device_token_for`); the secret's value is the key itself, a string.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import re
 import threading
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from aws_lambda_powertools.utilities import parameters
 from pydantic import ValidationError
@@ -137,3 +142,95 @@ class StaticCredentials:
 
     def invalidate(self) -> None:
         self.invalidations += 1
+
+
+# --- the DeviceToken key -----------------------------------------------------------------------------------
+
+# Visible ASCII only: a key pasted with a trailing newline must be refused, not silently become another key
+# (which would give every new user a DeviceToken nobody can recompute).
+_KEY_TEXT: Final = re.compile(r"[\x21-\x7e]{32,4096}")
+
+
+class DeviceTokenKey:
+    """The HMAC-SHA256 key DeviceTokens are derived with; its value never shows in ``repr`` or ``str``.
+
+    Parameters
+    ----------
+    material
+        32 to 4096 visible ASCII characters (the stack generates 64 letters and digits: about 380 bits).
+
+    Example
+    -------
+    >>> key = DeviceTokenKey("k" * 32)
+    >>> key
+    DeviceTokenKey(***)
+    >>> len(key.digest(b"message"))
+    32
+    """
+
+    __slots__ = ("_material",)
+
+    def __init__(self, material: str) -> None:
+        if not isinstance(material, str) or _KEY_TEXT.fullmatch(material) is None:
+            raise CredentialsConfigError(
+                "DeviceToken key secret must be 32 to 4096 visible ASCII characters (no spaces or line breaks)"
+            )
+        self._material = material.encode("ascii")
+
+    def digest(self, message: bytes) -> bytes:
+        """HMAC-SHA256 of ``message`` under this key."""
+        return hmac.new(self._material, message, hashlib.sha256).digest()
+
+    def __repr__(self) -> str:
+        return "DeviceTokenKey(***)"
+
+    __str__ = __repr__
+
+
+class DeviceTokenKeyProvider(Protocol):
+    """Finds the DeviceToken key."""
+
+    def get(self) -> DeviceTokenKey:
+        """The key; raises :class:`CredentialsConfigError` when its secret is missing or malformed."""
+        ...
+
+
+class SecretsManagerDeviceTokenKey:
+    """The DeviceToken key from the Secrets Manager secret ``secret_id``, cached by Powertools for ``max_age`` s.
+
+    Like :class:`SecretsManagerCredentials`: one boto3 client, and a lock so that the queue function's threads
+    do not each fetch the secret on a cold start.
+    """
+
+    def __init__(self, secret_id: str, *, max_age: int = 300, client: Any = None) -> None:
+        if not secret_id:
+            raise CredentialsConfigError("DEVICE_TOKEN_KEY_SECRET_ARN is not set")
+        self._secret_id = secret_id
+        self._max_age = max_age
+        self._provider = parameters.SecretsProvider(boto3_client=client) if client is not None else None
+        self._parsed: tuple[str, DeviceTokenKey] | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> DeviceTokenKey:
+        with self._lock:
+            if self._provider is None:
+                self._provider = parameters.SecretsProvider()
+            try:
+                raw = self._provider.get(self._secret_id, max_age=self._max_age)
+            except parameters.exceptions.GetParameterError as exc:
+                raise CredentialsConfigError(f"cannot read DeviceToken key secret: {type(exc).__name__}") from None
+            if not isinstance(raw, str):
+                raise CredentialsConfigError("DeviceToken key secret must be a SecretString, not binary")
+            if self._parsed is None or self._parsed[0] != raw:
+                self._parsed = (raw, DeviceTokenKey(raw))
+            return self._parsed[1]
+
+
+class StaticDeviceTokenKey:
+    """A fixed DeviceToken key (tests and benchmarks)."""
+
+    def __init__(self, material: str) -> None:
+        self._key = DeviceTokenKey(material)
+
+    def get(self) -> DeviceTokenKey:
+        return self._key
