@@ -16,7 +16,6 @@ from telematics_reg.outcomes import RecordingPublisher
 from telematics_reg.refresh import TokenRefresher
 from telematics_reg.registration import RegistrationService
 
-
 # The DeviceToken key of every unit test's RegistrationService.
 DEVICE_TOKEN_KEY = StaticDeviceTokenKey("unit-tests-device-token-key-0123456789abcdef")
 
