@@ -5,6 +5,9 @@ unknown instance alias never discloses the others."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from typing import Any
 
@@ -288,3 +291,56 @@ def test_the_unknown_instance_error_names_only_the_alias_asked_for() -> None:
         assert isinstance(caught.value, TelematicsError)
         assert "fleet-hidden-eu" not in str(caught.value)
         assert [e.message for e in caught.value.errors] == ["no credentials for instance 'nowhere'"]
+
+
+# The X-Ray requests patcher records the text of any exception requests raises, whatever the caller does with it
+# afterwards (POWERTOOLS_TRACER_CAPTURE_ERROR does not reach it). Patching is process-wide: in a child process.
+_XRAY_SCRIPT = """
+import json, sys, uuid
+from aws_xray_sdk import global_sdk_config
+from aws_xray_sdk.core import patch, xray_recorder
+from pydantic import SecretStr
+from telematics_reg.models import CreateUserRequest, InstanceCredentials
+from telematics_reg.upstream import UserServiceClient
+
+class Capture:
+    def __init__(self):
+        self.sent = []
+    def send_entity(self, entity):
+        self.sent.append(entity.serialize())
+    def set_daemon_address(self, address):
+        pass
+
+global_sdk_config.set_sdk_enabled(True)  # Powertools' Tracer turns X-Ray off outside Lambda; this is "in Lambda"
+capture = Capture()
+xray_recorder.configure(emitter=capture, sampling=False, context_missing="IGNORE_ERROR")
+patch(["requests"])
+key = sys.argv[1]
+client = UserServiceClient("http://127.0.0.1:9", max_attempts=1, connect_timeout=0.2)
+good = InstanceCredentials(instance_id=uuid.uuid4(), instance_key=key)
+bad = InstanceCredentials.model_construct(instance_id=uuid.uuid4(), instance_key=SecretStr(key + "\\n"))
+xray_recorder.begin_segment("registration")
+for creds in (good, bad):
+    try:
+        client.create(creds, CreateUserRequest())
+    except Exception as exc:
+        print(type(exc).__name__, file=sys.stderr)
+xray_recorder.end_segment()
+print(json.dumps([json.loads(entity) for entity in capture.sent]))
+"""
+
+
+def test_a_malformed_key_never_reaches_the_x_ray_segment() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-c", _XRAY_SCRIPT, GOOD_KEY],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+
+    segments = completed.stdout
+    assert '"subsegments"' in segments  # the good call was traced (and failed: nothing listens on port 9)
+    assert GOOD_KEY not in segments
+    assert completed.stderr.split() == ["TransientUpstreamError", "RequestNotSentError"]
