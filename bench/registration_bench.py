@@ -40,7 +40,7 @@ from common import REPO_ROOT, machine, moto_server, stamp
 from local.emulator.testing import running_emulator
 from local.lambda_runtime import LocalFunction
 from local.stack import LocalStack, provision
-from telematics_reg.credentials import StaticCredentials
+from telematics_reg.credentials import StaticCredentials, StaticDeviceTokenKey
 from telematics_reg.dead_letters import RecordingDeadLetters
 from telematics_reg.fake_store import InMemoryTokenStore
 from telematics_reg.intake import RegistrationIntake
@@ -97,6 +97,7 @@ class InMemoryFunction:
             upstream=UserServiceClient(url, max_connections=per_invocation * 8),
             store=InMemoryTokenStore(),
             credentials=StaticCredentials(INSTANCES),
+            device_token_key=StaticDeviceTokenKey(uuid.uuid4().hex),
             publisher=publisher,
         )
         self._intake = RegistrationIntake(service=service, dead_letters=RecordingDeadLetters(), publisher=publisher)

@@ -126,6 +126,7 @@ from local.emulator.login_limit import VENDOR_LIMIT_PER_MINUTE  # noqa: E402
 from local.emulator.testing import EmulatorHandle, login_limit_relaxations, running_emulator  # noqa: E402
 from local.send import client, publish_signups, send_messages  # noqa: E402
 from local.stack import LocalStack, provision  # noqa: E402
+from telematics_reg.credentials import SecretsManagerDeviceTokenKey  # noqa: E402
 from telematics_reg.registration import CREATE_MANY_CHUNK, device_token_for  # noqa: E402
 from telematics_reg.settings import ServiceSettings  # noqa: E402
 
@@ -805,6 +806,10 @@ class Soak:
         self.dynamodb = client(self.stack, "dynamodb")
         self.sqs = client(self.stack, "sqs")
         self.instance_id = self.emulator.instance_id("default")
+        key_secret = self.stack.outputs["DeviceTokenKeySecretArn"]
+        self.device_token_key = SecretsManagerDeviceTokenKey(
+            key_secret, client=client(self.stack, "secretsmanager")
+        ).get()
 
     def say(self, text: str) -> None:
         print(f"{time.time() - self.started:7.1f}s  {text}", file=self.out, flush=True)
@@ -951,7 +956,7 @@ class Soak:
         registered = sorted(cid for cid in self.work.client_ids if cid in self.outcomes.registered)
         rng = random.Random(self.options.seed)
         chosen = rng.sample(registered, min(self.options.dead_tokens, len(registered)))
-        record.dead = [device_token_for(self.instance_id, cid) for cid in chosen]
+        record.dead = [device_token_for(self.instance_id, cid, key=self.device_token_key) for cid in chosen]
         if record.dead:
             self.emulator.disable_login(record.dead)
             self.emulator.revoke(device_tokens=record.dead)

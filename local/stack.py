@@ -1055,6 +1055,42 @@ class _Provisioner:
             self.client("sqs").set_queue_attributes(QueueUrl=url, Attributes={"Policy": policy})
         self._register(logical_id, self._name(logical_id, 255))
 
+    # ------------------------------------------------------------------ Secrets Manager
+
+    def _secret(self, logical_id: str, props: dict[str, Any]) -> None:
+        secretsmanager = self.client("secretsmanager")
+        name = _to_str(props["Name"], "Name") if "Name" in props else self._name(logical_id, 512)
+        request: dict[str, Any] = {"Name": name}
+        for key in ("Description", "KmsKeyId"):
+            if key in props:
+                request[key] = _to_str(props[key], key)
+        if "Tags" in props:
+            request["Tags"] = props["Tags"]
+        if "SecretString" in props:
+            request["SecretString"] = _to_str(props["SecretString"], "SecretString")
+        elif "GenerateSecretString" in props:
+            # As CloudFormation does: a random password with the given options (moto's GetRandomPassword), alone
+            # or put under GenerateStringKey in SecretStringTemplate.
+            generate = dict(props["GenerateSecretString"])
+            template = generate.pop("SecretStringTemplate", None)
+            key = generate.pop("GenerateStringKey", None)
+            options: dict[str, Any] = {}
+            for option, value in generate.items():
+                if option == "PasswordLength":
+                    options[option] = int(value)
+                elif option == "ExcludeCharacters":
+                    options[option] = _to_str(value, option)
+                else:  # the Exclude*/Include*/Require* flags
+                    options[option] = _bool(value)
+            password: str = secretsmanager.get_random_password(**options)["RandomPassword"]
+            if template is not None and key is not None:
+                request["SecretString"] = json.dumps(_json_object(json.loads(template)) | {key: password})
+            else:
+                request["SecretString"] = password
+        arn: str = secretsmanager.create_secret(**request)["ARN"]
+        self._register(logical_id, arn, Id=arn)
+        self._ignored(logical_id, props, {*request, "GenerateSecretString"})
+
     # ------------------------------------------------------------------ EventBridge and Scheduler
 
     def _ensure_bus(self, name_or_arn: str) -> str:
@@ -1267,6 +1303,7 @@ _HANDLERS: Final[Mapping[str, Callable[[_Provisioner, str, dict[str, Any]], None
         "AWS::DynamoDB::Table": _Provisioner._table,
         "AWS::SQS::Queue": _Provisioner._queue,
         "AWS::SQS::QueuePolicy": _Provisioner._queue_policy,
+        "AWS::SecretsManager::Secret": _Provisioner._secret,
         "AWS::Events::EventBus": _Provisioner._event_bus,
         "AWS::Events::Rule": _Provisioner._rule,
         "AWS::Scheduler::ScheduleGroup": _Provisioner._schedule_group,

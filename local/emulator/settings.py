@@ -81,7 +81,10 @@ def parse_instances(document: Any) -> tuple[Instance, ...]:
         if instance_id.strip().lower() in seen:
             raise SettingsError(f"instance {alias!r}: InstanceId {instance_id} is used twice")
         seen.add(instance_id.strip().lower())
-        instances.append(Instance(alias, instance_id.strip(), instance_key.strip()))
+        # The key is kept exactly as given: the same JSON becomes the service's credentials secret in local runs,
+        # and a malformed key (say, with a trailing newline) must reach the service's client as it is, not be
+        # quietly repaired here.
+        instances.append(Instance(alias, instance_id.strip(), instance_key))
     return tuple(instances)
 
 

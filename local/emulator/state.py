@@ -51,7 +51,9 @@ class Instance:
     instance_key: str
 
     def key_matches(self, key: str | None) -> bool:
-        return key is not None and key.strip().lower() == self.instance_key.lower()
+        # ``key`` is the header as parsed (surrounding whitespace is not part of a header value on the wire); the
+        # configured key is compared as given, so a malformed one never authenticates anyone.
+        return key is not None and key.lower() == self.instance_key.lower()
 
 
 @dataclass(frozen=True)

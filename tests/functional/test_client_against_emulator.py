@@ -171,7 +171,7 @@ def test_create_without_tokens(client: UserServiceClient) -> None:
 
 
 def test_bad_instance_credentials_are_unauthorized(emulator: EmulatorHandle, client: UserServiceClient) -> None:
-    wrong = InstanceCredentials.model_validate({"InstanceId": INSTANCE_ID, "InstanceKey": "not-the-key"})
+    wrong = InstanceCredentials.model_validate({"InstanceId": INSTANCE_ID, "InstanceKey": str(uuid.uuid4())})
     with pytest.raises(UnauthorizedError) as caught:
         client.create(wrong, CreateUserRequest())
     assert caught.value.status == 401

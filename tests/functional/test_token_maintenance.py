@@ -35,6 +35,7 @@ from botocore.exceptions import ClientError
 from local.emulator.testing import EmulatorHandle
 from local.lambda_runtime import LocalFunction, environment
 from local.stack import LocalStack, provision
+from telematics_reg.credentials import SecretsManagerDeviceTokenKey
 from telematics_reg.refresh import TokenRefresher, TokenUnavailableError
 from telematics_reg.registration import device_token_for
 from telematics_reg.settings import ServiceSettings
@@ -197,7 +198,11 @@ class Service:
             response = queue_fn.invoke(sqs_event(bodies, queue_arn=self.stack.queue_arn("RegistrationQueue")))
             assert response == {"batchItemFailures": []}
         instance_id = INSTANCES["default"]["InstanceId"]
-        return [device_token_for(instance_id, c) for c in client_ids]
+        key = SecretsManagerDeviceTokenKey(
+            self.stack.outputs["DeviceTokenKeySecretArn"],
+            client=boto3.client("secretsmanager", endpoint_url=self.stack.endpoint_url, region_name=self.stack.region),
+        ).get()
+        return [device_token_for(instance_id, c, key=key) for c in client_ids]
 
     # -- the two refresh functions
 

@@ -596,6 +596,37 @@ def test_the_tokens_table_uses_the_template_key_and_pitr(cfn: Template) -> None:
     assert table["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"] is True
 
 
+def test_the_device_token_key_is_a_kept_encrypted_secret_that_only_the_registration_functions_read(
+    cfn: Template,
+) -> None:
+    secret = cfn["Resources"]["DeviceTokenKeySecret"]
+    # Created unless an existing secret is given; kept through stack deletion and replacement like the table.
+    assert secret["Condition"] == "CreateDeviceTokenKey"
+    assert cfn["Conditions"]["CreateDeviceTokenKey"] == {"Fn::Equals": [{"Ref": "DeviceTokenKeySecretArn"}, ""]}
+    assert secret["DeletionPolicy"] == secret["UpdateReplacePolicy"] == "Retain"
+    props = secret["Properties"]
+    assert target(props["KmsKeyId"]) == "DataKey"
+    generated = props["GenerateSecretString"]
+    assert int(generated["PasswordLength"]) >= 32
+    assert generated["IncludeSpace"] is False
+    assert "RotationSchedule" not in json.dumps(cfn["Resources"])
+
+    secret_ref = {
+        "Fn::If": ["CreateDeviceTokenKey", {"Ref": "DeviceTokenKeySecret"}, {"Ref": "DeviceTokenKeySecretArn"}]
+    }
+    readers = {
+        owner
+        for owner, statement in inline_policies(cfn)
+        if allows(statement, "secretsmanager:GetSecretValue") and secret_ref in as_list(statement.get("Resource"))
+    }
+    functions = resources(cfn, "AWS::Lambda::Function")
+    registering = {"SignupFunction", "RegistrationQueueFunction"}
+    assert readers == {role_of(cfn, function) for function in registering}
+    for function in functions:
+        variable = environment(cfn, function).get("DEVICE_TOKEN_KEY_SECRET_ARN")
+        assert variable == (secret_ref if function in registering else None), function
+
+
 def test_each_function_needs_at_least_the_core_settings(cfn: Template) -> None:
     core = {"USER_SERVICE_URL", "CREDENTIALS_SECRET_ARN", "TOKENS_TABLE_NAME", "EVENT_BUS_NAME"}
     specific = {

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import pytest
 
 from telematics_reg.budget import InMemoryLoginBudget
-from telematics_reg.credentials import StaticCredentials
+from telematics_reg.credentials import StaticCredentials, StaticDeviceTokenKey
 from telematics_reg.dead_letters import RecordingDeadLetters
 from telematics_reg.fake_store import InMemoryTokenStore
 from telematics_reg.fakes import FakeUserService
@@ -19,6 +19,9 @@ from telematics_reg.timing import LeaseTiming
 
 #: The production defaults: a 180 s lease, calls up to 142.2 s (4 attempts, Retry-After up to 30 s), 10 s skew.
 TIMING = LeaseTiming(lease_seconds=180, call_seconds=142.2, clock_skew_seconds=10)
+
+# The DeviceToken key of every unit test's RegistrationService.
+DEVICE_TOKEN_KEY = StaticDeviceTokenKey("unit-tests-device-token-key-0123456789abcdef")
 
 
 class FakeClock:
@@ -65,6 +68,7 @@ def world() -> World:
         upstream=upstream,
         store=store,
         credentials=credentials,
+        device_token_key=DEVICE_TOKEN_KEY,
         publisher=publisher,
         clock=clock,
         sleep=clock.sleep,

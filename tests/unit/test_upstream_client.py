@@ -7,6 +7,7 @@ Nothing of our own code is mocked: only ``sleep`` and ``random`` are injected, t
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import logging
 import socket
@@ -22,6 +23,9 @@ from urllib.parse import urlsplit
 from uuid import UUID, uuid4
 
 import pytest
+import requests
+import urllib3
+from pydantic import SecretStr
 
 from telematics_reg.errors import (
     CreateManyIncompleteError,
@@ -31,6 +35,7 @@ from telematics_reg.errors import (
     NotFoundError,
     OutcomeUnknownError,
     RateLimitedError,
+    RequestNotSentError,
     TransientUpstreamError,
     UnauthorizedError,
     UpstreamError,
@@ -51,7 +56,7 @@ CREATE = "/v1/Registration/Create"
 CREATE_MANY = "/v1/Registration/CreateMany"
 LOGIN = "/v1/Auth/Login"
 EXISTS = "/v1/Check/UserExists"
-INSTANCE_KEY = "instance-key-SECRET-0001"
+INSTANCE_KEY = "5ec2e7c0-1b7c-4482-9dd1-0bb07c0c794b"
 CREDS = InstanceCredentials.model_validate(
     {"InstanceId": "3c1c8fd7-4133-404a-82e9-93a015d85362", "InstanceKey": INSTANCE_KEY}
 )
@@ -736,7 +741,8 @@ def test_no_secret_reaches_logs_or_error_texts(
     texts += [repr(record.__dict__) for record in caplog.records]
     assert any(r.getMessage() == "user service call" for r in caplog.records)  # the calls were logged...
     for text in texts:
-        assert "SECRET" not in text  # ...without a token, refresh token or InstanceKey
+        assert "SECRET" not in text  # ...without a token, refresh token...
+        assert INSTANCE_KEY not in text  # ...or InstanceKey
     assert "***" in str(caught.value)
 
 
@@ -858,7 +864,7 @@ PAGE = "/v1/Management/users/GetFilteredPage"
 USERS = "/v1/Management/users"
 CHANGE = "/v1/Management/users/instances/change"
 TARGET = InstanceCredentials.model_validate(
-    {"InstanceId": "0f5c7f33-64a4-4d2e-8f4b-0a6a0c0a1e11", "InstanceKey": "target-KEY-SECRET-0002"}
+    {"InstanceId": "0f5c7f33-64a4-4d2e-8f4b-0a6a0c0a1e11", "InstanceKey": "5e8f2a61-0c4d-4b7e-9a3f-7d21c6b0e002"}
 )
 
 
@@ -1045,7 +1051,7 @@ def test_change_instance_sends_the_documented_body(stub: Stub, client: UserServi
     assert seen.body == {
         "DeviceToken": str(token),
         "ToInstanceId": str(TARGET.instance_id),
-        "ToInstanceKey": "target-KEY-SECRET-0002",
+        "ToInstanceKey": "5e8f2a61-0c4d-4b7e-9a3f-7d21c6b0e002",
     }
 
 
@@ -1108,10 +1114,96 @@ def test_change_instance_not_processed_is_retried_without_find(stub: Stub, clien
 def test_change_instance_wrong_key_is_a_validation_error_and_hides_the_key(
     stub: Stub, client: UserServiceClient
 ) -> None:
-    stub.script(CHANGE, fail(422, [{"Key": "ToInstanceKey", "Message": "target-KEY-SECRET-0002 is wrong"}]))
+    stub.script(
+        CHANGE, fail(422, [{"Key": "ToInstanceKey", "Message": "5e8f2a61-0c4d-4b7e-9a3f-7d21c6b0e002 is wrong"}])
+    )
 
     with pytest.raises(UpstreamValidationError) as caught:
         client.change_instance(ADMIN_TOKEN, uuid4(), TARGET)
 
-    assert "target-KEY-SECRET-0002" not in str(caught.value)
+    assert "5e8f2a61-0c4d-4b7e-9a3f-7d21c6b0e002" not in str(caught.value)
     assert stub.paths() == [CHANGE]
+
+
+# A key pasted into the credentials secret with a stray character. The model refuses these (test_models); the
+# client must hold even for credentials that did not go through it: built with model_construct here.
+MALFORMED_KEYS = [
+    INSTANCE_KEY + "\n",
+    INSTANCE_KEY + "\r\n",
+    " " + INSTANCE_KEY,
+    INSTANCE_KEY + "\x00",
+    "é" + INSTANCE_KEY,
+]
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+@pytest.mark.parametrize("key", MALFORMED_KEYS, ids=["newline", "crlf", "leading-space", "nul", "non-ascii"])
+def test_a_malformed_instance_key_is_never_sent_nor_quoted(
+    stub: Stub, client: UserServiceClient, caplog: pytest.LogCaptureFixture, key: str
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    creds = InstanceCredentials.model_construct(instance_id=CREDS.instance_id, instance_key=SecretStr(key))
+    stub.script(CREATE, ok(issued()))
+
+    with pytest.raises(RequestNotSentError) as caught:
+        client.create(creds, CreateUserRequest(custom_token=uuid4()))
+
+    assert stub.seen == []  # refused before requests (and the X-Ray patcher around it) ever saw the header
+    assert "InstanceKey" in str(caught.value)
+    texts = [caplog.text, *(repr(record.__dict__) for record in caplog.records)]
+    texts += [f"{type(e).__name__}: {e} {e!r}" for e in _chain(caught.value)]
+    for text in texts:
+        assert INSTANCE_KEY not in text
+
+
+class _RaisingAdapter(requests.adapters.BaseAdapter):
+    """The HTTP stack failing in a given way (a transport adapter, as requests lets one plug in)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__()
+        self.error = error
+
+    def send(self, *args: Any, **kwargs: Any) -> requests.Response:
+        raise self.error
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (
+            requests.exceptions.InvalidHeader(f"Invalid return character in header value: {INSTANCE_KEY}"),
+            RequestNotSentError,
+        ),
+        (requests.exceptions.InvalidURL(f"bad URL {INSTANCE_KEY}"), RequestNotSentError),
+        (ValueError(f"Invalid header value b'{INSTANCE_KEY}\\n'"), OutcomeUnknownError),
+        (UnicodeEncodeError("latin-1", INSTANCE_KEY, 0, 1, "ordinal not in range"), RequestNotSentError),
+        (urllib3.exceptions.LocationParseError(INSTANCE_KEY), RequestNotSentError),
+        (urllib3.exceptions.ProtocolError(f"broke after {INSTANCE_KEY}"), OutcomeUnknownError),
+        (http.client.LineTooLong(INSTANCE_KEY), OutcomeUnknownError),
+        (requests.exceptions.RetryError(f"retries {INSTANCE_KEY}"), OutcomeUnknownError),
+        (requests.exceptions.RequestException(INSTANCE_KEY), OutcomeUnknownError),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else value.__name__,
+)
+def test_every_failure_of_the_http_stack_becomes_a_typed_error_without_its_text(
+    stub: Stub, client: UserServiceClient, caplog: pytest.LogCaptureFixture, error: Exception, expected: type
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    client._session.mount(stub.url, _RaisingAdapter(error))
+
+    with pytest.raises(UpstreamError) as caught:
+        client.create(CREDS, CreateUserRequest())  # no CustomToken: a lost answer is reported, not recovered
+
+    assert type(caught.value) is expected
+    assert type(error).__name__ in str(caught.value)
+    for text in [caplog.text, *(f"{e} {e!r}" for e in _chain(caught.value))]:
+        assert INSTANCE_KEY not in text
+    assert all(e is caught.value or not isinstance(e, type(error)) for e in _chain(caught.value))

@@ -30,7 +30,14 @@ from aws_lambda_powertools.metrics import MetricUnit
 
 from telematics_reg.continuations import BulkContinuations
 from telematics_reg.dead_letters import DeadLetter, DeadLetterSink
-from telematics_reg.errors import FieldError, InvalidMessageError, UpstreamValidationError
+from telematics_reg.errors import (
+    FieldError,
+    InvalidMessageError,
+    RetryLaterError,
+    TelematicsError,
+    UpstreamValidationError,
+    describe_error,
+)
 from telematics_reg.models import BulkRegistrationRequest, parse_registration_message
 from telematics_reg.observability import logger, metrics
 from telematics_reg.outcomes import ErrorItem, EventPublisher, RegistrationFailed, Source
@@ -99,6 +106,7 @@ class RegistrationIntake:
             raw = stamp_request_id(text, message_id)
         client_id = None if isinstance(request, BulkRegistrationRequest) else request.client_id
         logger.thread_safe_append_keys(client_id=client_id, message_id=message_id)
+        foreign: str | None = None
         try:
             if isinstance(request, BulkRegistrationRequest):
                 bulk = self._service.register_bulk(request, source=source, message_id=message_id, time_left=time_left)
@@ -124,10 +132,17 @@ class RegistrationIntake:
         except Exception as exc:
             # Left to be retried (batch item failure, or the async invocation's retry): counted for the alarm.
             metrics.add_metric("RegistrationRetries", MetricUnit.Count, 1)
-            logger.warning("registration will be retried", extra={"error": f"{type(exc).__name__}: {exc}"})
-            raise
+            logger.warning("registration will be retried", extra={"error": describe_error(exc)})
+            if isinstance(exc, TelematicsError):
+                raise
+            foreign = describe_error(exc)
         finally:
             logger.thread_safe_remove_keys(["client_id", "message_id"])
+        if foreign is not None:
+            # A foreign exception's text may quote what it was given (a header, a parameter). What propagates from
+            # here becomes Lambda's errorMessage, the on-failure record and the X-Ray segment: a safe text only,
+            # raised outside the except block so that no exception chain or context carries the original.
+            raise RetryLaterError(f"registration will be retried: {foreign}")
 
         metrics.add_metric("DuplicatesSuppressed" if outcome.duplicate else "UsersRegistered", MetricUnit.Count, 1)
         logger.info(

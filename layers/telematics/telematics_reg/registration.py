@@ -2,9 +2,11 @@
 
 Exactly one user per (Instance, ClientId) rests on two things:
 
-* the DeviceToken is chosen by us, deterministically (UUIDv5 of InstanceId and ClientId), and sent as the
-  upstream's ``CustomToken``: a Create whose answer was lost is recovered by Login with that DeviceToken
-  (the client does this), and a second Create with the same CustomToken cannot make a second user;
+* the DeviceToken is chosen by us, deterministically (a keyed hash of InstanceId and ClientId, see
+  :func:`device_token_for`), and sent as the upstream's ``CustomToken``: a Create whose answer was lost is
+  recovered by Login with that DeviceToken (the client does this), and a second Create with the same
+  CustomToken cannot make a second user. A ClientId that already has a stored user keeps that user's
+  DeviceToken, however it was derived: exactly-once never depends on recomputing it;
 * a claim item written with a condition, so that two deliveries (duplicates, both functions at once) never
   both call Create: the loser waits briefly for the winner, then reports the stored DeviceToken.
 
@@ -28,9 +30,9 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Final, TypeVar
 
-from telematics_reg.credentials import CredentialsProvider
+from telematics_reg.credentials import CredentialsProvider, DeviceTokenKey, DeviceTokenKeyProvider
 from telematics_reg.errors import (
     FieldError,
     NotFoundError,
@@ -66,31 +68,49 @@ from telematics_reg.store import (
 )
 from telematics_reg.upstream import UserService
 
-# Namespace of our deterministic DeviceTokens. Changing it would re-register every ClientId: never change it.
-DEVICE_TOKEN_NAMESPACE = uuid.UUID("6f6b1c1e-5d0a-4c3e-9a57-2f1d8e4b7a10")
 CREATE_MANY_CHUNK = 100
 _T = TypeVar("_T")
 _REQUEST_ID_KEYS = frozenset({"requestid", "request_id"})
+# Part of every derivation message: another derivation (a v2) can never produce the same DeviceTokens.
+_DERIVATION: Final = "telematics-reg/device-token/v1"
 
 
-def device_token_for(instance_id: str, client_id: str) -> str:
-    """The DeviceToken a ClientId of an instance always gets (sent upstream as ``CustomToken``).
+def _keyed_uuid(key: DeviceTokenKey, *parts: str | int) -> uuid.UUID:
+    # HMAC-SHA256 of the parts (JSON: unambiguous whatever a ClientId holds), truncated to 128 bits, with the
+    # version and variant bits of an RFC 9562 UUIDv8, the layout RFC 9562 gives for SHA-256 name-based UUIDs.
+    digest = key.digest(json.dumps([_DERIVATION, *parts], separators=(",", ":")).encode())
+    value = int.from_bytes(digest[:16], "big")
+    value = (value & ~(0xF << 76)) | (0x8 << 76)  # version 8
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # variant 10 (RFC 9562)
+    return uuid.UUID(int=value)
+
+
+def device_token_for(instance_id: str, client_id: str, *, key: DeviceTokenKey) -> str:
+    """The DeviceToken a ClientId of an instance gets when it has none yet (sent upstream as ``CustomToken``).
+
+    Keyed: a DeviceToken is a user's identity in the vendor's SDK, and the InstanceId ships inside apps while
+    ClientIds are often guessable, so nobody without the key (a secret of the stack) can compute one.
 
     Example
     -------
-    >>> device_token_for("3c1c8fd7-4133-404a-82e9-93a015d85362", "customer-42") == device_token_for(
-    ...     "3c1c8fd7-4133-404a-82e9-93a015d85362", "customer-42")
+    >>> from telematics_reg.credentials import DeviceTokenKey
+    >>> key = DeviceTokenKey("k" * 32)
+    >>> token = device_token_for("3c1c8fd7-4133-404a-82e9-93a015d85362", "customer-42", key=key)
+    >>> token == device_token_for("3C1C8FD7-4133-404A-82E9-93A015D85362", "customer-42", key=key)
     True
+    >>> uuid.UUID(token).version
+    8
+    >>> token == device_token_for("3c1c8fd7-4133-404a-82e9-93a015d85362", "customer-42", key=DeviceTokenKey("j" * 32))
+    False
     """
-    return str(uuid.uuid5(DEVICE_TOKEN_NAMESPACE, f"{instance_id.lower()}/client/{client_id}"))
+    return str(_keyed_uuid(key, "client", instance_id.lower(), client_id))
 
 
-def bulk_device_tokens(instance_id: str, request_id: str, start: int, count: int) -> list[uuid.UUID]:
+def bulk_device_tokens(
+    instance_id: str, request_id: str, start: int, count: int, *, key: DeviceTokenKey
+) -> list[uuid.UUID]:
     """DeviceTokens for the users of a bulk chunk, used if CreateMany is not offered and Creates stand in."""
-    return [
-        uuid.uuid5(DEVICE_TOKEN_NAMESPACE, f"{instance_id.lower()}/bulk/{request_id}/{n}")
-        for n in range(start, start + count)
-    ]
+    return [_keyed_uuid(key, "bulk", instance_id.lower(), request_id, n) for n in range(start, start + count)]
 
 
 def stamp_request_id(body: str, request_id: str) -> str:
@@ -219,6 +239,7 @@ class RegistrationService:
         upstream: UserService,
         store: TokenStore,
         credentials: CredentialsProvider,
+        device_token_key: DeviceTokenKeyProvider,
         publisher: EventPublisher,
         claim_seconds: int = 120,
         wait_for_other_seconds: float = 5.0,
@@ -241,6 +262,7 @@ class RegistrationService:
         self._bulk_attempts = max(1, bulk_attempts)
         self._store = store
         self._credentials = credentials
+        self._device_token_key = device_token_key
         self._publisher = publisher
         self._claim_seconds = claim_seconds
         self._wait_for_other = wait_for_other_seconds
@@ -261,7 +283,7 @@ class RegistrationService:
         """
         creds = self._credentials.get(request.instance)
         instance_id = str(creds.instance_id)
-        device_token = device_token_for(instance_id, request.client_id)
+        device_token = self._device_token_of(request, instance_id)
         owner = f"{message_id}/{uuid.uuid4()}"
 
         existing = self._claim_or_find(request, instance_id, device_token, owner)
@@ -294,6 +316,20 @@ class RegistrationService:
         outcome = RegistrationOutcome(device_token, duplicate=False, has_tokens=tokens is not None)
         self._announce(request, outcome, source)
         return outcome
+
+    def _device_token_of(self, request: RegistrationRequest, instance_id: str) -> str:
+        """The stored DeviceToken of this (Instance, ClientId) if it has one, else the one derived with the key.
+
+        Stored first: a user registered before the key existed (UUIDv5 DeviceTokens) or under another key keeps
+        its DeviceToken, so a redelivery claims that user's item and is reported as a duplicate, or takes over
+        its expired claim and repeats the same CustomToken; it never derives a new token and makes a second
+        user. (Only a claim written moments ago, not yet in the eventually consistent ByClient index, can be
+        missed here; that window matters only in the minutes around a change of derivation: README, "Secrets".)
+        """
+        stored = self._store.find_by_client(request.instance, request.client_id)
+        if stored is not None and stored.instance_id.lower() == instance_id.lower():
+            return stored.device_token
+        return device_token_for(instance_id, request.client_id, key=self._device_token_key.get())
 
     def _claim_or_find(
         self, request: RegistrationRequest, instance_id: str, device_token: str, owner: str
@@ -537,7 +573,13 @@ class RegistrationService:
             D2: (after D1's claim lapsed) takes over, resumes at Made=1: Create(T1) --> 422 exists
                 store T1 TOKENLESS (Made=2) | Create(T2) ...
         """
-        tokens = bulk_device_tokens(chunk.instance_id, chunk.request_id, chunk.index * CREATE_MANY_CHUNK, body.quantity)
+        tokens = bulk_device_tokens(
+            chunk.instance_id,
+            chunk.request_id,
+            chunk.index * CREATE_MANY_CHUNK,
+            body.quantity,
+            key=self._device_token_key.get(),
+        )
         flags = body.custom_fields
         user_fields = (
             UserFields(

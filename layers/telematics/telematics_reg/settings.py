@@ -29,6 +29,7 @@ class ServiceSettings(BaseSettings):
 
     user_service_url: HttpUrl = Field(HttpUrl("https://user.telematicssdk.com"))
     credentials_secret_arn: str = ""
+    device_token_key_secret_arn: str = ""
     tokens_table_name: str = ""
     event_bus_name: str = "default"
     outcome_event_source: str = "telematics.registration"

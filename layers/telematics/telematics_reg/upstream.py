@@ -25,9 +25,11 @@ Tokens, refresh tokens and InstanceKeys never appear in logs or exception messag
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -39,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 from uuid import UUID
 
 import requests
+import urllib3
 from aws_lambda_powertools.metrics import MetricUnit
 from pydantic import BaseModel, SecretStr, ValidationError
 from requests.adapters import HTTPAdapter
@@ -54,6 +57,7 @@ from telematics_reg.errors import (
     NotFoundError,
     OutcomeUnknownError,
     RateLimitedError,
+    RequestNotSentError,
     RetryableUpstreamError,
     TransientUpstreamError,
     UnauthorizedError,
@@ -324,6 +328,51 @@ def _never_sent(exc: requests.RequestException) -> bool:
     )
 
 
+# Raised by requests/urllib3/http.client while a request is prepared, before anything is written to the socket
+# (http.client encodes the request line and headers, and raises UnicodeEncodeError, before it sends them).
+_REFUSED_BEFORE_SENDING: Final = (
+    requests.exceptions.InvalidHeader,
+    requests.exceptions.InvalidURL,
+    requests.exceptions.MissingSchema,
+    requests.exceptions.InvalidSchema,
+    requests.exceptions.URLRequired,
+    requests.exceptions.InvalidJSONError,
+    requests.exceptions.UnrewindableBodyError,
+    urllib3.exceptions.LocationValueError,
+    UnicodeEncodeError,
+)
+# Anything else these libraries may raise mid-call (ValueError included: http.client raises it for a header it
+# will not write). Whether the request went out is not known.
+_FAILED_MID_CALL: Final = (
+    requests.RequestException,
+    urllib3.exceptions.HTTPError,
+    http.client.HTTPException,
+    ValueError,
+)
+# A header name is a token; a value is visible ASCII, inner spaces allowed, nothing around it. Stricter than
+# RFC 9110 on purpose: every header we send carries a UUID, a number or a token.
+_HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEADER_VALUE: Final = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
+
+
+def _unsendable_header(headers: Mapping[str, str]) -> str | None:
+    """The name of the first header that cannot go on the wire as it is (``None`` when all can).
+
+    Example
+    -------
+    >>> _unsendable_header({"InstanceKey": "1b7cc25f-329e-4482-9dd1-0bb07c0c794b"}) is None
+    True
+    >>> _unsendable_header({"InstanceId": "ok", "InstanceKey": "1b7cc25f-329e-4482-9dd1-0bb07c0c794b\\n"})
+    'InstanceKey'
+    """
+    for name, value in headers.items():
+        if not isinstance(name, str) or _HEADER_NAME.fullmatch(name) is None:
+            return "(a header name)"
+        if not isinstance(value, str) or _HEADER_VALUE.fullmatch(value) is None:
+            return name
+    return None
+
+
 def _get_ci(mapping: Mapping[Any, Any], key: str) -> Any:
     return next((v for k, v in mapping.items() if isinstance(k, str) and k.lower() == key.lower()), None)
 
@@ -489,7 +538,7 @@ class UserServiceClient:
         -------
         >>> from uuid import uuid4
         >>> client = UserServiceClient("http://127.0.0.1:8081")
-        >>> creds = InstanceCredentials(instance_id=uuid4(), instance_key="key")
+        >>> creds = InstanceCredentials(instance_id=uuid4(), instance_key=str(uuid4()))
         >>> body = CreateUserRequest(custom_token=uuid4(), user_fields=UserFields(client_id="c-1"))
         >>> result = client.create(creds, body)  # doctest: +SKIP
         """
@@ -585,7 +634,7 @@ class UserServiceClient:
         -------
         >>> from uuid import uuid4
         >>> client = UserServiceClient("http://127.0.0.1:8081")
-        >>> creds = InstanceCredentials(instance_id=uuid4(), instance_key="key")
+        >>> creds = InstanceCredentials(instance_id=uuid4(), instance_key=str(uuid4()))
         >>> users = client.create_many(creds, CreateManyRequest(quantity=3))  # doctest: +SKIP
         """
         if body.quantity > MAX_CREATE_MANY_PER_CALL:
@@ -756,7 +805,7 @@ class UserServiceClient:
         -------
         >>> from uuid import uuid4
         >>> client = UserServiceClient("http://127.0.0.1:8081")
-        >>> creds = InstanceCredentials(instance_id=uuid4(), instance_key="key")
+        >>> creds = InstanceCredentials(instance_id=uuid4(), instance_key=str(uuid4()))
         >>> pair = client.login(creds, uuid4())  # doctest: +SKIP
         """
         envelope = self._send_login(
@@ -801,7 +850,7 @@ class UserServiceClient:
         -------
         >>> from uuid import uuid4
         >>> client = UserServiceClient("http://127.0.0.1:8081")
-        >>> creds = InstanceCredentials(instance_id=uuid4(), instance_key="key")
+        >>> creds = InstanceCredentials(instance_id=uuid4(), instance_key=str(uuid4()))
         >>> client.user_exists(creds, "customer-42")  # doctest: +SKIP
         False
         """
@@ -1180,7 +1229,16 @@ class UserServiceClient:
         params: Mapping[str, str] | None,
         secrets: Sequence[str],
     ) -> Envelope:
+        # Checked before requests sees them: requests and http.client refuse a bad header value with the value in
+        # the exception text, and the X-Ray requests patcher records that text even when we catch it.
+        unsendable = _unsendable_header(headers or {})
+        if unsendable is not None:
+            problem = f"header {unsendable} has a value HTTP cannot carry"
+            raise _Failed(self._not_sent(call, problem), not_processed=True)
         started = time.monotonic()
+        # Set by the last two handlers below, and raised after the try: no exception chain carries the original.
+        refused: str | None = None
+        lost: str | None = None
         try:
             response = self._session.request(
                 method,
@@ -1209,6 +1267,21 @@ class UserServiceClient:
                 },
             )
             raise _Failed(self._transport_error(call, exc, never_sent), not_processed=never_sent, cause=exc) from exc
+        except _REFUSED_BEFORE_SENDING as exc:
+            # Raised while the request was being built (InvalidHeader, InvalidURL, a body that is not JSON): no byte
+            # went out. Its text may quote a header value (an InstanceKey): keep the type only.
+            refused = type(exc).__name__
+        except _FAILED_MID_CALL as exc:
+            # Anything else the stack may raise mid-call: whether the request went out is unknown, as for a lost
+            # answer. The type only, for the same reason.
+            lost = type(exc).__name__
+        if refused is not None or lost is not None:
+            logger.warning(
+                "user service call failed", extra={"call": call.name, "error": refused or lost, "attempt": attempt + 1}
+            )
+            if refused is not None:
+                raise _Failed(self._not_sent(call, f"the request could not be built ({refused})"), not_processed=True)
+            raise _Failed(self._transport_error_of(call, str(lost), never_sent=False), not_processed=False)
 
         latency_ms = (time.monotonic() - started) * 1000
         # One metric per call (e.g. UpstreamCreateLatency): the dashboard shows p50/p99 of each.
@@ -1239,8 +1312,15 @@ class UserServiceClient:
         raise _Failed(error, not_processed=effective in (429, 503))
 
     @staticmethod
-    def _transport_error(call: _Call, exc: requests.RequestException, never_sent: bool) -> UpstreamError:
-        kind = type(exc).__name__
+    def _not_sent(call: _Call, problem: str) -> RequestNotSentError:
+        return RequestNotSentError(f"User Service {call.name}: not sent: {problem}", call=call.name)
+
+    @classmethod
+    def _transport_error(cls, call: _Call, exc: requests.RequestException, never_sent: bool) -> UpstreamError:
+        return cls._transport_error_of(call, type(exc).__name__, never_sent=never_sent)
+
+    @staticmethod
+    def _transport_error_of(call: _Call, kind: str, *, never_sent: bool) -> UpstreamError:
         if never_sent:
             return TransientUpstreamError(f"User Service {call.name}: could not connect ({kind})", call=call.name)
         if call.commits:

@@ -14,7 +14,7 @@ from botocore.config import Config
 
 from telematics_reg.budget import DynamoLoginBudget
 from telematics_reg.continuations import BulkContinuations, SqsBulkContinuations
-from telematics_reg.credentials import SecretsManagerCredentials
+from telematics_reg.credentials import SecretsManagerCredentials, SecretsManagerDeviceTokenKey
 from telematics_reg.dead_letters import SqsDeadLetters
 from telematics_reg.intake import RegistrationIntake
 from telematics_reg.outcomes import EventBridgePublisher
@@ -83,6 +83,14 @@ def build_credentials(settings: ServiceSettings) -> SecretsManagerCredentials:
     )
 
 
+def build_device_token_key(settings: ServiceSettings) -> SecretsManagerDeviceTokenKey:
+    return SecretsManagerDeviceTokenKey(
+        settings.device_token_key_secret_arn,
+        max_age=settings.credentials_cache_seconds,
+        client=aws_client("secretsmanager", settings),
+    )
+
+
 def build_intake(settings: ServiceSettings, *, continuations: BulkContinuations | None = None) -> RegistrationIntake:
     """Everything the signup function needs (and the queue function, with ``continuations``), wired to AWS and
     the User Service."""
@@ -91,6 +99,7 @@ def build_intake(settings: ServiceSettings, *, continuations: BulkContinuations 
         upstream=build_user_service(settings),
         store=build_store(settings),
         credentials=build_credentials(settings),
+        device_token_key=build_device_token_key(settings),
         publisher=publisher,
         claim_seconds=settings.claim_seconds,
         # Bulk chunks: one attempt per call, so the longest call is its connect + read timeouts (plus storing
