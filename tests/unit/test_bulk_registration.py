@@ -25,7 +25,7 @@ from telematics_reg.registration import (
 )
 from telematics_reg.store import ChunkState, UserStatus
 
-from .conftest import World
+from .conftest import DEVICE_TOKEN_KEY, World
 
 
 class Killed(BaseException):
@@ -38,6 +38,7 @@ def _service(world: World, upstream: FakeUserService, **options: Any) -> Registr
         store=world.store,
         credentials=world.credentials,
         publisher=world.publisher,
+        device_token_key=DEVICE_TOKEN_KEY,
         clock=world.clock,
         sleep=world.clock.sleep,
         **options,

@@ -12,8 +12,9 @@ from telematics_reg.management_models import AdminCredentials, UserPageQuery, Us
 from telematics_reg.models import CreateUserRequest, InstanceCredentials, UserFields
 from telematics_reg.upstream import iter_user_pages
 
-A = InstanceCredentials(instance_id=uuid4(), instance_key="key-a")
-B = InstanceCredentials(instance_id=uuid4(), instance_key="key-b")
+A = InstanceCredentials(instance_id=uuid4(), instance_key="0a0a0a0a-0000-4000-8000-00000000000a")
+B = InstanceCredentials(instance_id=uuid4(), instance_key="0b0b0b0b-0000-4000-8000-00000000000b")
+WRONG_B = InstanceCredentials(instance_id=B.instance_id, instance_key="0e0e0e0e-0000-4000-8000-00000000000e")
 ADMIN = AdminCredentials(email="ops@example.com", password="pw")
 
 
@@ -64,7 +65,7 @@ def test_management_calls(fake: FakeUserService) -> None:
     assert first not in {user.device_token for page in pages for user in page.users}
 
     with pytest.raises(UpstreamValidationError):
-        fake.change_instance(token, first, InstanceCredentials(instance_id=B.instance_id, instance_key="wrong"))
+        fake.change_instance(token, first, WRONG_B)
     fake.change_instance(token, first, B)
     assert fake.find_users(token, device_token=first)[0].instance_id == B.instance_id
 

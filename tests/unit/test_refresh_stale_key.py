@@ -26,6 +26,9 @@ class RotatedSecret(StaticCredentials):
         self._known = {"default": self._new}
 
 
+OLD_KEY = "0d0d0d0d-0000-4000-8000-00000000000d"
+
+
 def _refresher(world: World, credentials: StaticCredentials) -> TokenRefresher:
     return TokenRefresher(
         upstream=world.upstream,
@@ -44,7 +47,7 @@ def test_a_login_refused_with_a_stale_cached_key_is_retried_once_with_the_reread
     device_token = str(result.device_token)
     world.upstream.revoke(uuid.UUID(device_token))
     world.clock.now += 3300
-    stale = InstanceCredentials.model_validate({"InstanceId": str(world.creds.instance_id), "InstanceKey": "old-key"})
+    stale = InstanceCredentials.model_validate({"InstanceId": str(world.creds.instance_id), "InstanceKey": OLD_KEY})
     credentials = RotatedSecret(stale, world.creds)
     record = world.store.get_user(device_token)
     assert record is not None
