@@ -51,3 +51,13 @@ class ServiceSettings(BaseSettings):
     refresh_spread_seconds: int = Field(60, ge=0, le=900)
     sweep_page_size: int = Field(500, ge=1, le=1000)
     login_budget_per_minute: int = Field(5, ge=0)
+
+    # User lifecycle (flow 5).
+    admin_credentials_secret_arn: str = ""
+    # The user's lease while a change is applied: above the function's Timeout plus clock skew between workers.
+    lifecycle_lease_seconds: int = Field(120, ge=10)
+    # A change for a user not registered this long after its first delivery is dead-lettered unknown_user.
+    unknown_user_seconds: int = Field(900, ge=0)
+    tombstone_retention_days: int = Field(90, ge=1, le=3650)
+    # Dead-letter queues a deletion erases the user's letters from (comma-separated URLs).
+    erasure_queue_urls: str = ""
