@@ -7,6 +7,7 @@ import json
 import uuid
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -76,6 +77,7 @@ def lc(world: World) -> Lifecycle:
     eu = InstanceCredentials.model_validate({"InstanceId": str(uuid.uuid4()), "InstanceKey": str(uuid.uuid4())})
     world.upstream._instances[eu.instance_id] = eu.instance_key.get_secret_value()  # type: ignore[index]
     world.credentials._known["eu"] = eu
+    world.credentials._known["fleet-eu"] = eu  # the alias the samples in events/ use
     world.upstream.admin = ADMIN
     records = InMemoryLifecycleRecords(world.store)
     sessions = InMemoryAdminSessionStore()
@@ -496,3 +498,43 @@ def test_no_admin_login_beyond_the_fleet_budget(lc: Lifecycle) -> None:
     with pytest.raises(AdminSessionUnavailableError):
         session.call(lambda token: None)
     assert lc.world.upstream.calls["admin_login"] == 0
+
+
+# ---------------------------------------------------------------------------------------------- the samples
+
+EVENTS = Path(__file__).resolve().parents[2] / "events"
+
+
+def test_the_lifecycle_samples_do_what_their_names_say(lc: Lifecycle) -> None:
+    for client_id in ("customer-1001", "customer-1002"):
+        lc.register(client_id, occurred_ms=0)
+    outcomes: dict[str, list[str]] = {}
+    for name in (
+        "lifecycle-updated.json",
+        "lifecycle-stale.json",
+        "lifecycle-deactivated.json",
+        "lifecycle-reactivated.json",
+        "lifecycle-moved.json",
+        "lifecycle-deleted.json",
+        "lifecycle-operator-actions.json",
+        "lifecycle-poison.json",
+    ):
+        records = json.loads((EVENTS / name).read_text())["Records"]
+        outcomes[name] = [
+            lc.intake.handle(
+                r["body"], message_id=r["messageId"], first_sent_ms=int(r["attributes"]["SentTimestamp"])
+            ).status
+            for r in records
+        ]
+    assert outcomes == {
+        "lifecycle-updated.json": ["applied", "applied"],
+        "lifecycle-stale.json": ["dropped"],
+        "lifecycle-deactivated.json": ["applied"],
+        "lifecycle-reactivated.json": ["applied"],
+        "lifecycle-moved.json": ["applied"],
+        "lifecycle-deleted.json": ["applied"],
+        "lifecycle-operator-actions.json": ["applied", "applied", "applied", "applied"],
+        "lifecycle-poison.json": ["dead_lettered"] * 5,
+    }
+    assert_erased_everywhere = [r.status for r in lc.world.store.find_all_by_client("fleet-eu", "customer-1001")]
+    assert assert_erased_everywhere == [UserStatus.DELETED]
