@@ -26,7 +26,7 @@ def handle_lifecycle_batch(event: dict[str, Any], intake: LifecycleIntake, *, co
     """Apply every change of an SQS batch; returns the partial batch response."""
 
     def record_handler(record: SQSRecord) -> str:
-        sent = record.attributes.sent_timestamp
+        sent = (record.raw_event.get("attributes") or {}).get("SentTimestamp")
         return intake.handle(
             record.body, message_id=record.message_id, first_sent_ms=int(sent) if sent else None
         ).status

@@ -34,7 +34,7 @@ def handle_registration_batch(
     """
 
     def record_handler(record: SQSRecord) -> str:
-        sent = record.attributes.sent_timestamp
+        sent = (record.raw_event.get("attributes") or {}).get("SentTimestamp")
         return intake.handle(
             record.body,
             message_id=record.message_id,

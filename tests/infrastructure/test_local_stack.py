@@ -80,6 +80,9 @@ def expected_value(stack: LocalStack, raw: Any) -> str:
     if isinstance(raw, dict) and "Fn::GetAtt" in raw:
         logical_id, attribute = raw["Fn::GetAtt"]
         return stack.attributes[logical_id][attribute]
+    if isinstance(raw, dict) and "Fn::Join" in raw:
+        separator, parts = raw["Fn::Join"]
+        return str(separator).join(expected_value(stack, part) for part in parts)
     assert not isinstance(raw, dict | list), f"extend expected_value() for {raw!r}"
     return "true" if raw is True else "false" if raw is False else str(raw)
 
