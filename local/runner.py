@@ -1202,6 +1202,7 @@ class LocalService:
                 stack_name=self.stack_name,
                 region=self.region,
                 instance_credentials=credentials,
+                admin_credentials=emulator.admin_account,
             )
             if self.state_path is not None:
                 self._stack.save(self.state_path)

@@ -51,6 +51,8 @@ DEFAULT_STATE_PATH: Final = Path(".local-stack/stack.json")
 
 #: The template parameter that names the instance-credentials secret (created by :func:`provision`).
 SECRET_PARAMETER: Final = "InstanceCredentialsSecretArn"  # noqa: S105 - a parameter's name, not a secret
+#: The template parameter that names the admin-credentials secret (created by :func:`provision` unless given).
+ADMIN_SECRET_PARAMETER: Final = "AdminCredentialsSecretArn"  # noqa: S105 - a parameter's name, not a secret
 #: Template parameters that name an EventBridge bus the service publishes on; the bus must exist locally.
 EVENT_BUS_PARAMETERS: Final = ("SignupEventBusName",)
 
@@ -1323,6 +1325,7 @@ def provision(
     stack_name: str = DEFAULT_STACK_NAME,
     region: str = DEFAULT_REGION,
     instance_credentials: Mapping[str, Any] | None = None,
+    admin_credentials: Mapping[str, Any] | None = None,
 ) -> LocalStack:
     """Create the template's resources in a moto server and record what the local runtime needs.
 
@@ -1346,6 +1349,10 @@ def provision(
         The value of the instance-credentials secret (``{"default": {"InstanceId": …, "InstanceKey": …}}``).
         When given, the secret ``<stack>-instance-credentials`` is created first and its ARN becomes the
         ``InstanceCredentialsSecretArn`` parameter; otherwise that parameter must be given.
+    admin_credentials
+        The value of the admin-credentials secret (``{"Email": …, "Password": …}``). Unless the
+        ``AdminCredentialsSecretArn`` parameter is given, the secret ``<stack>-admin-credentials`` is created with
+        it (``{}`` when ``None``: the lifecycle function then cannot log in, and says so) and its ARN passed.
 
     Returns
     -------
@@ -1387,10 +1394,23 @@ def provision(
     # parameters in a few properties such as CodeUri or AutoPublishAlias, never in this one).
     secret_name = f"{stack_name}-instance-credentials"
     stand_in = {SECRET_PARAMETER: f"arn:{_partition(region)}:secretsmanager:{region}:{account_id}:secret:{secret_name}"}
+    admin_secret_name = f"{stack_name}-admin-credentials"
+    if ADMIN_SECRET_PARAMETER in declared and ADMIN_SECRET_PARAMETER not in given:
+        prefix = f"arn:{_partition(region)}:secretsmanager:{region}:{account_id}:secret:"
+        given[ADMIN_SECRET_PARAMETER] = prefix + admin_secret_name
+        admin_secret: Mapping[str, Any] | None = dict(admin_credentials or {})
+    else:
+        admin_secret = None
     values = _resolve_parameters(declared, given | stand_in if instance_credentials is not None else given)
     translated = translate_template(template_file, values, region=region, account_id=account_id)
     check_resource_types(translated)
 
+    if admin_secret is not None:
+        created = session.client("secretsmanager", endpoint_url=endpoint_url).create_secret(
+            Name=admin_secret_name, SecretString=json.dumps(admin_secret)
+        )
+        given[ADMIN_SECRET_PARAMETER] = created["ARN"]
+        values = _resolve_parameters(declared, given | stand_in if instance_credentials is not None else given)
     if instance_credentials is not None:
         secret = session.client("secretsmanager", endpoint_url=endpoint_url).create_secret(
             Name=secret_name, SecretString=json.dumps(dict(instance_credentials))

@@ -34,7 +34,14 @@ def handle_registration_batch(
     """
 
     def record_handler(record: SQSRecord) -> str:
-        return intake.handle(record.body, message_id=record.message_id, source="queue", time_left=time_left).status
+        sent = (record.raw_event.get("attributes") or {}).get("SentTimestamp")
+        return intake.handle(
+            record.body,
+            message_id=record.message_id,
+            source="queue",
+            time_left=time_left,
+            occurred_at_ms=int(sent) if sent else None,
+        ).status
 
     processor = ConcurrentBatchProcessor(EventType.SQS, max_workers=concurrency)
     return dict(process_partial_response(event=event, record_handler=record_handler, processor=processor))

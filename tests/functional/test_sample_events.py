@@ -30,7 +30,7 @@ def test_every_sample_is_covered_here() -> None:
         "signup-duplicate.json",
         "refresh-sweep.json",
         "refresh-jobs.json",
-    }
+    } | {p.name for p in EVENTS.glob("lifecycle-*.json")}  # through the lifecycle intake: tests/unit/test_lifecycle.py
 
 
 # (A sample's ClientId may already be registered by another test of the session: then it is a duplicate.)

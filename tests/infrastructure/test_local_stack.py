@@ -95,6 +95,9 @@ def expected_value(stack: LocalStack, raw: Any) -> str:
     if isinstance(raw, dict) and "Fn::If" in raw:
         condition, when_true, when_false = raw["Fn::If"]
         return expected_value(stack, when_true if condition_holds(stack, condition) else when_false)
+    if isinstance(raw, dict) and "Fn::Join" in raw:
+        separator, parts = raw["Fn::Join"]
+        return str(separator).join(expected_value(stack, part) for part in parts)
     assert not isinstance(raw, dict | list), f"extend expected_value() for {raw!r}"
     return "true" if raw is True else "false" if raw is False else str(raw)
 

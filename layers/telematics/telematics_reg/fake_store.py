@@ -22,6 +22,7 @@ from telematics_reg.store import (
     UserRecord,
     UserStatus,
     iso,
+    prefer_live,
     shard_of,
 )
 
@@ -40,11 +41,11 @@ class InMemoryTokenStore:
             return self.users.get(device_token)
 
     def find_by_client(self, instance: str, client_id: str) -> UserRecord | None:
+        return prefer_live(self.find_all_by_client(instance, client_id))
+
+    def find_all_by_client(self, instance: str, client_id: str) -> list[UserRecord]:
         with self._lock:
-            for user in self.users.values():
-                if user.instance == instance and user.client_id == client_id:
-                    return user
-        return None
+            return [u for u in self.users.values() if u.instance == instance and u.client_id == client_id]
 
     def claim_registration(
         self,

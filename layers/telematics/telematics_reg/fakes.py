@@ -341,6 +341,8 @@ class FakeUserService:
 
     def admin_login(self, admin: AdminCredentials) -> AdminSession:
         with self._lock:
+            if self.login_budget is not None:
+                self.login_budget.acquire()  # as the real client: every Login, user or admin, spends the budget
             after = self._enter("admin_login")
             if self.admin is not None and (
                 admin.email.lower() != self.admin.email.lower()

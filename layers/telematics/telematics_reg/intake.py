@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from aws_lambda_powertools.metrics import MetricUnit
@@ -38,7 +39,7 @@ from telematics_reg.errors import (
     UpstreamValidationError,
     describe_error,
 )
-from telematics_reg.models import BulkRegistrationRequest, parse_registration_message
+from telematics_reg.models import BulkRegistrationRequest, RegistrationRequest, parse_registration_message
 from telematics_reg.observability import logger, metrics
 from telematics_reg.outcomes import ErrorItem, EventPublisher, RegistrationFailed, Source
 from telematics_reg.registration import (
@@ -46,15 +47,33 @@ from telematics_reg.registration import (
     BulkIncompleteError,
     BulkRequestConflictError,
     RegistrationService,
+    UserErasedError,
     stamp_request_id,
 )
+
+
+def event_time_ms(value: str | None) -> int | None:
+    """An EventBridge ``time`` (``2026-01-31T12:00:00Z``) as epoch ms; ``None`` if absent or unreadable.
+
+    Example
+    -------
+    >>> event_time_ms("1970-01-01T00:00:01Z")
+    1000
+    """
+    if not value or not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return int((parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp() * 1000)
 
 
 @dataclass(frozen=True)
 class MessageResult:
     """What became of one message (for the handler's response and for tests)."""
 
-    status: str  # "registered" | "duplicate" | "bulk" | "bulk_continued" | "dead_lettered"
+    status: str  # "registered" | "duplicate" | "bulk" | "bulk_continued" | "dead_lettered" | "dropped"
     device_token: str | None = None
     reason: str | None = None
     stored: int = 0
@@ -85,10 +104,13 @@ class RegistrationIntake:
         message_id: str,
         source: Source,
         time_left: Callable[[], float] | None = None,
+        occurred_at_ms: int | None = None,
     ) -> MessageResult:
         """Register what ``body`` asks for. Raises only for failures worth retrying.
 
         ``time_left`` gives the seconds the invocation has left (a bulk stops starting chunks when it is short).
+        ``occurred_at_ms`` (the event's ``time``, the message's first send) orders a registration without
+        ``OccurredAt`` against a deletion of its ClientId.
         """
         raw = body if isinstance(body, (str, bytes)) else json.dumps(body)
         try:
@@ -100,10 +122,7 @@ class RegistrationIntake:
             # A signup event is one user (DESIGN.md); bulk loads belong on the registration queue.
             problem = FieldError("Quantity", "bulk requests go on the registration queue, not in a signup event")
             return self._dead_letter(raw, "invalid_fields", [problem], message_id, source, request.instance, None)
-        if isinstance(request, BulkRegistrationRequest) and request.request_id is None:
-            request = request.model_copy(update={"request_id": message_id})
-            text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
-            raw = stamp_request_id(text, message_id)
+        request, raw = _stamped(request, raw, message_id, occurred_at_ms)
         client_id = None if isinstance(request, BulkRegistrationRequest) else request.client_id
         logger.thread_safe_append_keys(client_id=client_id, message_id=message_id)
         foreign: str | None = None
@@ -120,6 +139,13 @@ class RegistrationIntake:
             return self._dead_letter(raw, "upstream_rejected", errors, message_id, source, request.instance, client_id)
         except (BulkIncompleteError, BulkRequestConflictError) as exc:
             return self._dead_letter(raw, exc.reason, exc.errors, message_id, source, request.instance, None)
+        except UserErasedError as exc:
+            # Occurred before the deletion of its user: dropped, not dead-lettered (a dead letter would keep the
+            # erased user's profile), and announced with ids only.
+            metrics.add_metric("RegistrationsAfterErasureDropped", MetricUnit.Count, 1)
+            logger.info("registration dropped: its user was deleted after it occurred", extra={"detail": str(exc)})
+            self._announce_dropped(request.instance, client_id, message_id, source, exc)
+            return MessageResult("dropped", device_token=exc.device_token, reason=exc.reason)
         except BulkDeferredError as exc:
             # Not a failure: the bulk goes on in a later delivery, of a new message or of this one.
             metrics.add_metric("BulkDeferred", MetricUnit.Count, 1)
@@ -151,6 +177,23 @@ class RegistrationIntake:
         )
         status = "duplicate" if outcome.duplicate else "registered"
         return MessageResult(status, device_token=outcome.device_token)
+
+    def _announce_dropped(
+        self, instance: str, client_id: str | None, message_id: str, source: Source, exc: UserErasedError
+    ) -> None:
+        try:
+            self._publisher.publish(
+                RegistrationFailed(
+                    instance=instance,
+                    client_id=client_id,
+                    message_id=message_id,
+                    reason=exc.reason,
+                    errors=[ErrorItem(key="ClientId", message="the user was deleted after this registration occurred")],
+                    source=source,
+                )
+            )
+        except Exception:  # noqa: BLE001 - nothing is lost: the registration is dropped on purpose
+            logger.exception("could not publish TelematicsRegistrationFailed")
 
     def _continue_bulk(self, body: str, stopped: BulkDeferredError) -> bool:
         """Send a bulk that stopped part-way back onto its queue; False leaves its message to be retried.
@@ -216,3 +259,20 @@ class RegistrationIntake:
         except Exception:  # noqa: BLE001 - the dead letter holds the message; the event is a notification
             logger.exception("could not publish TelematicsRegistrationFailed")
         return MessageResult("dead_lettered", reason=reason)
+
+
+def _stamped(
+    request: RegistrationRequest | BulkRegistrationRequest,
+    raw: str | bytes,
+    message_id: str,
+    occurred_at_ms: int | None,
+) -> tuple[RegistrationRequest | BulkRegistrationRequest, str | bytes]:
+    """The request (and the body kept for a dead letter) with what a re-send must keep: a bulk's ``RequestId`` (the
+    first message's id when it named none), and when a registration occurred (to order it against a deletion)."""
+    if isinstance(request, BulkRegistrationRequest) and request.request_id is None:
+        request = request.model_copy(update={"request_id": message_id})
+        text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
+        raw = stamp_request_id(text, message_id)
+    if isinstance(request, RegistrationRequest) and request.occurred_at is None and occurred_at_ms is not None:
+        request = request.model_copy(update={"occurred_at": datetime.fromtimestamp(occurred_at_ms / 1000, UTC)})
+    return request, raw

@@ -573,6 +573,16 @@ class RegistrationRequest(_Profile):
 
     client_id: ClientId
     instance: InstanceAlias = "default"
+    #: When the registration occurred (ISO 8601, ms; not forwarded). Without it, the intake sets the event's
+    #: ``time`` or the message's ``SentTimestamp``. Orders it against a deletion of the same ClientId.
+    occurred_at: Annotated[datetime, Field(strict=False)] | None = None
+
+    @property
+    def occurred_at_ms(self) -> int | None:
+        if self.occurred_at is None:
+            return None
+        moment = self.occurred_at if self.occurred_at.tzinfo else self.occurred_at.replace(tzinfo=UTC)
+        return int(moment.timestamp() * 1000)
 
     @classmethod
     def _prepare(cls, data: dict[Any, Any]) -> dict[Any, Any]:

@@ -106,6 +106,24 @@ def device_token_for(instance_id: str, client_id: str, *, key: DeviceTokenKey) -
     return str(_keyed_uuid(key, "client", instance_id.lower(), client_id))
 
 
+def successor_device_token(deleted_device_token: str, *, key: DeviceTokenKey) -> str:
+    """The DeviceToken a ClientId gets when it registers again after the deletion of ``deleted_device_token``.
+
+    Deterministic (so a duplicate of that later registration finds the same claim) and new (a deleted user's
+    DeviceToken, which its old SDK install may still hold, never names the new user). A ClientId deleted n times
+    walks n tombstones to its current DeviceToken.
+
+    Example
+    -------
+    >>> from telematics_reg.credentials import DeviceTokenKey
+    >>> key = DeviceTokenKey("k" * 32)
+    >>> first = device_token_for("3c1c8fd7-4133-404a-82e9-93a015d85362", "customer-42", key=key)
+    >>> successor_device_token(first, key=key) != first
+    True
+    """
+    return str(_keyed_uuid(key, "after-deletion", deleted_device_token.lower()))
+
+
 def bulk_device_tokens(
     instance_id: str, request_id: str, start: int, count: int, *, key: DeviceTokenKey
 ) -> list[uuid.UUID]:
@@ -170,6 +188,18 @@ class _ChunkProblem(Exception):  # internal control flow, never escapes register
     def __init__(self, errors: list[FieldError]) -> None:
         self.errors = errors
         super().__init__("; ".join(f"{e.key}: {e.message}" for e in errors))
+
+
+class UserErasedError(TelematicsError):
+    """The registration occurred before the deletion of its user (a redelivery, a late duplicate): it never
+    recreates the user nor calls the upstream; it is dropped and announced with reason ``user_deleted``."""
+
+    reason = "user_deleted"
+
+    def __init__(self, device_token: str, deleted_at: int | None) -> None:
+        super().__init__(f"user_deleted: {device_token} was deleted at {deleted_at} (epoch ms), after it occurred")
+        self.device_token = device_token
+        self.deleted_at = deleted_at
 
 
 class RegistrationInProgressError(TelematicsError):
@@ -286,7 +316,7 @@ class RegistrationService:
         device_token = self._device_token_of(request, instance_id)
         owner = f"{message_id}/{uuid.uuid4()}"
 
-        existing = self._claim_or_find(request, instance_id, device_token, owner)
+        device_token, existing = self._claim_or_find(request, instance_id, device_token, owner)
         if existing is not None:
             logger.info("ClientId already registered", extra={"device_token": device_token, "duplicate": True})
             outcome = RegistrationOutcome(device_token, duplicate=True, has_tokens=existing.tokens is not None)
@@ -333,8 +363,15 @@ class RegistrationService:
 
     def _claim_or_find(
         self, request: RegistrationRequest, instance_id: str, device_token: str, owner: str
-    ) -> UserRecord | None:
-        """Claim the user (returns None) or return the registered record; waits a little for a live claim."""
+    ) -> tuple[str, UserRecord | None]:
+        """Claim the user (returns its DeviceToken and None) or return the registered record; waits a little for a
+        live claim. A tombstone (the ClientId was deleted) stops a registration that occurred before the deletion
+        (:class:`UserErasedError`); one that occurred after it is a new user, at the tombstone's successor::
+
+            D: delete at T -> tombstone(dt0, DeletedAt T)
+            R (occurred t <= T, redelivered): claim dt0 fails, tombstone, t <= T ..... dropped, no upstream call
+            R' (occurred t > T): claim dt0 fails, tombstone ..... claim dt1 = successor(dt0) -> Create dt1
+        """
         deadline = self._clock() + self._wait_for_other
         delay = 0.1
         while True:
@@ -349,10 +386,16 @@ class RegistrationService:
                 ttl=self._claim_seconds,
             )
             if claimed is not None:
-                return None
+                return device_token, None
             existing = self._store.get_user(device_token)
+            if existing is not None and existing.status.erased:
+                occurred = request.occurred_at_ms
+                if occurred is None or existing.deleted_at is None or occurred <= existing.deleted_at:
+                    raise UserErasedError(device_token, existing.deleted_at)
+                device_token = successor_device_token(device_token, key=self._device_token_key.get())
+                continue
             if existing is not None and existing.status is not UserStatus.PENDING:
-                return existing
+                return device_token, existing
             if self._clock() >= deadline:
                 raise RegistrationInProgressError(f"registration of {device_token} is in progress elsewhere")
             self._sleep(delay)

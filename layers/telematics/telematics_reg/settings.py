@@ -104,6 +104,12 @@ class ServiceSettings(BaseSettings):
                 f"holding it, FUNCTION_TIMEOUT_SECONDS={self.function_timeout_seconds} + CLOCK_SKEW_SECONDS={skew} "
                 f"= {claim_needed} s"
             )
+        if self.lifecycle_lease_seconds < claim_needed:
+            raise ValueError(
+                f"LIFECYCLE_LEASE_SECONDS={self.lifecycle_lease_seconds} is too short: a change's lease must outlive "
+                f"the function applying it, FUNCTION_TIMEOUT_SECONDS={self.function_timeout_seconds} + "
+                f"CLOCK_SKEW_SECONDS={skew} = {claim_needed} s"
+            )
         if self.login_budget_per_minute >= self.upstream_login_limit_per_minute:
             raise ValueError(
                 f"LOGIN_BUDGET_PER_MINUTE={self.login_budget_per_minute} must stay below the upstream's Login limit "
@@ -122,3 +128,13 @@ class ServiceSettings(BaseSettings):
                 f"at least {lease_needed:g} s"
             )
         return self
+
+    # User lifecycle (flow 5).
+    admin_credentials_secret_arn: str = ""
+    # The user's lease while a change is applied: above the function's Timeout plus clock skew between workers.
+    lifecycle_lease_seconds: int = Field(120, ge=10)
+    # A change for a user not registered this long after its first delivery is dead-lettered unknown_user.
+    unknown_user_seconds: int = Field(900, ge=0)
+    tombstone_retention_days: int = Field(90, ge=1, le=3650)
+    # Dead-letter queues a deletion erases the user's letters from (comma-separated URLs).
+    erasure_queue_urls: str = ""

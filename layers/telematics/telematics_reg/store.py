@@ -40,6 +40,14 @@ class UserStatus(StrEnum):
     ACTIVE = "ACTIVE"  # tokens stored and kept fresh
     TOKENLESS = "TOKENLESS"  # registered with CreateAccessToken=false: tokens come by Login when first needed
     NEEDS_RELOGIN = "NEEDS_RELOGIN"  # refresh and Login both failed; announced, out of the refresh index
+    # Lifecycle (telematics_reg.lifecycle): a deletion in progress, then its tombstone. Neither holds a token or a
+    # profile field; neither is in the refresh index; a registration that occurred before it never replaces it.
+    DELETING = "DELETING"  # tokens gone here; the upstream delete may still be due
+    DELETED = "DELETED"  # the tombstone: ids and the deletion time, expired by TTL (``ExpiresAt``)
+
+    @property
+    def erased(self) -> bool:
+        return self in (UserStatus.DELETING, UserStatus.DELETED)
 
 
 class ChunkState(StrEnum):
@@ -95,6 +103,12 @@ class UserRecord:
     bulk_request_id: str | None = None
     created_at: str = ""
     updated_at: str = ""
+    #: Lifecycle: when the last change applied to this user occurred (epoch ms), the per-user order marker.
+    last_change_at: int | None = None
+    #: Lifecycle: the user is deactivated upstream (its tokens are still kept fresh: see README "User lifecycle").
+    deactivated: bool = False
+    #: Lifecycle: when the deletion occurred (epoch ms), on DELETING / DELETED items.
+    deleted_at: int | None = None
 
     @property
     def tokens(self) -> Tokens | None:
@@ -167,6 +181,14 @@ def shard_of(device_token: str, shards: int) -> str:
     """Stable shard of the refresh index for a user (spreads the hot 'due soon' range over partitions)."""
     digest = hashlib.sha256(device_token.encode()).digest()
     return f"{int.from_bytes(digest[:4], 'big') % shards:03d}"
+
+
+def prefer_live(records: Sequence[UserRecord]) -> UserRecord | None:
+    """The live record among ``records``, else the most recent tombstone (``None`` for none)."""
+    live = [r for r in records if not r.status.erased]
+    if live:
+        return live[0]
+    return max(records, key=lambda r: r.deleted_at or 0, default=None)
 
 
 def iso(now: float) -> str:
@@ -287,8 +309,19 @@ _USER_ATTRS = {
     "BulkRequestId": "bulk_request_id",
     "CreatedAt": "created_at",
     "UpdatedAt": "updated_at",
+    "LastChangeAt": "last_change_at",
+    "Deactivated": "deactivated",
+    "DeletedAt": "deleted_at",
 }
-_INT_FIELDS = {"version", "access_expires_at", "claim_expires_at", "lease_expires_at", "retry_after"}
+_INT_FIELDS = {
+    "version",
+    "access_expires_at",
+    "claim_expires_at",
+    "lease_expires_at",
+    "retry_after",
+    "last_change_at",
+    "deleted_at",
+}
 
 
 def _to_item(values: dict[str, Any]) -> dict[str, Any]:
@@ -364,6 +397,11 @@ class DynamoTokenStore:
         response = self._call("update_item", **kwargs)
         return _from_item(response["Attributes"]) if return_new or return_old else None
 
+    @staticmethod
+    def _record_of(values: dict[str, Any]) -> UserRecord:
+        """A user item (deserialized) as a :class:`UserRecord` (for the lifecycle's writes on the same items)."""
+        return _record(values)
+
     # -- reads
 
     def get_user(self, device_token: str) -> UserRecord | None:
@@ -372,18 +410,22 @@ class DynamoTokenStore:
         return _record(_from_item(item)) if item else None
 
     def find_by_client(self, instance: str, client_id: str) -> UserRecord | None:
+        """The user of (Instance, ClientId): the live one if any, else its latest tombstone (a ClientId deleted
+        and registered again has both)."""
+        return prefer_live(self.find_all_by_client(instance, client_id))
+
+    def find_all_by_client(self, instance: str, client_id: str) -> list[UserRecord]:
+        """Every item of (Instance, ClientId): at most one live user, and the tombstones of deleted ones."""
         response = self._call(
             "query",
             IndexName="ByClient",
             KeyConditionExpression="ClientKey = :k",
             ExpressionAttributeValues={":k": {"S": client_key(instance, client_id)}},
-            Limit=2,
+            Limit=50,
         )
-        items = response.get("Items", [])
-        if not items:
-            return None
-        # The index is eventually consistent: re-read the item itself.
-        return self.get_user(str(_from_item(items[0])["DeviceToken"]))
+        # The index is eventually consistent: re-read each item itself.
+        found = (self.get_user(str(_from_item(item)["DeviceToken"])) for item in response.get("Items", []))
+        return [record for record in found if record is not None]
 
     # -- registration
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import boto3
 from botocore.config import Config
@@ -23,6 +23,9 @@ from telematics_reg.registration import RegistrationService
 from telematics_reg.settings import ServiceSettings
 from telematics_reg.store import DynamoTokenStore
 from telematics_reg.upstream import UserServiceClient
+
+if TYPE_CHECKING:
+    from telematics_reg.lifecycle.intake import LifecycleIntake
 
 T = TypeVar("T")
 # Time a bulk chunk needs beyond its upstream call: storing 100 users (batch writes, retried) and its events.
@@ -146,6 +149,55 @@ def build_sweeper(settings: ServiceSettings) -> Sweeper:
         spread_seconds=settings.refresh_spread_seconds,
         lease_seconds=settings.refresh_lease_seconds,
         page_size=settings.sweep_page_size,
+    )
+
+
+def build_lifecycle_intake(settings: ServiceSettings) -> LifecycleIntake:
+    """The lifecycle function's intake: the User Management API under the fleet's admin session (stored in the
+    tokens table), the order marker and tombstones on the same table, dead letters erased on deletion."""
+    # Imported here: the management models are built only by the function that uses them.
+    from telematics_reg.lifecycle.admin import (  # noqa: PLC0415
+        DynamoAdminSessionStore,
+        FleetAdminSession,
+        SecretsManagerAdminCredentials,
+    )
+    from telematics_reg.lifecycle.erasure import SqsDeadLetterEraser  # noqa: PLC0415
+    from telematics_reg.lifecycle.intake import LifecycleIntake  # noqa: PLC0415
+    from telematics_reg.lifecycle.records import DynamoLifecycleRecords  # noqa: PLC0415
+    from telematics_reg.lifecycle.service import LifecycleService  # noqa: PLC0415
+
+    dynamodb = aws_client("dynamodb", settings)
+    sqs = aws_client("sqs", settings)
+    store = DynamoTokenStore(dynamodb, table_name=settings.tokens_table_name, shards=settings.refresh_shards)
+    upstream = build_user_service(settings)
+    publisher = build_publisher(settings)
+    admin = FleetAdminSession(
+        upstream=upstream,
+        store=DynamoAdminSessionStore(store),
+        credentials=SecretsManagerAdminCredentials(
+            settings.admin_credentials_secret_arn,
+            max_age=settings.credentials_cache_seconds,
+            client=aws_client("secretsmanager", settings),
+        ),
+    )
+    service = LifecycleService(
+        upstream=upstream,
+        records=DynamoLifecycleRecords(store),
+        credentials=build_credentials(settings),
+        device_token_key=build_device_token_key(settings),
+        admin=admin,
+        publisher=publisher,
+        eraser=SqsDeadLetterEraser(
+            sqs, queue_urls=[url.strip() for url in settings.erasure_queue_urls.split(",") if url.strip()]
+        ),
+        lease_seconds=settings.lifecycle_lease_seconds,
+        tombstone_retention_seconds=settings.tombstone_retention_days * 86400,
+    )
+    return LifecycleIntake(
+        service=service,
+        dead_letters=SqsDeadLetters(sqs, queue_url=settings.dead_letter_queue_url),
+        publisher=publisher,
+        unknown_user_seconds=settings.unknown_user_seconds,
     )
 
 
