@@ -596,7 +596,7 @@ def test_the_tokens_table_uses_the_template_key_and_pitr(cfn: Template) -> None:
     assert table["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"] is True
 
 
-def test_the_device_token_key_is_a_kept_encrypted_secret_that_only_the_registration_functions_read(
+def test_the_device_token_key_is_a_kept_encrypted_secret_that_only_the_functions_deriving_tokens_read(
     cfn: Template,
 ) -> None:
     secret = cfn["Resources"]["DeviceTokenKeySecret"]
@@ -620,7 +620,8 @@ def test_the_device_token_key_is_a_kept_encrypted_secret_that_only_the_registrat
         if allows(statement, "secretsmanager:GetSecretValue") and secret_ref in as_list(statement.get("Resource"))
     }
     functions = resources(cfn, "AWS::Lambda::Function")
-    registering = {"SignupFunction", "RegistrationQueueFunction"}
+    # The lifecycle function derives the slot a never-registered user's deletion tombstones.
+    registering = {"SignupFunction", "RegistrationQueueFunction", "LifecycleFunction"}
     assert readers == {role_of(cfn, function) for function in registering}
     for function in functions:
         variable = environment(cfn, function).get("DEVICE_TOKEN_KEY_SECRET_ARN")
