@@ -156,6 +156,8 @@ def test_chunk_claims_in_dynamodb_admit_one_caller_and_fence_a_caller_that_was_t
     assert store.make_chunk_per_user(**where, owner="A") == 0
     user = NewUser(str(uuid.uuid4()), "default", str(uuid.uuid4()), None, request_id)
     store.store_chunk_user(**where, owner="A", position=0, user=user, now=1002)
+    # The client's retry of that transaction after its answer was lost: done already, not a takeover.
+    store.store_chunk_user(**where, owner="A", position=0, user=user, now=1002)
     progress = store.start_bulk(instance="default", request_id=request_id, quantity=100, chunk_size=100, now=1003)
     assert (progress.chunks[0], progress.claims[0], progress.made[0]) == (ChunkState.CALLING, ChunkClaim("A", 1000), 1)
 
