@@ -455,6 +455,17 @@ def _queue_url_problems(template: Template) -> list[str]:
         jobs = target(environment(template, function).get("REFRESH_QUEUE_URL"))
         if jobs is not None and jobs not in consumers.values():
             problems.append(f"{function} queues refresh jobs on {jobs}, which no function consumes")
+        # A bulk that stopped part-way goes back onto the queue the function reads, which it may write to.
+        own = target(environment(template, function).get("REGISTRATION_QUEUE_URL"))
+        if own is None:
+            continue
+        role = role_of(template, function)
+        if own != consumers.get(function):
+            problems.append(f"{function} sends bulks back to {own}, which is not the queue it reads")
+        elif role is None or not role_allows(template, role, "sqs:SendMessage", own):
+            problems.append(f"{function} may not send to {own}, its REGISTRATION_QUEUE_URL")
+        elif (key := kms_key_of_queue(template, own)) and not role_allows(template, role, "kms:GenerateDataKey", key):
+            problems.append(f"{function}: {own} is encrypted with {key}, which its role may not use")
     return problems
 
 
@@ -632,7 +643,7 @@ def test_each_function_needs_at_least_the_core_settings(cfn: Template) -> None:
     core = {"USER_SERVICE_URL", "CREDENTIALS_SECRET_ARN", "TOKENS_TABLE_NAME", "EVENT_BUS_NAME"}
     specific = {
         "SignupFunction": core | {"DEAD_LETTER_QUEUE_URL"},
-        "RegistrationQueueFunction": core | {"DEAD_LETTER_QUEUE_URL"},
+        "RegistrationQueueFunction": core | {"DEAD_LETTER_QUEUE_URL", "REGISTRATION_QUEUE_URL"},
         "RefreshWorkerFunction": core,
         "RefreshSweeperFunction": {"TOKENS_TABLE_NAME", "REFRESH_QUEUE_URL"},
     }
@@ -726,6 +737,17 @@ BREAKAGES: dict[str, tuple[Callable[[Template], Any], str, str]] = {
         lambda t: _props(t, "SignupFunction")["Environment"]["Variables"].pop("DEAD_LETTER_QUEUE_URL"),
         "environment",
         "DEAD_LETTER_QUEUE_URL",
+    ),
+    "bulk continuations not allowed": (
+        lambda t: _props(t, "RegistrationQueueFunction")["Policies"][0].update(
+            Statement=[
+                s
+                for s in _props(t, "RegistrationQueueFunction")["Policies"][0]["Statement"]
+                if s.get("Sid") != "BulkContinuations"
+            ]
+        ),
+        "environment",
+        "may not send to RegistrationQueue",
     ),
     "misspelt variable": (
         lambda t: _props(t, "RefreshWorkerFunction")["Environment"]["Variables"].update(REFRESH_MARGIN_SECOND="60"),

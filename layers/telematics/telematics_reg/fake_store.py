@@ -216,6 +216,13 @@ class InMemoryTokenStore:
             progress = self.bulks[(instance, request_id)]
             claim = progress.claims.get(index)
             if (
+                claim is not None
+                and claim.owner == owner
+                and progress.made.get(index) == position + 1
+                and user.device_token in self.users
+            ):
+                return  # a retry of a write that landed (see DynamoTokenStore._chunk_user_already_stored)
+            if (
                 progress.chunks[index] is not ChunkState.CALLING
                 or claim is None
                 or claim.owner != owner

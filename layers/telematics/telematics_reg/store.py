@@ -728,9 +728,33 @@ class DynamoTokenStore:
             if any(r.get("Code") == "ConditionalCheckFailed" for r in reasons) or (
                 exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
             ):
+                if self._chunk_user_already_stored(owner, instance, request_id, index, position, user):
+                    return
                 raise ConditionFailedError("store_chunk_user: chunk taken over or user stored") from None
             code = exc.response.get("Error", {}).get("Code", "Unknown")
             raise StoreError(f"DynamoDB transact_write_items failed: {code}") from exc
+
+    def _chunk_user_already_stored(
+        self, owner: str, instance: str, request_id: str, index: int, position: int, user: NewUser
+    ) -> bool:
+        """Whether what the failed write was to do is done: we still hold the claim, ``Made<n>`` is one past
+        ``position``, and the user is stored.
+
+        The client retries a transaction whose answer it did not get (a read timeout). If the first attempt
+        committed, the retry fails its condition; without this it would be read as a takeover, and the chunk
+        left CALLING until its claim lapsed::
+
+            attempt 1: Made=p -> p+1, put user p ... answer lost (read timeout)
+            attempt 2 (botocore's retry): Made = p? no -> ConditionalCheckFailed
+            read: Owner = us, Made = p+1, user p stored -> done by attempt 1: success
+
+        A delivery that lost its claim, or one at a position already counted with another user, still fails.
+        """
+        response = self._call("get_item", Key={"pk": {"S": bulk_pk(instance, request_id)}}, ConsistentRead=True)
+        values = _from_item(response.get("Item") or {})
+        if values.get(f"Owner{index}") != owner or values.get(f"Made{index}") != position + 1:
+            return False
+        return self.get_user(user.device_token) is not None
 
     # -- token maintenance
 
