@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -186,8 +187,9 @@ def chunk_key(request_id: str, index: int) -> str:
 
 
 def pending_key(instance: str, request_id: str, index: int) -> str:
-    """The attribute of :data:`ADOPTIONS_PK` naming one chunk waiting for adoption."""
-    return f"{instance}#{chunk_key(request_id, index)}"
+    """The attribute of :data:`ADOPTIONS_PK` naming one chunk waiting for adoption (JSON: aliases and request ids
+    may hold any character)."""
+    return json.dumps([instance, request_id, index], separators=(",", ":"))
 
 
 def client_key(instance: str, client_id: str) -> str:

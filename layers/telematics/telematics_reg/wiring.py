@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import boto3
 from botocore.config import Config
@@ -23,6 +23,9 @@ from telematics_reg.registration import RegistrationService
 from telematics_reg.settings import ServiceSettings
 from telematics_reg.store import DynamoTokenStore
 from telematics_reg.upstream import UserServiceClient
+
+if TYPE_CHECKING:
+    from telematics_reg.reconcile.service import Reconciler
 
 T = TypeVar("T")
 # Time a bulk chunk needs beyond its upstream call: storing 100 users (batch writes, retried) and its events.
@@ -147,6 +150,61 @@ def build_sweeper(settings: ServiceSettings) -> Sweeper:
         lease_seconds=settings.refresh_lease_seconds,
         page_size=settings.sweep_page_size,
     )
+
+
+def build_reconciler(settings: ServiceSettings) -> Reconciler:
+    """The reconcile function's service: adoption of lost chunks and the drift audit, with one admin session.
+
+    The admin session is :class:`~telematics_reg.reconcile.admin.LoggedInAdminSession` (one per container, its
+    Login within the fleet's budget); the fleet's shared admin session fits the same ``AdminTokenSource``.
+    """
+    # Imported here: only this function builds the management models.
+    from telematics_reg.reconcile.admin import LoggedInAdminSession, SecretsManagerAdminCredentials  # noqa: PLC0415
+    from telematics_reg.reconcile.adoption import ChunkAdopter  # noqa: PLC0415
+    from telematics_reg.reconcile.audit import DriftAudit  # noqa: PLC0415
+    from telematics_reg.reconcile.records import DynamoReconcileRecords  # noqa: PLC0415
+    from telematics_reg.reconcile.service import Reconciler  # noqa: PLC0415
+
+    upstream = build_user_service(settings)
+    records = DynamoReconcileRecords(build_store(settings))
+    credentials = build_credentials(settings)
+    publisher = build_publisher(settings)
+    admin = LoggedInAdminSession(
+        upstream=upstream,
+        credentials=SecretsManagerAdminCredentials(
+            settings.admin_credentials_secret_arn,
+            max_age=settings.credentials_cache_seconds,
+            client=aws_client("secretsmanager", settings),
+        ),
+    )
+    skew = settings.clock_skew_seconds
+    adopter = ChunkAdopter(
+        upstream=upstream,
+        admin=admin,
+        records=records,
+        credentials=credentials,
+        publisher=publisher,
+        claim_seconds=settings.claim_seconds,
+        clock_skew_seconds=skew,
+        window_margin_seconds=settings.reconcile_window_margin_seconds,
+        refresh_margin_seconds=settings.refresh_margin_seconds,
+        login_interval_seconds=60.0 / max(1, settings.login_budget_per_minute),
+        page_size=settings.reconcile_page_size,
+    )
+    audit = DriftAudit(
+        upstream=upstream,
+        admin=admin,
+        records=records,
+        credentials=credentials,
+        device_token_key=build_device_token_key(settings),
+        publisher=publisher,
+        interval_seconds=settings.reconcile_audit_interval_seconds,
+        lease_seconds=settings.reconcile_lease_seconds,
+        created_margin_seconds=settings.claim_seconds + skew + settings.reconcile_window_margin_seconds,
+        page_size=settings.reconcile_page_size,
+        workers=settings.upstream_concurrency,
+    )
+    return Reconciler(adopter=adopter, audit=audit)
 
 
 class ColdStart(Generic[T]):
