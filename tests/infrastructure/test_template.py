@@ -596,7 +596,7 @@ def test_the_tokens_table_uses_the_template_key_and_pitr(cfn: Template) -> None:
     assert table["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"] is True
 
 
-def test_the_device_token_key_is_a_kept_encrypted_secret_that_only_the_registration_functions_read(
+def test_the_device_token_key_is_a_kept_encrypted_secret_that_only_the_deriving_functions_read(
     cfn: Template,
 ) -> None:
     secret = cfn["Resources"]["DeviceTokenKeySecret"]
@@ -620,11 +620,12 @@ def test_the_device_token_key_is_a_kept_encrypted_secret_that_only_the_registrat
         if allows(statement, "secretsmanager:GetSecretValue") and secret_ref in as_list(statement.get("Resource"))
     }
     functions = resources(cfn, "AWS::Lambda::Function")
-    registering = {"SignupFunction", "RegistrationQueueFunction"}
-    assert readers == {role_of(cfn, function) for function in registering}
+    # The drift audit derives too: an unstored upstream user whose DeviceToken is ours for its ClientId is ours.
+    deriving = {"SignupFunction", "RegistrationQueueFunction", "ReconcileFunction"}
+    assert readers == {role_of(cfn, function) for function in deriving}
     for function in functions:
         variable = environment(cfn, function).get("DEVICE_TOKEN_KEY_SECRET_ARN")
-        assert variable == (secret_ref if function in registering else None), function
+        assert variable == (secret_ref if function in deriving else None), function
 
 
 def test_each_function_needs_at_least_the_core_settings(cfn: Template) -> None:

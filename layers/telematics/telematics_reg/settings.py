@@ -77,7 +77,7 @@ class ServiceSettings(BaseSettings):
     # only wakes the function), under a lease that outlives the function, checkpointing each page.
     admin_credentials_secret_arn: str = ""
     reconcile_audit_interval_seconds: int = Field(86_400, ge=300)
-    reconcile_lease_seconds: int = Field(400, ge=30)
+    reconcile_lease_seconds: int = Field(180, ge=30)
     reconcile_window_margin_seconds: int = Field(60, ge=0, le=3600)
     reconcile_page_size: int = Field(1000, ge=10, le=1000)
 

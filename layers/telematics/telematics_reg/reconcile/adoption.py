@@ -40,8 +40,10 @@ from telematics_reg.reconcile.records import AdoptedUser, ReconcileRecords, chun
 from telematics_reg.store import BulkProgress, ChunkState, ConditionFailedError, iso, pending_key
 
 if TYPE_CHECKING:
+    from pydantic import SecretStr
+
     from telematics_reg.credentials import CredentialsProvider
-    from telematics_reg.management_models import ManagedUser
+    from telematics_reg.management_models import ManagedUser, UserPage, UserPageQuery
     from telematics_reg.reconcile.admin import AdminTokenSource
     from telematics_reg.upstream import UserService
 

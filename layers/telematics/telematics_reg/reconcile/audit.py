@@ -202,7 +202,7 @@ class DriftAudit:
         device_token_key: DeviceTokenKeyProvider,
         publisher: EventPublisher,
         interval_seconds: int = 86_400,
-        lease_seconds: int = 400,
+        lease_seconds: int = 180,
         created_margin_seconds: int = 300,
         page_size: int = 1000,
         scan_page_size: int = 1000,
