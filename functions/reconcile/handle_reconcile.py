@@ -12,13 +12,15 @@ from telematics_reg.observability import logger, metrics, tracer
 from telematics_reg.wiring import ColdStart, build_reconciler
 
 if TYPE_CHECKING:
-    from telematics_reg.reconcile.service import Reconciler
+    from telematics_reg.reconcile.service import ReconcileOff, Reconciler
 
 # Built from this function's environment on its first invocation, reused while the container lives.
 _reconciler = ColdStart(build_reconciler)
 
 
-def handle_reconcile(reconciler: Reconciler, *, time_left: Callable[[], float] | None = None) -> dict[str, Any]:
+def handle_reconcile(
+    reconciler: Reconciler | ReconcileOff, *, time_left: Callable[[], float] | None = None
+) -> dict[str, Any]:
     """One wake-up; returns what it did (adoptions, and the audit's step and report so far)."""
     return reconciler.tick(time_left=time_left).as_dict()
 

@@ -25,7 +25,7 @@ from telematics_reg.store import DynamoTokenStore
 from telematics_reg.upstream import UserServiceClient
 
 if TYPE_CHECKING:
-    from telematics_reg.reconcile.service import Reconciler
+    from telematics_reg.reconcile.service import ReconcileOff, Reconciler
 
 T = TypeVar("T")
 # Time a bulk chunk needs beyond its upstream call: storing 100 users (batch writes, retried) and its events.
@@ -152,7 +152,7 @@ def build_sweeper(settings: ServiceSettings) -> Sweeper:
     )
 
 
-def build_reconciler(settings: ServiceSettings) -> Reconciler:
+def build_reconciler(settings: ServiceSettings) -> Reconciler | ReconcileOff:
     """The reconcile function's service: adoption of lost chunks and the drift audit, with one admin session.
 
     The admin session is :class:`~telematics_reg.reconcile.admin.LoggedInAdminSession` (one per container, its
@@ -163,8 +163,10 @@ def build_reconciler(settings: ServiceSettings) -> Reconciler:
     from telematics_reg.reconcile.adoption import ChunkAdopter  # noqa: PLC0415
     from telematics_reg.reconcile.audit import DriftAudit  # noqa: PLC0415
     from telematics_reg.reconcile.records import DynamoReconcileRecords  # noqa: PLC0415
-    from telematics_reg.reconcile.service import Reconciler  # noqa: PLC0415
+    from telematics_reg.reconcile.service import ReconcileOff, Reconciler  # noqa: PLC0415
 
+    if not settings.admin_credentials_secret_arn:
+        return ReconcileOff("ADMIN_CREDENTIALS_SECRET_ARN is not set (template parameter AdminCredentialsSecretArn)")
     upstream = build_user_service(settings)
     records = DynamoReconcileRecords(build_store(settings))
     credentials = build_credentials(settings)

@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
 DRIFT_CLASSES = ("gone", "deactivated", "reflagged", "moved", "unstored")
 SAMPLE_SIZE = 50
-Status = Literal["finished", "in_progress", "not_due", "busy"]
+Status = Literal["finished", "in_progress", "not_due", "busy", "off"]
 
 
 class InstanceCatalog(CredentialsProvider, Protocol):

@@ -32,6 +32,18 @@ class TickReport:
         }
 
 
+class ReconcileOff:
+    """What the function does when reconciliation cannot run (no admin account configured): says so at each
+    wake-up, as an error, and does nothing else."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def tick(self, *, time_left: Callable[[], float] | None = None) -> TickReport:
+        logger.error("reconciliation is off", extra={"reason": self.reason})
+        return TickReport(audit=AuditStep("off", detail=self.reason))
+
+
 class Reconciler:
     """Adoption first (a lost chunk's users wait for tokens), then the audit with the time left."""
 
