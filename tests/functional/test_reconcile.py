@@ -12,14 +12,17 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import boto3
 import pytest
 from boto3.dynamodb.types import TypeDeserializer
 
 from local.emulator.testing import EmulatorHandle
 from local.stack import LocalStack
+from telematics_cli import main
 from telematics_reg.credentials import StaticCredentials, StaticDeviceTokenKey
 from telematics_reg.management_models import AdminCredentials, UserUpdate, UserUpdateFields
 from telematics_reg.models import (
@@ -425,3 +428,47 @@ def test_two_audits_never_run_at_once_and_a_dead_holder_is_taken_over_after_its_
     assert step.report is not None
     assert step.report.audited == 12
     assert step.report.drift == 0
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+
+
+def test_the_cli_judges_a_lost_chunk_and_runs_the_audit(
+    stack: LocalStack,
+    emulator: EmulatorHandle,
+    dynamodb: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    env = _env(stack.outputs["TokensTableName"], dynamodb, emulator)
+    request_id = _lose_a_chunk(env, quantity=100)
+    secrets = boto3.client("secretsmanager", endpoint_url=stack.endpoint_url, region_name=stack.region)
+    assert emulator.admin_account is not None
+    arn = secrets.create_secret(Name=f"admin-{uuid.uuid4().hex[:8]}", SecretString=json.dumps(emulator.admin_account))[
+        "ARN"
+    ]
+    stack_file = stack.save(tmp_path / "stack.json")
+
+    def cli(*args: str) -> tuple[int, str]:
+        capsys.readouterr()
+        code = main(["--local-stack", str(stack_file), *args, "--admin-credentials-secret-arn", arn, "--json"])
+        return code, capsys.readouterr().out
+
+    # Just lost: a call overlapping its window may still be storing users, so it waits (exit 1), nothing stored.
+    code, out = cli("bulk", "adopt", request_id, "--dry-run")
+    assert code == 1
+    (chunk,) = json.loads(out)["Chunks"]
+    assert (chunk["Chunk"], chunk["Outcome"]) == (0, "waiting")
+
+    code, out = cli("bulk", "adopt", "no-such-bulk")
+    assert code == 1
+
+    code, out = cli("reconcile", "--dry-run", "--instance", "fleet-eu")
+    report = json.loads(out)
+    assert report["DryRun"] is True
+    assert report["Instances"] == ["fleet-eu"]
+    assert set(report["Counts"]) == {"gone", "deactivated", "reflagged", "moved", "unstored"}
+    assert code == (1 if report["Drift"] else 0)
+    code, out = cli("reconcile", "--report")
+    assert code == (1 if report["Drift"] else 0)
+    assert json.loads(out)["RunId"] == report["RunId"]
