@@ -340,6 +340,9 @@ class FakeUserService:
     # --- the admin session and the User Management API --------------------------------------------------
 
     def admin_login(self, admin: AdminCredentials) -> AdminSession:
+        # As the real client: an admin Login takes the fleet's Login budget too.
+        if self.login_budget is not None:
+            self.login_budget.acquire()
         with self._lock:
             after = self._enter("admin_login")
             if self.admin is not None and (
