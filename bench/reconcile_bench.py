@@ -105,7 +105,9 @@ def run(users: int, latency_ms: int, pages_per_invocation: int, page_size: int) 
         admin.call(lambda t: upstream.delete_user(t, uuid.UUID(made[7])))
         admin.call(lambda t: upstream.update_user(t, uuid.UUID(made[11]), UserUpdate(status="Deactivated")))
         admin.call(
-            lambda t: upstream.update_user(t, uuid.UUID(made[13]), UserUpdate(user_fields=UserUpdateFields(client_id="x")))
+            lambda t: upstream.update_user(
+                t, uuid.UUID(made[13]), UserUpdate(user_fields=UserUpdateFields(client_id="x"))
+            )
         )
         emulator.set_faults(latency_ms=latency_ms, calls=["get_filtered_page"])
         calls.clear()
@@ -237,7 +239,7 @@ def write(result: dict[str, Any], load: str) -> None:
     ]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))  # noqa: T201 - a benchmark's report
+    print("\n".join(lines))
 
 
 def main() -> None:
