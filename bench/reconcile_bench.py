@@ -51,7 +51,7 @@ def _create_table(dynamodb: Any, name: str) -> None:
     )
 
 
-def run(users: int, latency_ms: int, pages_per_invocation: int, page_size: int) -> dict[str, Any]:
+def run(users: int, latency_ms: int, pages_per_invocation: int, page_size: int) -> dict[str, Any]:  # noqa: PLR0915
     import boto3  # noqa: PLC0415 - after common set the environment
 
     from local.emulator.testing import running_emulator  # noqa: PLC0415
@@ -214,14 +214,16 @@ def write(result: dict[str, Any], load: str) -> None:
         "|---|---|---|",
         f"| users upstream and stored | {result['users']} (set-up {result['setup_seconds']:.1f} s) | |",
         f"| stored users audited / drift found | {result['audited']} / {result['counts']} | |",
-        f"| upstream calls: GetFilteredPage pages (+ admin Logins) | {result['walk_pages']} (+ {result['admin_logins']}); "
+        f"| upstream calls: GetFilteredPage pages (+ admin Logins) | {result['walk_pages']} "
+        f"(+ {result['admin_logins']}); "
         f"the emulator counted {result['management_calls']} | **{result['walk_pages'] * per:.1f}** |",
         f"| invocations to finish (at most {result['pages_per_invocation']} pages each; walk + table scan pages) | "
         f"{result['invocations']} ({result['walk_pages']} + {result['scan_pages']}; pages per invocation "
         f"{result['pages_each']}) | |",
         f"| audits refused while another held the lease | {result['refused']} | expected 1 |",
         f"| time, all invocations | {result['elapsed']:.1f} s | **{result['elapsed'] * per:.1f} s** |",
-        f"|   of which in upstream calls ({result['latency_ms']} ms each + transfer) | {result['upstream_seconds']:.1f} s "
+        f"|   of which in upstream calls ({result['latency_ms']} ms each + transfer) | "
+        f"{result['upstream_seconds']:.1f} s "
         f"| {result['upstream_seconds'] * per:.1f} s |",
         f"| DynamoDB calls (moto) | {ddb_total}: {dict(sorted(ddb.items()))} | {ddb_total * per:.0f} |",
         "",
