@@ -23,6 +23,7 @@ import collections
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,10 @@ def _create_table(dynamodb: Any, name: str) -> None:
     )
 
 
-def run(users: int, latency_ms: int, pages_per_invocation: int, page_size: int) -> dict[str, Any]:  # noqa: PLR0915
+def run(  # noqa: PLR0915
+    users: int, latency_ms: int, pages_per_invocation: int, page_size: int, done: Callable[[dict[str, Any]], None]
+) -> None:
+    """Run the benchmark; ``done`` gets the result before the servers stop (a slow stop cannot lose it)."""
     import boto3  # noqa: PLC0415 - after common set the environment
 
     from local.emulator.testing import running_emulator  # noqa: PLC0415
@@ -176,25 +180,27 @@ def run(users: int, latency_ms: int, pages_per_invocation: int, page_size: int) 
         elapsed = time.monotonic() - started
         report = step.report
         assert report is not None
-        return {
-            "users": users,
-            "latency_ms": latency_ms,
-            "page_size": page_size,
-            "pages_per_invocation": pages_per_invocation,
-            "setup_seconds": setup_seconds,
-            "invocations": invocations,
-            "pages_each": pages_each,
-            "refused": refused,
-            "elapsed": elapsed - waited,
-            "upstream_seconds": upstream_seconds,
-            "management_calls": emulator.counters().get("management_calls", {}),
-            "walk_pages": report.pages,
-            "scan_pages": report.scanned_pages,
-            "audited": report.audited,
-            "counts": dict(report.counts),
-            "dynamodb_calls": dict(calls),
-            "admin_logins": admin.logins,
-        }
+        done(
+            {
+                "users": users,
+                "latency_ms": latency_ms,
+                "page_size": page_size,
+                "pages_per_invocation": pages_per_invocation,
+                "setup_seconds": setup_seconds,
+                "invocations": invocations,
+                "pages_each": pages_each,
+                "refused": refused,
+                "elapsed": elapsed - waited,
+                "upstream_seconds": upstream_seconds,
+                "management_calls": emulator.counters().get("management_calls", {}),
+                "walk_pages": report.pages,
+                "scan_pages": report.scanned_pages,
+                "audited": report.audited,
+                "counts": dict(report.counts),
+                "dynamodb_calls": dict(calls),
+                "admin_logins": admin.logins,
+            }
+        )
 
 
 def write(result: dict[str, Any], load: str) -> None:
@@ -252,7 +258,7 @@ def main() -> None:
     parser.add_argument("--page-size", type=int, default=1000, help="users per page (1000)")
     args = parser.parse_args()
     load = ", ".join(Path("/proc/loadavg").read_text(encoding="utf-8").split()[:3])
-    write(run(args.users, args.latency_ms, args.pages_per_invocation, args.page_size), load)
+    run(args.users, args.latency_ms, args.pages_per_invocation, args.page_size, lambda result: write(result, load))
 
 
 if __name__ == "__main__":
