@@ -376,7 +376,7 @@ class TokenRefresher:
         tokens = tokens_of(result, self._clock())
         if tokens is None:
             return self._give_up(leased, owner, f"{reason}; login returned no tokens")
-        self._commit(leased, tokens)
+        self._commit(leased, tokens, via="login")
         return RefreshOutcome.LOGGED_IN
 
     def _defer(
@@ -439,7 +439,7 @@ class TokenRefresher:
         logger.warning("user needs relogin", extra={"device_token": leased.device_token, "reason": reason})
         return RefreshOutcome.NEEDS_RELOGIN
 
-    def _commit(self, leased: UserRecord, tokens: Tokens) -> None:
+    def _commit(self, leased: UserRecord, tokens: Tokens, *, via: str = "refresh") -> None:
         # Timeline: the upstream has rotated (the stored refresh token is now spent), so until this write lands
         # the only valid pair lives in this process. Retry hard; the condition is the version we leased.
         #   lease(v) -> upstream rotates -> commit if Version = v  (fails only if someone else committed v+1)
@@ -451,6 +451,11 @@ class TokenRefresher:
                     expected_version=leased.version,
                     tokens=tokens,
                     now=self._clock(),
+                )
+                # The refresh history `telematics-reg trace` shows: which version, when, and by refresh or Login.
+                logger.info(
+                    "tokens committed",
+                    extra={"device_token": leased.device_token, "version": leased.version + 1, "via": via},
                 )
                 return
             except ConditionFailedError:
