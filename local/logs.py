@@ -23,6 +23,7 @@ Example
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -143,6 +144,29 @@ def redirect_terminal_handlers(stream: TextIO | JsonLines) -> None:
         for handler in logger.handlers:
             if type(handler) is logging.StreamHandler and id(handler.stream) in terminal:
                 handler.setStream(stream)
+
+
+@contextlib.contextmanager
+def captured_to(path: str | Path, *, loggers: tuple[str, ...] = ("local",)) -> Iterator[JsonLines]:
+    """While the block runs, write the handlers' lines (Powertools') and those of ``loggers`` to ``path`` as JSON
+    lines, leaving every other handler as it is (tests use this; ``make run`` uses :func:`configure`)."""
+    from telematics_reg.observability import logger as service_logger  # noqa: PLC0415 - the handlers' logger
+
+    handler_of_service = service_logger.registered_handler
+    with Path(path).open("a", encoding="utf-8") as stream:
+        lines = JsonLines(stream)
+        previous = handler_of_service.setStream(lines)  # type: ignore[attr-defined]
+        handler = logging.StreamHandler(lines)
+        handler.setFormatter(JsonLineFormatter())
+        for name in loggers:
+            logging.getLogger(name).addHandler(handler)
+        try:
+            yield lines
+        finally:
+            for name in loggers:
+                logging.getLogger(name).removeHandler(handler)
+            handler_of_service.setStream(previous)  # type: ignore[attr-defined]
+            lines.flush()
 
 
 def read(path: str | Path) -> Iterator[dict[str, Any]]:
