@@ -9,6 +9,11 @@ Usage (from the repository root, while ``make run ARGS=--serve`` runs)::
 
 A file holds one message body per line (JSON Lines), or a JSON array of bodies. Bodies are sent as written:
 a line that is not valid JSON is sent too, and the service dead-letters it with its reason.
+
+``--wait`` (after the command) reports what became of each message instead of its id: registered, duplicate,
+or dead-lettered with its reason (``--timeout`` seconds at most; exit status 1 unless every one was registered)::
+
+    .venv/bin/python -m local.send message '{"ClientId": "c-2"}' --wait
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -144,7 +150,15 @@ def read_bodies(path: str | Path) -> list[str]:
     ['{"ClientId": "a"}', '{"ClientId": "b"}']
     >>> os.unlink(f.name)
     """
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SendError(
+            f"cannot read {path}: no such file. Write one message body per line first, for example:\n"
+            f"""  printf '%s\\n' '{{"ClientId": "customer-9"}}' '{{"ClientId": "customer-10"}}' > {path}"""
+        ) from None
+    except IsADirectoryError:
+        raise SendError(f"cannot read {path}: it is a directory") from None
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
@@ -164,18 +178,60 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--stack", default=str(DEFAULT_STATE_PATH), help="stack description saved by make run (%(default)s)"
     )
+    waiting = argparse.ArgumentParser(add_help=False)
+    waiting.add_argument(
+        "--wait", action="store_true", help="report registered / duplicate / dead-lettered for each message"
+    )
+    waiting.add_argument("--timeout", type=float, default=60.0, help="with --wait: seconds at most (%(default)s)")
     commands = parser.add_subparsers(dest="command", required=True)
-    signup = commands.add_parser("signup", help="publish UserSignedUp events (one per JSON detail)")
+    signup = commands.add_parser("signup", help="publish UserSignedUp events (one per JSON detail)", parents=[waiting])
     signup.add_argument("detail", nargs="+", help="a registration request as JSON")
-    message = commands.add_parser("message", help="send message bodies to the registration queue")
+    message = commands.add_parser("message", help="send message bodies to the registration queue", parents=[waiting])
     message.add_argument("body", nargs="+", help="a message body (sent as given)")
-    load = commands.add_parser("load", help="send a file of bodies (JSON Lines or a JSON array)")
+    load = commands.add_parser("load", help="send a file of bodies (JSON Lines or a JSON array)", parents=[waiting])
     load.add_argument("file")
-    bulk = commands.add_parser("bulk", help="send one bulk request for QUANTITY anonymous users")
+    bulk = commands.add_parser("bulk", help="send one bulk request for QUANTITY anonymous users", parents=[waiting])
     bulk.add_argument("quantity", type=int)
     bulk.add_argument("--instance", default="default")
     bulk.add_argument("--request-id", help="idempotency key of the bulk request")
     return parser
+
+
+def _request(body: str | Mapping[str, Any]) -> dict[str, Any]:
+    """What a body asks for, as far as ``--wait`` needs it (Instance, ClientId or RequestId, Quantity)."""
+    try:
+        data = json.loads(body) if isinstance(body, str) else dict(body)
+    except ValueError:
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    keys = {str(key).lower(): value for key, value in data.items()}
+    fields = keys.get("userfields") if isinstance(keys.get("userfields"), dict) else {}
+    client_id = keys.get("clientid", (fields or {}).get("ClientId"))
+    return {
+        "instance": str(keys.get("instance") or "default"),
+        "client_id": str(client_id) if client_id is not None and "quantity" not in keys else None,
+        "request_id": str(keys["requestid"]) if keys.get("requestid") is not None else None,
+    }
+
+
+def _wait(stack_path: str, bodies: Sequence[str | Mapping[str, Any]], ids: list[str], timeout: float) -> int:
+    """Report what became of each message; 0 when every one was registered (or was a duplicate)."""
+    from telematics_cli.target import from_local  # noqa: PLC0415 - only --wait needs the CLI's watcher
+    from telematics_cli.watch import RegistrationWatch, SentRow, summary  # noqa: PLC0415
+
+    rows = [
+        SentRow(label=str(n), message_id=message_id, **_request(body))
+        for n, (body, message_id) in enumerate(zip(bodies, ids, strict=True), 1)
+    ]
+    watch = RegistrationWatch(from_local(Path(stack_path)))
+    print(f"waiting up to {timeout:.0f} s for what becomes of them ...", flush=True)
+    watch.wait(rows, timeout=timeout)
+    for row in rows:
+        print(f"  {row.message_id}  {row.status:<13} {row.detail}")
+    counts = summary(rows)
+    print(", ".join(f"{count} {status}" for status, count in sorted(counts.items())))
+    return 0 if set(counts) <= {"registered", "duplicate"} else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -186,23 +242,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError:
         print(f"no local stack at {args.stack}: start one with `make run ARGS=--serve`", file=sys.stderr)
         return 2
+    bodies: list[str | Mapping[str, Any]] = []
     try:
         if args.command == "signup":
             details = [json.loads(text) for text in args.detail]
+            bodies = list(details)
             ids = publish_signups(stack, details)
             print(f"published {len(ids)} UserSignedUp event(s) on bus {stack.parameters['SignupEventBusName']}:")
         elif args.command == "message":
-            ids = send_messages(stack, list(args.body))
+            bodies = list(args.body)
+            ids = send_messages(stack, bodies)
             print(f"sent {len(ids)} message(s) to the registration queue")
         elif args.command == "load":
-            ids = load_file(stack, args.file)
+            bodies = list(read_bodies(args.file))
+            ids = send_messages(stack, bodies)
             print(f"sent {len(ids)} message(s) from {args.file} to the registration queue")
         else:
             body: dict[str, Any] = {"Quantity": args.quantity, "Instance": args.instance}
-            if args.request_id:
-                body["RequestId"] = args.request_id
-            ids = send_messages(stack, [body])
+            if args.request_id or args.wait:
+                # Waiting needs the bulk's id: the service keeps its progress under it.
+                body["RequestId"] = args.request_id or f"send-{uuid.uuid4()}"
+            bodies = [body]
+            ids = send_messages(stack, bodies)
             print(f"sent a bulk request for {args.quantity} user(s) to the registration queue")
+        if args.wait:
+            return _wait(args.stack, bodies, ids, args.timeout)
     except (SendError, ValueError, OSError) as exc:
         print(f"local.send: {exc}", file=sys.stderr)
         return 1

@@ -179,6 +179,14 @@ def _add_load(command: _Command) -> None:
         "--state-file", type=Path, metavar="PATH", help="the checkpoint file (default: FILE.load-state.json)"
     )
     loader.add_argument("--no-progress", action="store_true", help="no progress bar")
+    loader.add_argument(
+        "--wait",
+        action="store_true",
+        help="then report each row sent: registered, duplicate, or dead-lettered with its reason",
+    )
+    loader.add_argument(
+        "--timeout", type=float, default=300.0, metavar="SECONDS", help="with --wait: longest wait (default 300)"
+    )
     loader.add_argument("--json", action="store_true", help="the report as JSON")
 
 
@@ -350,6 +358,8 @@ def _run_load(args: argparse.Namespace, context: _Context) -> int:
         state_file=args.state_file,
         progress=not args.no_progress,
         as_json=args.json,
+        wait=args.wait,
+        timeout=args.timeout,
     )
     return load.run(options, context)
 
