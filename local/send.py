@@ -215,23 +215,37 @@ def _request(body: str | Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _wait(stack_path: str, bodies: Sequence[str | Mapping[str, Any]], ids: list[str], timeout: float) -> int:
-    """Report what became of each message; 0 when every one was registered (or was a duplicate)."""
-    from telematics_cli.target import from_local  # noqa: PLC0415 - only --wait needs the CLI's watcher
-    from telematics_cli.watch import RegistrationWatch, SentRow, summary  # noqa: PLC0415
+def _detail(text: str) -> dict[str, Any]:
+    detail = json.loads(text)
+    if not isinstance(detail, dict):
+        raise SendError(f'a signup event\'s detail is a JSON object, e.g. \'{{"ClientId": "c-1"}}\', not {text}')
+    return detail
 
-    rows = [
-        SentRow(label=str(n), message_id=message_id, **_request(body))
-        for n, (body, message_id) in enumerate(zip(bodies, ids, strict=True), 1)
-    ]
-    watch = RegistrationWatch(from_local(Path(stack_path)))
-    print(f"waiting up to {timeout:.0f} s for what becomes of them ...", flush=True)
-    watch.wait(rows, timeout=timeout)
-    for row in rows:
-        print(f"  {row.message_id}  {row.status:<13} {row.detail}")
-    counts = summary(rows)
-    print(", ".join(f"{count} {status}" for status, count in sorted(counts.items())))
-    return 0 if set(counts) <= {"registered", "duplicate"} else 1
+
+class _Waiter:
+    """``--wait``: notes which ClientIds are stored before sending, then reports what became of each message."""
+
+    def __init__(self, stack_path: str, bodies: Sequence[str | Mapping[str, Any]]) -> None:
+        from telematics_cli.target import from_local  # noqa: PLC0415 - only --wait needs the CLI's watcher
+        from telematics_cli.watch import RegistrationWatch, SentRow  # noqa: PLC0415
+
+        self.rows = [SentRow(label=str(n), message_id="", **_request(body)) for n, body in enumerate(bodies, 1)]
+        self.watch = RegistrationWatch(from_local(Path(stack_path)))
+        self.watch.before_send(self.rows)
+
+    def report(self, ids: Sequence[str], timeout: float) -> int:
+        """0 when every message was registered (or found its user already registered)."""
+        from telematics_cli.watch import summary  # noqa: PLC0415
+
+        for row, message_id in zip(self.rows, ids, strict=True):
+            row.message_id = message_id
+        print(f"waiting up to {timeout:.0f} s for what becomes of them ...", flush=True)
+        self.watch.wait(self.rows, timeout=timeout)
+        for row in self.rows:
+            print(f"  {row.message_id}  {row.status:<13} {row.detail}")
+        counts = summary(self.rows)
+        print(", ".join(f"{count} {status}" for status, count in sorted(counts.items())))
+        return 0 if set(counts) <= {"registered", "duplicate"} else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -242,31 +256,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError:
         print(f"no local stack at {args.stack}: start one with `make run ARGS=--serve`", file=sys.stderr)
         return 2
-    bodies: list[str | Mapping[str, Any]] = []
     try:
+        bodies: list[str | Mapping[str, Any]]
         if args.command == "signup":
-            details = [json.loads(text) for text in args.detail]
-            bodies = list(details)
-            ids = publish_signups(stack, details)
-            print(f"published {len(ids)} UserSignedUp event(s) on bus {stack.parameters['SignupEventBusName']}:")
+            bodies = [_detail(text) for text in args.detail]
         elif args.command == "message":
             bodies = list(args.body)
-            ids = send_messages(stack, bodies)
-            print(f"sent {len(ids)} message(s) to the registration queue")
         elif args.command == "load":
             bodies = list(read_bodies(args.file))
-            ids = send_messages(stack, bodies)
-            print(f"sent {len(ids)} message(s) from {args.file} to the registration queue")
         else:
             body: dict[str, Any] = {"Quantity": args.quantity, "Instance": args.instance}
             if args.request_id or args.wait:
                 # Waiting needs the bulk's id: the service keeps its progress under it.
                 body["RequestId"] = args.request_id or f"send-{uuid.uuid4()}"
             bodies = [body]
+        waiter = _Waiter(args.stack, bodies) if args.wait else None
+        if args.command == "signup":
+            ids = publish_signups(stack, [detail for detail in bodies if isinstance(detail, Mapping)])
+            print(f"published {len(ids)} UserSignedUp event(s) on bus {stack.parameters['SignupEventBusName']}:")
+        else:
             ids = send_messages(stack, bodies)
-            print(f"sent a bulk request for {args.quantity} user(s) to the registration queue")
-        if args.wait:
-            return _wait(args.stack, bodies, ids, args.timeout)
+            if args.command == "bulk":
+                print(f"sent a bulk request for {args.quantity} user(s) to the registration queue")
+            else:
+                source = f" from {args.file}" if args.command == "load" else ""
+                print(f"sent {len(ids)} message(s){source} to the registration queue")
+        if waiter is not None:
+            return waiter.report(ids, args.timeout)
     except (SendError, ValueError, OSError) as exc:
         print(f"local.send: {exc}", file=sys.stderr)
         return 1
