@@ -666,6 +666,7 @@ def print_endpoints(service: LocalService, options: DemoOptions, out: TextIO) ->
     """Endpoints of the running stack and ready-to-paste commands."""
     stack = service.stack
     python = ".venv/bin/python" if Path(".venv/bin/python").exists() else sys.executable
+    telematics_reg = ".venv/bin/telematics-reg" if Path(".venv/bin/telematics-reg").exists() else "telematics-reg"
     endpoints = [
         ("moto (AWS APIs)", f"{stack.endpoint_url}   (region {stack.region}, any credentials)"),
         ("User Service emulator", f"{service.emulator.url}   (counters: {service.emulator.url}/_emulator/counters)"),
@@ -683,10 +684,12 @@ def print_endpoints(service: LocalService, options: DemoOptions, out: TextIO) ->
     lines = ["", "The service runs locally:", *[f"  {label:<{width}}{value}" for label, value in endpoints], ""]
     lines += [
         "Try (in another terminal, from the repository root):",
-        f'  {python} -m local.send signup \'{{"ClientId": "me-1", "FirstName": "Ada"}}\'',
-        f'  {python} -m local.send message \'{{"ClientId": "me-2", "Gender": "Robot"}}\'   # dead-lettered',
+        f'  {python} -m local.send signup \'{{"ClientId": "me-1", "FirstName": "Ada"}}\' --wait',
+        f'  {python} -m local.send message \'{{"ClientId": "me-2", "Gender": "Robot"}}\' --wait   # dead-lettered',
         f"  {python} -m local.send load {options.state.parent / 'demo-registrations.jsonl'}   # one body a line",
-        f"  {python} -m local.send bulk 25",
+        f"  {python} -m local.send bulk 25 --wait",
+        f"  {telematics_reg} status",
+        f"  {telematics_reg} trace --client-id me-1   # everything about one registration, from {options.log_file}",
         f"  {python} -c \"import boto3; print(boto3.client('dynamodb', endpoint_url='{stack.endpoint_url}', "
         f"region_name='{stack.region}', aws_access_key_id='x', aws_secret_access_key='x')"
         f".scan(TableName='{stack.outputs['TokensTableName']}', Select='COUNT')['Count'])\"",
