@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -28,6 +30,7 @@ from telematics_cli.errors import EXIT_DATA, EXIT_INTERRUPTED, EXIT_USAGE, CliEr
 from telematics_cli.target import DEFAULT_LOCAL_STACK, Target, resolve
 
 PROG: Final = "telematics-reg"
+DEFAULT_MIN_VALIDITY: Final = 300
 MAX_PARALLEL: Final = 32
 CREDENTIAL_CODES: Final = frozenset(
     {
@@ -229,9 +232,8 @@ def _add_token(command: _Command) -> None:
     token.add_argument(
         "--min-validity",
         type=_non_negative,
-        default=300,
         metavar="SECONDS",
-        help="refresh if the token expires sooner than this (default 300)",
+        help="refresh if the token expires sooner than this (default: 300, or half the token's lifetime if shorter)",
     )
     token.add_argument("--wait", type=float, default=10.0, metavar="SECONDS", help="longest wait for a busy lease")
     _upstream_options(token)
@@ -379,16 +381,30 @@ def _run_show(args: argparse.Namespace, context: _Context) -> int:
     return users.run_show(context(), _user_ref(args), reveal=args.reveal_tokens, as_json=args.json)
 
 
+def _default_min_validity(target: Target, ref: users.UserRef) -> int:
+    """300 s, or half the lifetime of the user's tokens when they live shorter (the local stack's live about a
+    minute: asking for 300 s would refresh on every call)."""
+    item = users.find_user(target, ref) or {}
+    expires, updated = item.get("AccessExpiresAt"), item.get("UpdatedAt")
+    with contextlib.suppress(TypeError, ValueError):
+        lifetime = int(expires) - int(datetime.fromisoformat(str(updated)).timestamp())  # type: ignore[arg-type]
+        if lifetime > 0:
+            return max(1, min(DEFAULT_MIN_VALIDITY, lifetime // 2))
+    return DEFAULT_MIN_VALIDITY
+
+
 def _run_token(args: argparse.Namespace, context: _Context) -> int:
+    ref = _user_ref(args)
+    min_validity = args.min_validity if args.min_validity is not None else _default_min_validity(context(), ref)
     options = users.TokenOptions(
-        min_validity=args.min_validity,
+        min_validity=min_validity,
         wait=args.wait,
         user_service_url=args.user_service_url,
         credentials_secret_arn=args.credentials_secret_arn,
         as_json=args.json,
         verbose=args.verbose,
     )
-    return users.run_token(context(), _user_ref(args), options)
+    return users.run_token(context(), ref, options)
 
 
 def _run_relogin(args: argparse.Namespace, context: _Context) -> int:

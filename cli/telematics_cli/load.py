@@ -538,7 +538,7 @@ def run(options: LoadOptions, target_factory: Any) -> int:
             output.info(f"waiting up to {options.timeout:.0f} s for what becomes of {len(rows):,} rows ...")
         watch.wait(rows, timeout=options.timeout)
         counts = count_outcomes(rows)
-        summary |= {"outcomes": counts, "rows": [row.as_dict() for row in rows]}
+        summary |= {"outcomes": counts, "sent_rows": [row.as_dict() for row in rows]}
         outcomes_ok = set(counts) <= {"registered", "duplicate"}
     _print_report(options, summary, report)
     return EXIT_DATA if report.failed or not outcomes_ok else EXIT_OK
@@ -599,7 +599,7 @@ def _print_report(options: LoadOptions, summary: dict[str, Any], report: SendRep
         outcomes.add_column("Outcome")
         outcomes.add_column("Detail", overflow="fold")
         styles = {"registered": "green", "duplicate": "cyan", "dead-lettered": "red", "pending": "yellow"}
-        for row in summary["rows"]:
+        for row in summary["sent_rows"]:
             style = styles.get(row["status"], "")
             outcomes.add_row(
                 str(row["row"]).removeprefix("line "),

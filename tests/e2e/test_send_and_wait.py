@@ -110,13 +110,13 @@ def test_load_wait_reports_each_row(stack_file: Path, capsys: pytest.CaptureFixt
 
     report = _json_out(capsys.readouterr().out)
     assert code == 0
-    assert [(row["row"], row["status"]) for row in report["rows"]] == [
+    assert [(row["row"], row["status"]) for row in report["sent_rows"]] == [
         ("line 1", "registered"),
         ("line 2", "duplicate"),
         ("line 3", "registered"),
     ]
     assert report["outcomes"] == {"registered": 2, "duplicate": 1}
-    assert "2 users stored" in report["rows"][2]["detail"]
+    assert "2 users stored" in report["sent_rows"][2]["detail"]
 
 
 def test_load_refuses_a_row_for_an_instance_the_secret_does_not_have(
