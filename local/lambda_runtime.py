@@ -102,6 +102,14 @@ class Invocation:
 _CURRENT: contextvars.ContextVar[Invocation | None] = contextvars.ContextVar("local_invocation", default=None)
 
 
+_CALLER = threading.local()
+
+
+def last_request_id() -> str:
+    """The request id of the last invocation the calling thread made (empty before any)."""
+    return str(getattr(_CALLER, "request_id", ""))
+
+
 def current_invocation() -> Invocation | None:
     """The invocation the calling code runs for (None outside handlers)."""
     return _CURRENT.get()
@@ -262,10 +270,10 @@ class LocalFunction:
                         self._cold = False
         return self
 
-    def invoke(self, event: Any, *, on_start: Callable[[str], None] | None = None) -> Any:
+    def invoke(self, event: Any) -> Any:
         """Invoke the handler with ``event``; its exception propagates as a failed invocation would.
 
-        ``on_start`` is told the invocation's request id before the handler runs.
+        :func:`last_request_id` then tells the calling thread the invocation's request id.
 
         Raises
         ------
@@ -275,8 +283,7 @@ class LocalFunction:
         self.invocations += 1
         context = LambdaContext(self.name, self.memory, self.timeout)
         invocation = Invocation(self.name, context.aws_request_id, float(self.timeout))
-        if on_start is not None:
-            on_start(context.aws_request_id)
+        _CALLER.request_id = context.aws_request_id
         outcome: dict[str, Any] = {}
 
         def run() -> None:

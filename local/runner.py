@@ -71,7 +71,7 @@ from moto.events.models import EventPattern  # the pattern syntax of Lambda's fi
 
 from local import moto_server
 from local.emulator.testing import EmulatorHandle, running_emulator
-from local.lambda_runtime import STRAGGLER_SECONDS, FunctionTimeoutError, LocalFunction
+from local.lambda_runtime import STRAGGLER_SECONDS, FunctionTimeoutError, LocalFunction, last_request_id
 from local.stack import (
     DEFAULT_REGION,
     DEFAULT_STACK_NAME,
@@ -482,9 +482,6 @@ class _Outcome:
     request_id: str = ""
     duration: float = 0.0
 
-    def started(self, request_id: str) -> None:
-        self.request_id = request_id
-
 
 # --------------------------------------------------------------------------------------------- the runtime
 
@@ -709,9 +706,10 @@ class LocalRuntime:
         started = time.monotonic()
         with self._counting(logical_id) as stats:
             try:
-                outcome.result = function.invoke(event, on_start=outcome.started)
+                outcome.result = function.invoke(event)
             except Exception as exc:  # noqa: BLE001 - the handler's error is the invocation's outcome, as in Lambda
                 outcome.error = exc
+            outcome.request_id = last_request_id()
             outcome.duration = time.monotonic() - started
             if outcome.error is not None:
                 with self._lock:
