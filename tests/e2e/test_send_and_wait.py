@@ -5,6 +5,7 @@ finished load run again stays complete."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,10 @@ import pytest
 
 from local import send
 from local.runner import LocalService, RuntimeOptions
+from telematics_cli.app import _default_min_validity
 from telematics_cli.app import main as cli
+from telematics_cli.target import from_local
+from telematics_cli.users import UserRef, find_user
 
 from .conftest import ROOT
 
@@ -28,7 +32,8 @@ def stack_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         template_path=ROOT / "template.yaml",
         stack_name="wait",
         region="sa-east-1",
-        parameters={"LogLevel": "WARNING"},
+        parameters={"LogLevel": "WARNING", "RefreshMarginSeconds": "60"},
+        token_lifetime=120,
         unknown_instances={REVOKED: {"InstanceId": str(uuid.uuid4()), "InstanceKey": str(uuid.uuid4())}},
         options=RuntimeOptions(failure_visibility_timeout=0, schedule_interval=30.0, async_retry_delay=0.2),
         state_path=folder / "stack.json",
@@ -162,3 +167,36 @@ def test_a_finished_load_run_again_stays_complete(
 
     assert [entry["complete"] for entry in json.loads(state.read_text())["loads"].values()] == [True]
     assert "every row was already sent" in capsys.readouterr().err
+
+
+def test_dlq_list_does_not_wait_on_empty_queues(stack_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    send.main(["--stack", str(stack_file), "message", "[1]", "--wait", "--timeout", "30"])
+    capsys.readouterr()
+    started = time.monotonic()
+
+    code = cli(["--local-stack", str(stack_file), "dlq", "list", "--json"])
+
+    elapsed = time.monotonic() - started
+    assert code == 0
+    assert '"reason": "not_an_object"' in capsys.readouterr().out
+    # Two of the four queues are empty: each costs one attribute read, not a second of long polling.
+    assert elapsed < 4.0, elapsed
+
+
+def test_token_min_validity_defaults_to_half_a_short_token_lifetime(
+    stack_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client_id = f"token-{uuid.uuid4().hex[:8]}"
+    assert send.main(["--stack", str(stack_file), "message", json.dumps({"ClientId": client_id}), "--wait"]) == 0
+    capsys.readouterr()
+    target = from_local(stack_file)
+    before = find_user(target, UserRef(client_id, "default", None))
+    assert before is not None
+
+    assert _default_min_validity(target, UserRef(client_id, "default", None)) == 60  # tokens here live 120 s
+    code = cli(["--local-stack", str(stack_file), "token", "--client-id", client_id])
+
+    after = find_user(target, UserRef(client_id, "default", None))
+    assert code == 0
+    assert after is not None
+    assert after["Version"] == before["Version"]  # a fresh token is handed out as it is, not refreshed
