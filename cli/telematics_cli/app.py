@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import sys
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -28,6 +27,7 @@ from botocore.exceptions import (
 from telematics_cli import dlq, load, output, status, trace, users
 from telematics_cli.errors import EXIT_DATA, EXIT_INTERRUPTED, EXIT_USAGE, CliError
 from telematics_cli.target import DEFAULT_LOCAL_STACK, Target, resolve
+from telematics_reg.models import read_jwt_claims
 
 PROG: Final = "telematics-reg"
 DEFAULT_MIN_VALIDITY: Final = 300
@@ -383,11 +383,11 @@ def _run_show(args: argparse.Namespace, context: _Context) -> int:
 
 def _default_min_validity(target: Target, ref: users.UserRef) -> int:
     """300 s, or half the lifetime of the user's tokens when they live shorter (the local stack's live about a
-    minute: asking for 300 s would refresh on every call)."""
+    minute: asking for 300 s would refresh on every call). The lifetime is the stored JWT's ``exp - iat``."""
     item = users.find_user(target, ref) or {}
-    expires, updated = item.get("AccessExpiresAt"), item.get("UpdatedAt")
-    with contextlib.suppress(TypeError, ValueError):
-        lifetime = int(expires) - int(datetime.fromisoformat(str(updated)).timestamp())  # type: ignore[arg-type]
+    claims = read_jwt_claims(str(item.get("AccessToken") or "")) or {}
+    with contextlib.suppress(TypeError, ValueError, KeyError):
+        lifetime = int(claims["exp"]) - int(claims["iat"])
         if lifetime > 0:
             return max(1, min(DEFAULT_MIN_VALIDITY, lifetime // 2))
     return DEFAULT_MIN_VALIDITY
