@@ -143,7 +143,7 @@ def test_every_kind_of_output_becomes_one_json_object_per_line() -> None:
 def test_configure_sends_the_root_logger_as_json(tmp_path: Path) -> None:
     path = tmp_path / "run.log"
     root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
+    saved = (root.handlers[:], root.level, logger.registered_handler.stream)  # type: ignore[attr-defined]
     with path.open("w", encoding="utf-8") as stream:
         try:
             lines = configure(stream)
@@ -152,6 +152,7 @@ def test_configure_sends_the_root_logger_as_json(tmp_path: Path) -> None:
         finally:
             root.handlers[:] = saved[0]
             root.setLevel(saved[1])
+            logger.registered_handler.setStream(saved[2])  # type: ignore[attr-defined]
     line = json.loads(path.read_text(encoding="utf-8"))
     assert line["message"] == "invocation finished: succeeded"
     assert line["outcome"] == "ok"

@@ -56,6 +56,10 @@ def _trace(folder: Path, capsys: pytest.CaptureFixture[str], *args: str, known: 
     return document
 
 
+def _with_history(document: dict[str, Any], versions: int) -> dict[str, Any] | None:
+    return document if len(document.get("refresh_history", [])) >= versions else None
+
+
 def _whats(document: dict[str, Any]) -> list[str]:
     return [entry["what"] for entry in document["timeline"]]
 
@@ -136,13 +140,11 @@ def test_a_refreshed_registration_shows_its_token_versions(
     service, folder = traced
     client_id = f"fresh-{uuid.uuid4().hex[:8]}"
     send_registration(service.stack, {"ClientId": client_id})
-    wait_for(
-        lambda: (user_by_client(service.stack, client_id) or {}).get("Version", 0) >= 3,
+    document = wait_for(  # each commit is logged right after it lands
+        lambda: _with_history(_trace(folder, capsys, "--client-id", client_id, known=False), 3),
         timeout=60,
-        what="two rotations",
+        what="two rotations in the trace",
     )
-
-    document = _trace(folder, capsys, "--client-id", client_id)
 
     history = document["refresh_history"]
     assert [h["version"] for h in history][:3] == [1, 2, 3]
@@ -207,7 +209,14 @@ def test_on_aws_the_logs_come_from_a_logs_insights_query(
     service, folder = traced
     client_id = f"insights-{uuid.uuid4().hex[:8]}"
     send_registration(service.stack, {"ClientId": client_id, "FirstName": 'Quote " and \\ back'})
-    wait_for(lambda: user_by_client(service.stack, client_id), timeout=30, what="the user stored")
+    wait_for(  # the user is stored first, then announced and logged
+        lambda: any(
+            client_id in text and '"registration stored"' in text
+            for text in (folder / "run.log").read_text(encoding="utf-8").splitlines()
+        ),
+        timeout=30,
+        what="the registration logged",
+    )
     lines = [json.loads(text) for text in (folder / "run.log").read_text(encoding="utf-8").splitlines()]
     handler_lines = [line for line in lines if "service" in line]  # Lambda's log groups hold the handlers' lines
     fake = FakeInsights(handler_lines)
