@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,11 +24,13 @@ from botocore.exceptions import (
     UnauthorizedSSOTokenError,
 )
 
-from telematics_cli import dlq, load, output, reconcile, status, users
+from telematics_cli import dlq, load, output, reconcile, status, trace, users
 from telematics_cli.errors import EXIT_DATA, EXIT_INTERRUPTED, EXIT_USAGE, CliError
 from telematics_cli.target import DEFAULT_LOCAL_STACK, Target, resolve
+from telematics_reg.models import read_jwt_claims
 
 PROG: Final = "telematics-reg"
+DEFAULT_MIN_VALIDITY: Final = 300
 MAX_PARALLEL: Final = 32
 CREDENTIAL_CODES: Final = frozenset(
     {
@@ -52,8 +55,8 @@ Operate the telematics registration service: load registration files, check its 
 get a valid access token, and list or redrive dead letters.
 
 Resources come from a deployed CloudFormation stack (--stack NAME, with --region/--profile), or from the
-local stack that `make run` saves in .local-stack/stack.json (used when it exists and no --stack is given;
---local-stack PATH names another file)."""
+local stack that `make run ARGS=--serve` saves in .local-stack/stack.json while it runs (used when it exists
+and no --stack is given; --local-stack PATH names another file)."""
 
 _EPILOG: Final = """\
 exit codes: 0 ok · 1 problems in the data (invalid rows, entries not sent, no such user, no token, dead letters
@@ -64,6 +67,7 @@ examples:
   telematics-reg --stack telematics-prod --region eu-west-1 load users.csv --parallel 8
   telematics-reg status --json
   telematics-reg show --client-id customer-42
+  telematics-reg trace --client-id customer-42
   TOKEN=$(telematics-reg token --client-id customer-42)
   telematics-reg dlq list --queue registration
   telematics-reg dlq redrive --queue registration --reason upstream_rejected --dry-run
@@ -117,7 +121,7 @@ def _target_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         "--local",
         action="store_true",
         default=default(False),
-        help=f"use the local stack of `make run` ({DEFAULT_LOCAL_STACK}); the default when it exists",
+        help=f"use the local stack of `make run ARGS=--serve` ({DEFAULT_LOCAL_STACK}); the default when it exists",
     )
     group.add_argument("--local-stack", metavar="PATH", default=default(None), help="use the local stack saved in PATH")
 
@@ -151,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_show(command)
     _add_token(command)
     _add_relogin(command)
+    _add_trace(command)
     _add_dlq(commands, common)
     _add_reconcile(command)
     _add_bulk(commands, common)
@@ -181,6 +186,14 @@ def _add_load(command: _Command) -> None:
         "--state-file", type=Path, metavar="PATH", help="the checkpoint file (default: FILE.load-state.json)"
     )
     loader.add_argument("--no-progress", action="store_true", help="no progress bar")
+    loader.add_argument(
+        "--wait",
+        action="store_true",
+        help="then report each row sent: registered, duplicate, or dead-lettered with its reason",
+    )
+    loader.add_argument(
+        "--timeout", type=float, default=300.0, metavar="SECONDS", help="with --wait: longest wait (default 300)"
+    )
     loader.add_argument("--json", action="store_true", help="the report as JSON")
 
 
@@ -223,9 +236,8 @@ def _add_token(command: _Command) -> None:
     token.add_argument(
         "--min-validity",
         type=_non_negative,
-        default=300,
         metavar="SECONDS",
-        help="refresh if the token expires sooner than this (default 300)",
+        help="refresh if the token expires sooner than this (default: 300, or half the token's lifetime if shorter)",
     )
     token.add_argument("--wait", type=float, default=10.0, metavar="SECONDS", help="longest wait for a busy lease")
     _upstream_options(token)
@@ -252,6 +264,33 @@ def _add_relogin(command: _Command) -> None:
     _user_options(relogin)
     _upstream_options(relogin)
     relogin.add_argument("--json", action="store_true", help='{"DeviceToken", "Outcome"}')
+
+
+def _add_trace(command: _Command) -> None:
+    tracer = command(
+        "trace",
+        "everything known about one registration, in order: messages, deliveries, outcomes, dead letters, refreshes",
+        trace.__doc__ or "",
+        _run_trace,
+    )
+    who = tracer.add_mutually_exclusive_group(required=True)
+    who.add_argument("--client-id", metavar="ID", help="the user's id in your system")
+    who.add_argument("--device-token", metavar="UUID", help="the user's DeviceToken")
+    who.add_argument("--message-id", metavar="ID", help="an SQS message id, or a signup event's id")
+    tracer.add_argument("--instance", default="default", help="instance alias of --client-id (default: default)")
+    tracer.add_argument(
+        "--since", default="7d", metavar="DURATION", help="how far back the logs are read: 30m, 24h, 7d (default 7d)"
+    )
+    tracer.add_argument(
+        "--log-file", type=Path, metavar="PATH", help="local stack: its log (default: run.log beside its stack.json)"
+    )
+    tracer.add_argument(
+        "--dlq-limit", type=_positive, default=1000, metavar="N", help="dead letters examined per queue (default 1000)"
+    )
+    tracer.add_argument(
+        "--query-timeout", type=float, default=60.0, metavar="SECONDS", help="AWS: longest wait for Logs Insights"
+    )
+    tracer.add_argument("--json", action="store_true", help="the trace as JSON")
 
 
 def _add_dlq(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -372,6 +411,8 @@ def _run_load(args: argparse.Namespace, context: _Context) -> int:
         state_file=args.state_file,
         progress=not args.no_progress,
         as_json=args.json,
+        wait=args.wait,
+        timeout=args.timeout,
     )
     return load.run(options, context)
 
@@ -391,16 +432,30 @@ def _run_show(args: argparse.Namespace, context: _Context) -> int:
     return users.run_show(context(), _user_ref(args), reveal=args.reveal_tokens, as_json=args.json)
 
 
+def _default_min_validity(target: Target, ref: users.UserRef) -> int:
+    """300 s, or half the lifetime of the user's tokens when they live shorter (the local stack's live about a
+    minute: asking for 300 s would refresh on every call). The lifetime is the stored JWT's ``exp - iat``."""
+    item = users.find_user(target, ref) or {}
+    claims = read_jwt_claims(str(item.get("AccessToken") or "")) or {}
+    with contextlib.suppress(TypeError, ValueError, KeyError):
+        lifetime = int(claims["exp"]) - int(claims["iat"])
+        if lifetime > 0:
+            return max(1, min(DEFAULT_MIN_VALIDITY, lifetime // 2))
+    return DEFAULT_MIN_VALIDITY
+
+
 def _run_token(args: argparse.Namespace, context: _Context) -> int:
+    ref = _user_ref(args)
+    min_validity = args.min_validity if args.min_validity is not None else _default_min_validity(context(), ref)
     options = users.TokenOptions(
-        min_validity=args.min_validity,
+        min_validity=min_validity,
         wait=args.wait,
         user_service_url=args.user_service_url,
         credentials_secret_arn=args.credentials_secret_arn,
         as_json=args.json,
         verbose=args.verbose,
     )
-    return users.run_token(context(), _user_ref(args), options)
+    return users.run_token(context(), ref, options)
 
 
 def _run_relogin(args: argparse.Namespace, context: _Context) -> int:
@@ -413,6 +468,32 @@ def _run_relogin(args: argparse.Namespace, context: _Context) -> int:
         verbose=args.verbose,
     )
     return users.run_relogin(context(), _user_ref(args), options)
+
+
+def _run_trace(args: argparse.Namespace, context: _Context) -> int:
+    since = trace.parse_duration(args.since)
+    target = context()
+    logs: trace.LogSource
+    if target.local:
+        folder = target.local_path.parent if target.local_path is not None else Path(".local-stack")
+        logs = trace.LocalLog(args.log_file or folder / "run.log")
+    else:
+        logs = trace.InsightsLogs(target.client("logs"), trace.log_groups_of(target), timeout=args.query_timeout)
+    ref = (
+        users.UserRef(client_id=args.client_id, instance=args.instance, device_token=args.device_token)
+        if args.client_id or args.device_token
+        else None
+    )
+    options = trace.TraceOptions(
+        ref=ref,
+        message_id=args.message_id,
+        since_seconds=since,
+        log_file=args.log_file,
+        dlq_limit=args.dlq_limit,
+        query_timeout=args.query_timeout,
+        as_json=args.json,
+    )
+    return trace.run(target, logs, options)
 
 
 def _run_dlq_list(args: argparse.Namespace, context: _Context) -> int:

@@ -229,8 +229,11 @@ def run_list(target: Target, *, queue: str, limit: int, examples: int, as_json: 
         groups: dict[str, dict[str, Any]] = {}
         peek = Peek(sqs, url, LIST_VISIBILITY)
         examined = 0
+        # An empty queue costs one call, and a listing stops once it has seen every visible letter instead of
+        # waiting on the queue to prove it empty (letters in flight elsewhere are not waited for either).
+        visible = depth(sqs, url)
         try:
-            for message in peek.messages(limit):
+            for message in peek.messages(min(limit, visible)) if visible else iter(()):
                 examined += 1
                 letter = classify(message)
                 group = groups.setdefault(letter.reason, {"reason": letter.reason, "count": 0, "sources": set(),
@@ -245,9 +248,7 @@ def run_list(target: Target, *, queue: str, limit: int, examples: int, as_json: 
         ordered = sorted(groups.values(), key=lambda g: (-g["count"], g["reason"]))
         for group in ordered:
             group["sources"] = sorted(group["sources"])
-        report.append(
-            {"queue": spec.name, "url": url, "depth": depth(sqs, url), "examined": examined, "groups": ordered}
-        )
+        report.append({"queue": spec.name, "url": url, "depth": visible, "examined": examined, "groups": ordered})
     if as_json:
         output.print_json({"target": target.description, "queues": report})
         return EXIT_OK

@@ -95,6 +95,10 @@ class Row:
     bulk: bool = False
     #: Users a valid bulk row asks for (0 for a single registration).
     quantity: int = 0
+    #: Of a valid row: its instance alias, and its ClientId (a registration) or RequestId (a bulk request).
+    instance: str = "default"
+    client_id: str | None = None
+    request_id: str | None = None
 
     @property
     def valid(self) -> bool:
@@ -155,8 +159,8 @@ def _validated(line: int, body: str, bulk: bool) -> Row:
     except InvalidMessageError as exc:
         return Row(line, None, list(exc.errors) or [FieldError("", exc.reason)], bulk)
     if isinstance(request, BulkRegistrationRequest):
-        return Row(line, body, [], True, request.quantity)
-    return Row(line, body, [], False)
+        return Row(line, body, [], True, request.quantity, request.instance, request_id=request.request_id)
+    return Row(line, body, [], False, instance=request.instance, client_id=request.client_id)
 
 
 def _has_key(data: dict[str, Any], name: str) -> bool:

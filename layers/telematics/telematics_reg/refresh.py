@@ -474,7 +474,7 @@ class TokenRefresher:
             tokens = tokens_of(result, self._clock())
             if tokens is None:
                 return self._give_up(held, f"{reason}; login returned no tokens")
-            if not self._commit(held, tokens):
+            if not self._commit(held, tokens, via="login"):
                 return RefreshOutcome.LEASE_LOST
             return RefreshOutcome.LOGGED_IN
         raise AssertionError("unreachable")  # pragma: no cover
@@ -566,7 +566,7 @@ class TokenRefresher:
         logger.warning("user needs relogin", extra={"device_token": leased.device_token, "reason": reason})
         return RefreshOutcome.NEEDS_RELOGIN
 
-    def _commit(self, held: _HeldLease, tokens: Tokens) -> bool:
+    def _commit(self, held: _HeldLease, tokens: Tokens, *, via: str = "refresh") -> bool:
         """Store the pair a call just returned; False when our lease was taken over first (nothing stored).
 
         Timeline: the upstream has rotated (the stored refresh token is now spent), so until this write lands the
@@ -586,6 +586,11 @@ class TokenRefresher:
                     owner=held.owner,
                     tokens=tokens,
                     now=self._clock(),
+                )
+                # The refresh history `telematics-reg trace` shows: which version, when, and by refresh or Login.
+                logger.info(
+                    "tokens committed",
+                    extra={"device_token": leased.device_token, "version": leased.version + 1, "via": via},
                 )
                 return True
             except ConditionFailedError:
