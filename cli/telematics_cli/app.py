@@ -23,7 +23,7 @@ from botocore.exceptions import (
     UnauthorizedSSOTokenError,
 )
 
-from telematics_cli import dlq, load, output, status, users
+from telematics_cli import dlq, lifecycle, load, output, status, users
 from telematics_cli.errors import EXIT_DATA, EXIT_INTERRUPTED, EXIT_USAGE, CliError
 from telematics_cli.target import DEFAULT_LOCAL_STACK, Target, resolve
 
@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_show(command)
     _add_token(command)
     _add_relogin(command)
+    lifecycle.add_commands(command)
     _add_dlq(commands, common)
     return parser
 
@@ -204,6 +205,8 @@ def _add_show(command: _Command) -> None:
     show = command("show", "one user: status, version, expiry, last error, claim and lease", "", _run_show)
     _user_options(show)
     show.add_argument("--reveal-tokens", action="store_true", help="show the tokens in full (they are secrets)")
+    show.add_argument("--upstream", action="store_true", help="also the user as the upstream sees it (find, admin)")
+    show.add_argument("--user-service-url", metavar="URL", help="with --upstream: the User Service (default: stack's)")
     show.add_argument("--json", action="store_true", help="the user as JSON")
 
 
@@ -267,6 +270,9 @@ def _add_dlq(commands: Any, common: argparse.ArgumentParser) -> None:
         "--limit", type=_positive, default=1000, metavar="N", help="messages examined per queue (default 1000)"
     )
     listing.add_argument("--examples", type=_non_negative, default=3, metavar="N", help="examples per reason")
+    listing.add_argument(
+        "--bodies", action="store_true", help="show the examples' bodies (personal data; tokens stay redacted)"
+    )
     listing.add_argument("--json", action="store_true", help="the report as JSON")
     redrive = letter_commands.add_parser(
         "redrive",
@@ -337,7 +343,13 @@ def _user_ref(args: argparse.Namespace) -> users.UserRef:
 
 
 def _run_show(args: argparse.Namespace, context: _Context) -> int:
-    return users.run_show(context(), _user_ref(args), reveal=args.reveal_tokens, as_json=args.json)
+    return users.run_show(
+        context(),
+        _user_ref(args),
+        reveal=args.reveal_tokens,
+        as_json=args.json,
+        upstream=users.TokenOptions(user_service_url=args.user_service_url) if args.upstream else None,
+    )
 
 
 def _run_token(args: argparse.Namespace, context: _Context) -> int:
@@ -365,7 +377,9 @@ def _run_relogin(args: argparse.Namespace, context: _Context) -> int:
 
 
 def _run_dlq_list(args: argparse.Namespace, context: _Context) -> int:
-    return dlq.run_list(context(), queue=args.queue, limit=args.limit, examples=args.examples, as_json=args.json)
+    return dlq.run_list(
+        context(), queue=args.queue, limit=args.limit, examples=args.examples, as_json=args.json, bodies=args.bodies
+    )
 
 
 def _run_dlq_redrive(args: argparse.Namespace, context: _Context) -> int:

@@ -19,7 +19,7 @@ import random
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -43,6 +43,7 @@ from rich.text import Text
 from telematics_cli import output
 from telematics_cli.errors import EXIT_DATA, EXIT_OK, CliError
 from telematics_cli.rows import InputFormat, Row, detect_format, file_sha256, open_input, read_rows
+from telematics_cli.stamps import OccurredAtStamp
 from telematics_cli.target import Target
 
 BATCH_ENTRIES: Final = 10
@@ -82,6 +83,7 @@ class Validation:
     invalid: int = 0
     bulk_rows: int = 0
     bulk_users: int = 0
+    lifecycle_rows: int = 0
     to_send: int = 0
     last_line: int = 0
     problems: list[Row] = field(default_factory=list)
@@ -94,6 +96,7 @@ class Validation:
             if row.bulk:
                 self.bulk_rows += 1
                 self.bulk_users += row.quantity
+            self.lifecycle_rows += row.lifecycle
             if row.line > after_line:
                 self.to_send += 1
         else:
@@ -210,8 +213,17 @@ class Batch:
     def end_line(self) -> int:
         return self.rows[-1].line
 
+    @property
+    def lifecycle(self) -> bool:
+        return self.rows[0].lifecycle
 
-def make_batches(rows: Iterator[Row], *, after_line: int, report: SendReport) -> Iterator[Batch]:
+
+def make_batches(
+    rows: Iterator[Row], *, after_line: int, report: SendReport, stamp: OccurredAtStamp | None = None
+) -> Iterator[Batch]:
+    """Batches of rows for one queue each. Lifecycle rows are stamped ``OccurredAt`` here, in file order (the
+    batches may then be sent in any order: the stamps keep a user's changes in the file's order)."""
+    stamp = stamp or OccurredAtStamp()
     current: list[Row] = []
     size = 0
     seq = 0
@@ -223,12 +235,14 @@ def make_batches(rows: Iterator[Row], *, after_line: int, report: SendReport) ->
         if row.body is None:
             report.skipped_invalid += 1
             continue
-        body_size = len(row.body.encode("utf-8"))
-        if current and (len(current) == BATCH_ENTRIES or size + body_size > BATCH_BYTES):
+        ready = replace(row, body=stamp.stamp(row.body)) if row.lifecycle else row
+        body_size = len((ready.body or "").encode("utf-8"))
+        switch = bool(current) and current[0].lifecycle != ready.lifecycle
+        if current and (len(current) == BATCH_ENTRIES or size + body_size > BATCH_BYTES or switch):
             yield Batch(seq, current)
             seq += 1
             current, size = [], 0
-        current.append(row)
+        current.append(ready)
         size += body_size
     if current:
         yield Batch(seq, current)
@@ -301,8 +315,10 @@ def send_rows(
     total: int,
     last_line: int,
     checkpoint: Checkpoint,
+    lifecycle_url: str | None = None,
 ) -> SendReport:
-    """Pass 2: stream the file again and send its valid rows after ``start_line``, saving the checkpoint."""
+    """Pass 2: stream the file again and send its valid rows after ``start_line``, saving the checkpoint.
+    Registrations go to ``queue_url``, lifecycle rows to ``lifecycle_url``."""
     sqs = target.client("sqs")
     report = SendReport()
     watermark = Watermark(start_line)
@@ -343,7 +359,11 @@ def send_rows(
             for batch in make_batches(rows, after_line=start_line, report=report):
                 while len(in_flight) >= max_in_flight:
                     collect(wait(in_flight, return_when=FIRST_COMPLETED).done)
-                in_flight[pool.submit(send_batch, sqs, queue_url, batch)] = batch
+                url = queue_url
+                if batch.lifecycle:
+                    assert lifecycle_url is not None
+                    url = lifecycle_url
+                in_flight[pool.submit(send_batch, sqs, url, batch)] = batch
             while in_flight:
                 collect(wait(in_flight, return_when=FIRST_COMPLETED).done)
             watermark.finish(last_line)
@@ -402,6 +422,7 @@ def run(options: LoadOptions, target_factory: Any) -> int:
         "invalid": checked.invalid,
         "bulk_rows": checked.bulk_rows,
         "bulk_users": checked.bulk_users,
+        "lifecycle_rows": checked.lifecycle_rows,
         "errors": [
             {"line": row.line, "problems": [{"field": e.key, "message": e.message} for e in row.errors]}
             for row in checked.problems
@@ -425,6 +446,7 @@ def run(options: LoadOptions, target_factory: Any) -> int:
 
     assert target is not None
     assert checkpoint is not None
+    lifecycle_url = target.output("LifecycleQueueUrl") if checked.lifecycle_rows else None
     if start_line and checked.to_send:
         output.info(f"resuming after line {start_line:,} (checkpoint {checkpoint.path})")
     elif start_line:
@@ -439,9 +461,11 @@ def run(options: LoadOptions, target_factory: Any) -> int:
         total=checked.to_send,
         last_line=checked.last_line,
         checkpoint=checkpoint,
+        lifecycle_url=lifecycle_url,
     )
     summary |= {
         "queue_url": queue_url,
+        "lifecycle_queue_url": lifecycle_url,
         "checkpoint": str(checkpoint.path),
         "sent": report.sent,
         "batches": report.batches,
@@ -492,6 +516,8 @@ def _print_report(options: LoadOptions, summary: dict[str, Any], report: SendRep
     table.add_row("skipped invalid", f"{report.skipped_invalid:,}")
     table.add_row("failed", f"{report.failed:,}")
     table.add_row("bulk rows / users asked", f"{summary['bulk_rows']:,} / {summary['bulk_users']:,}")
+    if summary["lifecycle_rows"]:
+        table.add_row("lifecycle rows (→ lifecycle queue)", f"{summary['lifecycle_rows']:,}")
     console.print(table)
     if report.failures:
         failed = Table(title="Entries SQS did not take", title_justify="left")
