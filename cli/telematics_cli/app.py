@@ -65,6 +65,8 @@ examples:
   telematics-reg status --json
   telematics-reg show --client-id customer-42
   TOKEN=$(telematics-reg token --client-id customer-42)
+  telematics-reg update --client-id customer-42 --set City=Paris --no-tracking --wait
+  telematics-reg delete --client-id customer-42 --yes
   telematics-reg dlq list --queue registration
   telematics-reg dlq redrive --queue registration --reason upstream_rejected --dry-run"""
 
@@ -157,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_load(command: _Command) -> None:
     loader = command(
         "load",
-        "validate a CSV / JSON Lines file of registrations and send it to the registration queue",
+        "validate a CSV / JSON Lines file of registrations (and Action rows) and send it to the queues",
         load.__doc__ or "",
         _run_load,
     )

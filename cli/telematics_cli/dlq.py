@@ -12,6 +12,10 @@ Where a dead letter's reason comes from:
 Reading never loses a message: messages are received with a short visibility timeout, never deleted by
 ``list``, and made visible again (visibility 0) when the listing ends. ``redrive`` deletes a message from its
 dead-letter queue only after it was sent back successfully.
+
+Privacy: a body holds a user's profile, so ``list`` shows ids, reasons and a summary without values (kind, size,
+key names) unless ``--bodies`` is given. ``redrive`` writes ``OccurredAt`` into a body that names a user and lacks
+it, so a letter from before its user's deletion is dropped when redriven after it, not registered anew.
 """
 
 from __future__ import annotations
@@ -104,7 +108,7 @@ def summary(body: str) -> str:
     Example
     -------
     >>> summary('{"ClientId": "c-1", "FirstName": "Ada"}')
-    'registration, 38 bytes: ClientId, FirstName'
+    'registration, 39 bytes: ClientId, FirstName'
     >>> summary('{"detail-type": "UserUpdated", "detail": {"ClientId": "c-1", "City": "Paris"}}')
     'event UserUpdated, 74 bytes: ClientId, City'
     """
@@ -318,6 +322,8 @@ def run_list(target: Target, *, queue: str, limit: int, examples: int, as_json: 
                 output.escape(group["reason"]), f"{group['count']:,}", ", ".join(group["sources"]), "\n".join(lines)
             )
         console.print(table)
+    if not bodies and any(entry["groups"] for entry in report):
+        output.info("bodies hidden (they hold personal data): --bodies shows them")
     return EXIT_OK
 
 

@@ -9,6 +9,10 @@ Resuming: ``FILE.load-state.json`` (beside the input) records, per (sha256 of th
 line up to which every row was sent. A re-run of the same file to the same queue starts after it. Sending a row
 twice is harmless anyway: single registrations are idempotent by (Instance, ClientId), and a bulk row without a
 RequestId gets ``<sha256>:<line>`` as its RequestId, so the service never makes its users twice.
+
+Rows with an ``Action`` (lifecycle changes) go to the lifecycle queue, each stamped ``OccurredAt`` when it is sent,
+strictly increasing in file order, so a file's changes to one user apply in the file's order. A row that gives its
+own ``OccurredAt`` keeps it: re-sending it is then a duplicate, not a newer change.
 """
 
 from __future__ import annotations
