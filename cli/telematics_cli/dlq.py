@@ -110,7 +110,7 @@ def summary(body: str) -> str:
     >>> summary('{"ClientId": "c-1", "FirstName": "Ada"}')
     'registration, 39 bytes: ClientId, FirstName'
     >>> summary('{"detail-type": "UserUpdated", "detail": {"ClientId": "c-1", "City": "Paris"}}')
-    'event UserUpdated, 74 bytes: ClientId, City'
+    'event UserUpdated, 78 bytes: ClientId, City'
     """
     size = f"{len(body.encode('utf-8')):,} bytes"
     try:
