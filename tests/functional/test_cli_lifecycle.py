@@ -22,8 +22,9 @@ from boto3.dynamodb.types import TypeDeserializer
 from local.emulator.testing import EmulatorHandle
 from local.lambda_runtime import LocalFunction
 from local.stack import LocalStack, provision
-from telematics_cli import dlq, main
+from telematics_cli import dlq, main, rows
 from telematics_cli.lifecycle import judge
+from telematics_cli.stamps import OccurredAtStamp
 from telematics_reg.lifecycle.changes import Action, LifecycleChange
 from telematics_reg.store import UserRecord, UserStatus
 
@@ -554,3 +555,44 @@ def test_the_outcome_a_wait_reads_from_the_users_items(
     change = LifecycleChange(action, client_id="c-1", instance="default", occurred_at=100)
     found = judge(change, records)
     assert (None if found is None else (found.status, found.reason)) == expected
+
+
+def test_json_lines_rows_with_an_action_are_lifecycle_changes_and_an_empty_action_a_registration(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "changes.jsonl"
+    lines = [
+        {"ClientId": "c-1", "Action": "", "FirstName": "Ada"},
+        {"clientId": "c-1", "action": "move", "toInstance": "fleet-eu"},
+        {"ClientId": "c-1", "Action": 5},
+        {"Action": "Delete"},
+        {"ClientId": "c-1", "Action": "Deactivate", "City": "Paris"},
+        {"ClientId": "c-1", "Action": "Update", "UserFields": {"EnableTracking": True}},
+    ]
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+
+    found = list(rows.read_rows(source, rows.InputFormat.JSONL, "sha"))
+
+    assert [(r.line, r.valid, r.lifecycle) for r in found] == [
+        (1, True, False),
+        (2, True, True),
+        (3, False, True),
+        (4, False, True),
+        (5, False, True),
+        (6, True, True),
+    ]
+    assert json.loads(found[0].body or "") == {"ClientId": "c-1", "FirstName": "Ada"}  # no Action key sent
+    assert [e.key for e in found[2].errors] == ["Action"]
+    assert [e.key for e in found[3].errors] == ["ClientId"]
+    assert [e.key for e in found[4].errors] == ["City"]
+
+
+def test_occurred_at_stamps_increase_in_the_order_asked_even_when_the_clock_stands_still_or_steps_back() -> None:
+    times = iter([100.0, 100.0, 99.0, 101.0])
+    stamp = OccurredAtStamp(clock=lambda: next(times))
+
+    stamped = [json.loads(stamp.stamp(json.dumps({"ClientId": "c", "Action": "Update"}))) for _ in range(4)]
+
+    assert [occurred_ms(s["OccurredAt"]) for s in stamped] == [100_000, 100_001, 100_002, 101_000]
+    given = json.dumps({"ClientId": "c", "Action": "Update", "occurredAt": "2026-01-01T00:00:00.000Z"})
+    assert stamp.stamp(given) == given  # a row's own OccurredAt is kept: a re-send is then a duplicate
