@@ -49,7 +49,8 @@ MISSING_CODES: Final = frozenset(
 
 _DESCRIPTION: Final = """\
 Operate the telematics registration service: load registration files, check its state, look at a user,
-get a valid access token, and list or redrive dead letters.
+get a valid access token, update, deactivate, reactivate, delete or move a user, and list or redrive dead
+letters.
 
 Resources come from a deployed CloudFormation stack (--stack NAME, with --region/--profile), or from the
 local stack that `make run` saves in .local-stack/stack.json (used when it exists and no --stack is given;

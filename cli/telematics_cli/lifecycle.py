@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -445,7 +446,8 @@ def _seconds(text: str) -> float:
 def add_commands(command: Callable[[str, str, str, Callable[..., int]], argparse.ArgumentParser]) -> None:
     """Register the five commands with the ``command(name, help, description, handler)`` of the parser."""
     for action, (help_text, extra) in _DESCRIPTIONS.items():
-        description = f"{help_text[0].upper()}{help_text[1:]}. {extra}".strip() + _COMMON_DESCRIPTION
+        first = textwrap.fill(f"{help_text[0].upper()}{help_text[1:]}. {extra}".strip(), width=110)
+        description = first + _COMMON_DESCRIPTION
         parser = command(action.value.lower(), help_text, description, _handler(action))
         _change_options(parser)
         if action is Action.UPDATE:
