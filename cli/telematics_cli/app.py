@@ -23,7 +23,7 @@ from botocore.exceptions import (
     UnauthorizedSSOTokenError,
 )
 
-from telematics_cli import dlq, lifecycle, load, output, status, users
+from telematics_cli import dlq, lifecycle, load, output, reconcile, status, users
 from telematics_cli.errors import EXIT_DATA, EXIT_INTERRUPTED, EXIT_USAGE, CliError
 from telematics_cli.target import DEFAULT_LOCAL_STACK, Target, resolve
 
@@ -69,7 +69,9 @@ examples:
   telematics-reg update --client-id customer-42 --set City=Paris --no-tracking --wait
   telematics-reg delete --client-id customer-42 --yes
   telematics-reg dlq list --queue registration
-  telematics-reg dlq redrive --queue registration --reason upstream_rejected --dry-run"""
+  telematics-reg dlq redrive --queue registration --reason upstream_rejected --dry-run
+  telematics-reg reconcile --dry-run
+  telematics-reg bulk adopt load-2026-11-21 --dry-run"""
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -154,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_relogin(command)
     lifecycle.add_commands(command)
     _add_dlq(commands, common)
+    _add_reconcile(command)
+    _add_bulk(commands, common)
     return parser
 
 
@@ -299,6 +303,53 @@ def _add_dlq(commands: Any, common: argparse.ArgumentParser) -> None:
     redrive.add_argument("--json", action="store_true", help="the report as JSON")
 
 
+def _reconcile_options(parser: argparse.ArgumentParser) -> None:
+    _upstream_options(parser)
+    parser.add_argument(
+        "--admin-credentials-secret-arn", metavar="ARN", help="the admin account's secret (default: the stack's)"
+    )
+    parser.add_argument("--json", action="store_true", help="the report as JSON")
+
+
+def _add_reconcile(command: _Command) -> None:
+    audit = command(
+        "reconcile",
+        "run the drift audit now: users gone, deactivated, re-flagged or moved upstream, and ours not stored",
+        "Walks the upstream's users page by page and the table once, then prints the report (exit 1 when it found "
+        "drift). It takes the audit's lease: a scheduled audit in progress with the same options is continued to its "
+        "end. Users gone upstream are marked GONE (no longer refreshed) unless --dry-run.",
+        _run_reconcile,
+    )
+    audit.add_argument(
+        "--instance", action="append", metavar="ALIAS", help="judge only this instance's users (repeatable)"
+    )
+    audit.add_argument("--dry-run", action="store_true", help="report only: change no user, publish nothing")
+    audit.add_argument("--report", action="store_true", help="print the last finished audit's report, run nothing")
+    _reconcile_options(audit)
+
+
+def _add_bulk(commands: Any, common: argparse.ArgumentParser) -> None:
+    bulk = commands.add_parser("bulk", help="bulk requests: adopt the users of lost chunks", formatter_class=_Formatter)
+    bulk_commands = bulk.add_subparsers(dest="bulk_command", metavar="ACTION", required=True)
+    adopt = bulk_commands.add_parser(
+        "adopt",
+        help="find the users a lost CreateMany answer left upstream, and store them",
+        description=(
+            "For each chunk of the bulk that is UNKNOWN (or CALLING past its claim): lists the instance's users "
+            "created in the chunk's call window without a ClientId and not stored. Exactly the chunk's size: they are "
+            "stored under the bulk and logged in within the Login budget. Anything else is reported with the "
+            "candidates (exit 1), never guessed."
+        ),
+        parents=[common],
+        formatter_class=_Formatter,
+    )
+    adopt.set_defaults(handler=_run_adopt)
+    adopt.add_argument("request_id", metavar="REQUEST_ID", help="the bulk's RequestId")
+    adopt.add_argument("--instance", default="default", metavar="ALIAS", help="the bulk's instance (default: default)")
+    adopt.add_argument("--dry-run", action="store_true", help="judge each chunk and list the candidates; store nothing")
+    _reconcile_options(adopt)
+
+
 class _Context:
     """Resolves the target once, when a command first needs it."""
 
@@ -395,6 +446,28 @@ def _run_dlq_redrive(args: argparse.Namespace, context: _Context) -> int:
         limit=args.limit,
         scan_limit=args.scan_limit,
         as_json=args.json,
+    )
+
+
+def _reconcile_opts(args: argparse.Namespace) -> reconcile.ReconcileOptions:
+    return reconcile.ReconcileOptions(
+        user_service_url=args.user_service_url,
+        credentials_secret_arn=args.credentials_secret_arn,
+        admin_credentials_secret_arn=args.admin_credentials_secret_arn,
+        as_json=args.json,
+        verbose=args.verbose,
+    )
+
+
+def _run_reconcile(args: argparse.Namespace, context: _Context) -> int:
+    return reconcile.run_reconcile(
+        context(), _reconcile_opts(args), instances=args.instance, dry_run=args.dry_run, report_only=args.report
+    )
+
+
+def _run_adopt(args: argparse.Namespace, context: _Context) -> int:
+    return reconcile.run_adopt(
+        context(), _reconcile_opts(args), request_id=args.request_id, instance=args.instance, dry_run=args.dry_run
     )
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import uuid
 from collections.abc import Callable
@@ -11,13 +12,17 @@ from typing import Any
 
 import boto3
 import pytest
+from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingError
 from boto3.dynamodb.types import TypeDeserializer
+from handle_registration_queue import handle_registration_batch
 
 from local.emulator.testing import EmulatorHandle
-from local.lambda_runtime import LocalFunction
+from local.lambda_runtime import LocalFunction, environment
 from local.stack import LocalStack
 from telematics_cli import main
+from telematics_reg.settings import ServiceSettings
 from telematics_reg.store import ChunkClaim, ChunkState, ConditionFailedError, DynamoTokenStore, NewUser
+from telematics_reg.wiring import BULK_STORE_SECONDS, build_queue_intake
 
 from .conftest import Functions, drain, sqs_event
 
@@ -151,6 +156,8 @@ def test_chunk_claims_in_dynamodb_admit_one_caller_and_fence_a_caller_that_was_t
     assert store.make_chunk_per_user(**where, owner="A") == 0
     user = NewUser(str(uuid.uuid4()), "default", str(uuid.uuid4()), None, request_id)
     store.store_chunk_user(**where, owner="A", position=0, user=user, now=1002)
+    # The client's retry of that transaction after its answer was lost: done already, not a takeover.
+    store.store_chunk_user(**where, owner="A", position=0, user=user, now=1002)
     progress = store.start_bulk(instance="default", request_id=request_id, quantity=100, chunk_size=100, now=1003)
     assert (progress.chunks[0], progress.claims[0], progress.made[0]) == (ChunkState.CALLING, ChunkClaim("A", 1000), 1)
 
@@ -218,3 +225,74 @@ def test_a_request_id_reused_for_another_quantity_is_dead_lettered_as_a_conflict
     (letter,) = drain(sqs, stack.queue_url("RegistrationDeadLetterQueue"))
     assert letter["MessageAttributes"]["Reason"]["StringValue"] == "request_id_conflict"
     assert "RequestId" in letter["MessageAttributes"]["ErrorDetail"]["StringValue"]
+
+
+def test_a_large_bulk_without_create_many_finishes_by_continuations_at_one_receive_per_message(
+    stack: LocalStack, functions: Functions, emulator: EmulatorHandle, sqs: Any, dynamodb: Any, registration_queue: str
+) -> None:
+    # The queue function's own wiring (moto, the emulator, the registration queue for continuations) and its
+    # batch handler. Its time is metered rather than read off the wall clock, so that every invocation has room
+    # for about 100 Creates on any machine: each look at the time left costs 0.37 s of a 60 s invocation, and a
+    # Create starts only with 23 s left (connect + read timeouts + storing).
+    emulator.set_config(create_many_enabled=False)
+    queue_fn = functions.get("RegistrationQueueFunction", BULK_CONTINUATION_DELAY_SECONDS="1")
+    with environment(queue_fn.environment):
+        settings = ServiceSettings()
+        intake = build_queue_intake(settings)
+    bulk_call_seconds = settings.upstream_connect_timeout + settings.upstream_read_timeout + BULK_STORE_SECONDS
+    seconds_per_look = (queue_fn.timeout - bulk_call_seconds) / 100
+    first = sqs.send_message(QueueUrl=registration_queue, MessageBody=json.dumps({"Quantity": 450}))["MessageId"]
+
+    receive_counts: dict[str, int] = {}
+    made: list[int] = []
+    quiet = 0
+    while quiet < 3 and len(made) < 20:
+        # The event source: long-polls, honours the continuations' DelaySeconds, deletes what succeeded.
+        messages = sqs.receive_message(
+            QueueUrl=registration_queue, MaxNumberOfMessages=10, WaitTimeSeconds=2, AttributeNames=["All"]
+        ).get("Messages", [])
+        if not messages:
+            quiet += 1
+            continue
+        quiet = 0
+        for message in messages:
+            receive_counts[message["MessageId"]] = int(message["Attributes"]["ApproximateReceiveCount"])
+        event = sqs_event(
+            [m["Body"] for m in messages],
+            queue_arn=stack.queue_arn("RegistrationQueue"),
+            message_ids=[m["MessageId"] for m in messages],
+        )
+        looks = itertools.count()
+        before = emulator.counters()["users_total"]
+        try:
+            response = handle_registration_batch(
+                event,
+                intake,
+                concurrency=settings.upstream_concurrency,
+                time_left=lambda looks=looks: queue_fn.timeout - next(looks) * seconds_per_look,
+            )
+            failed = {item["itemIdentifier"] for item in response["batchItemFailures"]}
+        except BatchProcessingError:  # every record of the batch failed: all come back
+            failed = {m["MessageId"] for m in messages}
+        made.append(emulator.counters()["users_total"] - before)
+        for message in messages:
+            if message["MessageId"] not in failed:
+                sqs.delete_message(QueueUrl=registration_queue, ReceiptHandle=message["ReceiptHandle"])
+
+    # One message per invocation, each a continuation of the last, each with room for ~100 Creates.
+    assert len(made) == len(receive_counts) == 5
+    assert all(95 <= n <= 100 for n in made[:-1])
+    assert set(receive_counts.values()) == {1}  # progress never spent a receive
+    assert emulator.counters()["users_total"] == 450
+    stored = _stored_for(dynamodb, stack, first)
+    assert len(stored) == len({item["pk"] for item in stored}) == 450
+    assert drain(sqs, stack.outputs["RegistrationDeadLetterQueueUrl"]) == []
+
+    # A late duplicate of a continuation (say, SQS delivering one twice) finds the bulk done: nothing more.
+    late = sqs_event(
+        [json.dumps({"Quantity": 450, "RequestId": first})], queue_arn=stack.queue_arn("RegistrationQueue")
+    )
+    assert handle_registration_batch(late, intake, concurrency=1) == {"batchItemFailures": []}
+    assert emulator.counters()["users_total"] == 450
+    assert drain(sqs, registration_queue) == []
+    emulator.set_config(create_many_enabled=True)

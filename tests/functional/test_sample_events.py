@@ -30,6 +30,7 @@ def test_every_sample_is_covered_here() -> None:
         "signup-duplicate.json",
         "refresh-sweep.json",
         "refresh-jobs.json",
+        "reconcile.json",
     } | {p.name for p in EVENTS.glob("lifecycle-*.json")}  # through the lifecycle intake: tests/unit/test_lifecycle.py
 
 
@@ -84,6 +85,14 @@ def test_queue_samples(
         assert reasons == {"not_json", "invalid_fields", "unknown_instance"}
     if name == "queue-mixed.json":
         assert [m["MessageAttributes"]["Reason"]["StringValue"] for m in letters] == ["not_json"]
+
+
+def test_reconcile_sample(stack: LocalStack, functions: Functions) -> None:
+    # This stack has no admin account (AdminCredentialsSecretArn empty): the function says reconciliation is off.
+    report = functions.get("ReconcileFunction").invoke(_load("reconcile.json", stack))
+    assert report["Adoptions"] == []
+    assert report["Audit"]["Status"] == "off"
+    assert "ADMIN_CREDENTIALS_SECRET_ARN" in report["Audit"]["Detail"]
 
 
 def test_refresh_samples(stack: LocalStack, functions: Functions, emulator: EmulatorHandle) -> None:

@@ -455,6 +455,17 @@ def _queue_url_problems(template: Template) -> list[str]:
         jobs = target(environment(template, function).get("REFRESH_QUEUE_URL"))
         if jobs is not None and jobs not in consumers.values():
             problems.append(f"{function} queues refresh jobs on {jobs}, which no function consumes")
+        # A bulk that stopped part-way goes back onto the queue the function reads, which it may write to.
+        own = target(environment(template, function).get("REGISTRATION_QUEUE_URL"))
+        if own is None:
+            continue
+        role = role_of(template, function)
+        if own != consumers.get(function):
+            problems.append(f"{function} sends bulks back to {own}, which is not the queue it reads")
+        elif role is None or not role_allows(template, role, "sqs:SendMessage", own):
+            problems.append(f"{function} may not send to {own}, its REGISTRATION_QUEUE_URL")
+        elif (key := kms_key_of_queue(template, own)) and not role_allows(template, role, "kms:GenerateDataKey", key):
+            problems.append(f"{function}: {own} is encrypted with {key}, which its role may not use")
     return problems
 
 
@@ -596,7 +607,7 @@ def test_the_tokens_table_uses_the_template_key_and_pitr(cfn: Template) -> None:
     assert table["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"] is True
 
 
-def test_the_device_token_key_is_a_kept_encrypted_secret_that_only_the_registration_functions_read(
+def test_the_device_token_key_is_a_kept_encrypted_secret_that_only_the_functions_deriving_tokens_read(
     cfn: Template,
 ) -> None:
     secret = cfn["Resources"]["DeviceTokenKeySecret"]
@@ -620,18 +631,20 @@ def test_the_device_token_key_is_a_kept_encrypted_secret_that_only_the_registrat
         if allows(statement, "secretsmanager:GetSecretValue") and secret_ref in as_list(statement.get("Resource"))
     }
     functions = resources(cfn, "AWS::Lambda::Function")
-    registering = {"SignupFunction", "RegistrationQueueFunction"}
-    assert readers == {role_of(cfn, function) for function in registering}
+    # The lifecycle function derives the slot a never-registered user's deletion tombstones; the drift audit derives
+    # too: an unstored upstream user whose DeviceToken is ours for its ClientId is ours.
+    deriving = {"SignupFunction", "RegistrationQueueFunction", "LifecycleFunction", "ReconcileFunction"}
+    assert readers == {role_of(cfn, function) for function in deriving}
     for function in functions:
         variable = environment(cfn, function).get("DEVICE_TOKEN_KEY_SECRET_ARN")
-        assert variable == (secret_ref if function in registering else None), function
+        assert variable == (secret_ref if function in deriving else None), function
 
 
 def test_each_function_needs_at_least_the_core_settings(cfn: Template) -> None:
     core = {"USER_SERVICE_URL", "CREDENTIALS_SECRET_ARN", "TOKENS_TABLE_NAME", "EVENT_BUS_NAME"}
     specific = {
         "SignupFunction": core | {"DEAD_LETTER_QUEUE_URL"},
-        "RegistrationQueueFunction": core | {"DEAD_LETTER_QUEUE_URL"},
+        "RegistrationQueueFunction": core | {"DEAD_LETTER_QUEUE_URL", "REGISTRATION_QUEUE_URL"},
         "RefreshWorkerFunction": core,
         "RefreshSweeperFunction": {"TOKENS_TABLE_NAME", "REFRESH_QUEUE_URL"},
     }
@@ -725,6 +738,17 @@ BREAKAGES: dict[str, tuple[Callable[[Template], Any], str, str]] = {
         lambda t: _props(t, "SignupFunction")["Environment"]["Variables"].pop("DEAD_LETTER_QUEUE_URL"),
         "environment",
         "DEAD_LETTER_QUEUE_URL",
+    ),
+    "bulk continuations not allowed": (
+        lambda t: _props(t, "RegistrationQueueFunction")["Policies"][0].update(
+            Statement=[
+                s
+                for s in _props(t, "RegistrationQueueFunction")["Policies"][0]["Statement"]
+                if s.get("Sid") != "BulkContinuations"
+            ]
+        ),
+        "environment",
+        "may not send to RegistrationQueue",
     ),
     "misspelt variable": (
         lambda t: _props(t, "RefreshWorkerFunction")["Environment"]["Variables"].update(REFRESH_MARGIN_SECOND="60"),

@@ -124,6 +124,10 @@ class SecretsManagerCredentials:
         with self._lock:
             self._force_fetch = True
 
+    def aliases(self) -> list[str]:
+        """Every alias of the secret (the reconcile flow audits each instance)."""
+        return sorted(self._load())
+
 
 class StaticCredentials:
     """Fixed credentials (tests, and the local stack when no secret is wanted)."""
@@ -142,6 +146,9 @@ class StaticCredentials:
 
     def invalidate(self) -> None:
         self.invalidations += 1
+
+    def aliases(self) -> list[str]:
+        return sorted(self._known)
 
 
 # --- the DeviceToken key -----------------------------------------------------------------------------------

@@ -152,6 +152,7 @@ class InMemoryTokenStore:
                 stored=dict(progress.stored),
                 claims=dict(progress.claims),
                 made=dict(progress.made),
+                ended=dict(progress.ended),
             )
 
     def set_chunk_state(
@@ -177,7 +178,10 @@ class InMemoryTokenStore:
             progress.chunks[index] = new
             if stored is not None:
                 progress.stored[index] = stored
-            if new is not ChunkState.CALLING:
+            if new is ChunkState.UNKNOWN:
+                # As in DynamoDB: the claim stays and the end of the call is noted (its window, for adoption).
+                progress.ended[index] = int(now)
+            elif new is not ChunkState.CALLING:
                 progress.claims.pop(index, None)
 
     def claim_chunk(
@@ -215,6 +219,13 @@ class InMemoryTokenStore:
         with self._lock:
             progress = self.bulks[(instance, request_id)]
             claim = progress.claims.get(index)
+            if (
+                claim is not None
+                and claim.owner == owner
+                and progress.made.get(index) == position + 1
+                and user.device_token in self.users
+            ):
+                return  # a retry of a write that landed (see DynamoTokenStore._chunk_user_already_stored)
             if (
                 progress.chunks[index] is not ChunkState.CALLING
                 or claim is None

@@ -340,6 +340,9 @@ class FakeUserService:
     # --- the admin session and the User Management API --------------------------------------------------
 
     def admin_login(self, admin: AdminCredentials) -> AdminSession:
+        # As the real client: an admin Login takes the fleet's Login budget too.
+        if self.login_budget is not None:
+            self.login_budget.acquire()
         with self._lock:
             if self.login_budget is not None:
                 self.login_budget.acquire()  # as the real client: every Login, user or admin, spends the budget

@@ -73,6 +73,13 @@ class ServiceSettings(BaseSettings):
     # How long a 429 on Login without Retry-After blocks every Login of the fleet.
     login_block_seconds: int = Field(3600, ge=60, le=86_400)
 
+    # Reconciliation (flow 6). The admin account lists users; the audit starts a run every interval (the schedule
+    # only wakes the function), under a lease that outlives the function, checkpointing each page.
+    reconcile_audit_interval_seconds: int = Field(86_400, ge=300)
+    reconcile_lease_seconds: int = Field(180, ge=30)
+    reconcile_window_margin_seconds: int = Field(60, ge=0, le=3600)
+    reconcile_page_size: int = Field(1000, ge=10, le=1000)
+
     @property
     def longest_upstream_call_seconds(self) -> float:
         """The longest one upstream call can take with these client settings (retries and pauses included)."""
@@ -116,6 +123,13 @@ class ServiceSettings(BaseSettings):
                 f"(UPSTREAM_LOGIN_LIMIT_PER_MINUTE={self.upstream_login_limit_per_minute}), leaving room for a person: "
                 "one Login over it blocks every Login from our address for an hour"
             )
+        reconcile_needed = self.function_timeout_seconds + skew
+        if self.reconcile_lease_seconds < reconcile_needed:
+            raise ValueError(
+                f"RECONCILE_LEASE_SECONDS={self.reconcile_lease_seconds} is too short: the audit's lease must outlive "
+                f"the function holding it, FUNCTION_TIMEOUT_SECONDS={self.function_timeout_seconds} + "
+                f"CLOCK_SKEW_SECONDS={skew} = {reconcile_needed} s"
+            )
         call = self.longest_upstream_call_seconds
         commit = self.refresh_commit_seconds
         lease_needed = max(self.function_timeout_seconds, call + commit) + skew
@@ -129,7 +143,7 @@ class ServiceSettings(BaseSettings):
             )
         return self
 
-    # User lifecycle (flow 5).
+    # User lifecycle (flow 5) and reconciliation (flow 6): the admin account of the fleet's one admin session.
     admin_credentials_secret_arn: str = ""
     # The user's lease while a change is applied: above the function's Timeout plus clock skew between workers.
     lifecycle_lease_seconds: int = Field(120, ge=10)

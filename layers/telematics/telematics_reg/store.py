@@ -13,7 +13,15 @@ Item shape (see README "Token store") -- partition key ``pk``:
 ``BULK#<Instance>#<RequestId>``
     progress of one bulk request: ``Quantity``, ``ChunkSize``, ``ChunkCount`` and per chunk ``Chunk<n>`` state,
     ``Stored<n>`` (users stored once DONE), ``Owner<n>``/``Since<n>`` (who is calling it, since when: epoch s) and,
-    for a chunk made one Create per user, ``Made<n>`` (how many of its users are made and stored, in order).
+    for a chunk made one Create per user, ``Made<n>`` (how many of its users are made and stored, in order). An
+    UNKNOWN chunk keeps ``Owner<n>``/``Since<n>`` and gets ``Ended<n>``: the window of the call whose outcome is
+    unknown, which adoption (:mod:`telematics_reg.reconcile`) lists the upstream's users in.
+``CHUNKCALLS#<Instance>#<minute>``
+    one attribute ``<RequestId>#<n>`` (the claim's epoch s) per chunk claimed in that minute, and ``ExpiresAt``
+    (TTL): every CreateMany call of the instance, so that adoption can tell when another chunk's call overlapped.
+``ADOPTIONS#PENDING``
+    one attribute ``<Instance>#<RequestId>#<n>`` (epoch s) per chunk moved to UNKNOWN: what the reconcile function
+    tries to adopt.
 
 Every write that can race is conditional; the conditions are spelled out above each write.
 """
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -40,6 +49,8 @@ class UserStatus(StrEnum):
     ACTIVE = "ACTIVE"  # tokens stored and kept fresh
     TOKENLESS = "TOKENLESS"  # registered with CreateAccessToken=false: tokens come by Login when first needed
     NEEDS_RELOGIN = "NEEDS_RELOGIN"  # refresh and Login both failed; announced, out of the refresh index
+    GONE = "GONE"  # the drift audit found it no longer upstream (telematics_reg.reconcile): announced, out of the index
+
     # Lifecycle (telematics_reg.lifecycle): a deletion in progress, then its tombstone. Neither holds a token or a
     # profile field; neither is in the refresh index; a registration that occurred before it never replaces it.
     DELETING = "DELETING"  # tokens gone here; the upstream delete may still be due
@@ -54,7 +65,7 @@ class ChunkState(StrEnum):
     TODO = "TODO"  # nothing in flight (with ``Made<n>``: that many of its users made and stored, the rest to do)
     CALLING = "CALLING"  # ``Owner<n>`` is calling it (since ``Since<n>``): its outcome is unknown until DONE
     DONE = "DONE"
-    UNKNOWN = "UNKNOWN"  # the answer was lost: never called again, reported
+    UNKNOWN = "UNKNOWN"  # the answer was lost: never called again, reported; its call window kept for adoption
     FAILED = "FAILED"  # the upstream rejected it permanently
 
 
@@ -149,6 +160,8 @@ class BulkProgress:
     claims: dict[int, ChunkClaim] = field(default_factory=dict)
     #: Chunks made one Create per user (CreateMany not offered): how many of their users are made and stored.
     made: dict[int, int] = field(default_factory=dict)
+    #: UNKNOWN chunks: when they were judged so (epoch s); with their claim's ``since``, the call's window.
+    ended: dict[int, int] = field(default_factory=dict)
 
     @property
     def chunk_count(self) -> int:
@@ -171,6 +184,27 @@ def user_pk(device_token: str) -> str:
 
 def bulk_pk(instance: str, request_id: str) -> str:
     return f"BULK#{instance}#{request_id}"
+
+
+#: Chunks moved to UNKNOWN, waiting for adoption (one attribute per chunk).
+ADOPTIONS_PK = "ADOPTIONS#PENDING"
+#: How long the record of a chunk's call is kept (the table's TTL removes it).
+CHUNK_CALL_RETENTION_SECONDS = 14 * 86400
+
+
+def chunk_calls_pk(instance: str, minute: int) -> str:
+    """The item recording the chunk calls of ``instance`` claimed in epoch minute ``minute``."""
+    return f"CHUNKCALLS#{instance}#{minute}"
+
+
+def chunk_key(request_id: str, index: int) -> str:
+    return f"{request_id}#{index}"
+
+
+def pending_key(instance: str, request_id: str, index: int) -> str:
+    """The attribute of :data:`ADOPTIONS_PK` naming one chunk waiting for adoption (JSON: aliases and request ids
+    may hold any character)."""
+    return json.dumps([instance, request_id, index], separators=(",", ":"))
 
 
 def client_key(instance: str, client_id: str) -> str:
@@ -402,6 +436,16 @@ class DynamoTokenStore:
         """A user item (deserialized) as a :class:`UserRecord` (for the lifecycle's writes on the same items)."""
         return _record(values)
 
+    def _note(self, pk: str, expression: str, values: dict[str, Any], names: dict[str, str]) -> None:
+        """An unconditional update of a bookkeeping item (created if missing)."""
+        self._call(
+            "update_item",
+            Key={"pk": {"S": pk}},
+            UpdateExpression=expression,
+            ExpressionAttributeValues=_to_item(values),
+            ExpressionAttributeNames=names,
+        )
+
     # -- reads
 
     def get_user(self, device_token: str) -> UserRecord | None:
@@ -619,7 +663,20 @@ class DynamoTokenStore:
             values |= {":calling": ChunkState.CALLING.value, ":owner": owner}
             names["#o"] = f"Owner{index}"
             condition += " AND (#c <> :calling OR #o = :owner)"
-        if new is not ChunkState.CALLING:
+        if new is ChunkState.UNKNOWN:
+            # The claim stays: Since<n> and Ended<n> bound the call whose users adoption looks for. Pending adoption
+            # is recorded first, so that no UNKNOWN chunk is ever missing from it (an entry for a chunk that did not
+            # move is dropped by the reconcile function when it reads the chunk).
+            names["#e"] = f"Ended{index}"
+            values[":end"] = int(now)
+            expression += ", #e = :end"
+            self._note(
+                ADOPTIONS_PK,
+                "SET #a = if_not_exists(#a, :end)",
+                {":end": int(now)},
+                {"#a": pending_key(instance, request_id, index)},
+            )
+        elif new is not ChunkState.CALLING:
             names |= {"#o": f"Owner{index}", "#t": f"Since{index}"}
             expression += " REMOVE #o, #t"
         self._update(bulk_pk(instance, request_id), expression, condition, values, names)
@@ -655,6 +712,15 @@ class DynamoTokenStore:
         else:
             condition = "#c = :calling AND #o = :old AND #t = :oldsince"
             values |= {":old": abandoned.owner, ":oldsince": abandoned.since}
+        # Recorded before the claim, so every call is on record (a record whose claim then failed is harmless: the
+        # reader checks the chunk's state). Adoption reads it to tell when another chunk's call overlapped a lost one.
+        minute = int(now) // 60
+        self._note(
+            chunk_calls_pk(instance, minute),
+            "SET #k = :since, ExpiresAt = if_not_exists(ExpiresAt, :expires)",
+            {":since": int(now), ":expires": minute * 60 + CHUNK_CALL_RETENTION_SECONDS},
+            {"#k": chunk_key(request_id, index)},
+        )
         self._update(
             bulk_pk(instance, request_id),
             "SET #c = :calling, #o = :me, #t = :since, UpdatedAt = :now",
@@ -728,9 +794,33 @@ class DynamoTokenStore:
             if any(r.get("Code") == "ConditionalCheckFailed" for r in reasons) or (
                 exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
             ):
+                if self._chunk_user_already_stored(owner, instance, request_id, index, position, user):
+                    return
                 raise ConditionFailedError("store_chunk_user: chunk taken over or user stored") from None
             code = exc.response.get("Error", {}).get("Code", "Unknown")
             raise StoreError(f"DynamoDB transact_write_items failed: {code}") from exc
+
+    def _chunk_user_already_stored(
+        self, owner: str, instance: str, request_id: str, index: int, position: int, user: NewUser
+    ) -> bool:
+        """Whether what the failed write was to do is done: we still hold the claim, ``Made<n>`` is one past
+        ``position``, and the user is stored.
+
+        The client retries a transaction whose answer it did not get (a read timeout). If the first attempt
+        committed, the retry fails its condition; without this it would be read as a takeover, and the chunk
+        left CALLING until its claim lapsed::
+
+            attempt 1: Made=p -> p+1, put user p ... answer lost (read timeout)
+            attempt 2 (botocore's retry): Made = p? no -> ConditionalCheckFailed
+            read: Owner = us, Made = p+1, user p stored -> done by attempt 1: success
+
+        A delivery that lost its claim, or one at a position already counted with another user, still fails.
+        """
+        response = self._call("get_item", Key={"pk": {"S": bulk_pk(instance, request_id)}}, ConsistentRead=True)
+        values = _from_item(response.get("Item") or {})
+        if values.get(f"Owner{index}") != owner or values.get(f"Made{index}") != position + 1:
+            return False
+        return self.get_user(user.device_token) is not None
 
     # -- token maintenance
 
@@ -977,4 +1067,5 @@ def _bulk(values: dict[str, Any]) -> BulkProgress:
             if f"Owner{i}" in values and f"Since{i}" in values
         },
         made={i: int(values[f"Made{i}"]) for i in range(count) if f"Made{i}" in values},
+        ended={i: int(values[f"Ended{i}"]) for i in range(count) if f"Ended{i}" in values},
     )

@@ -25,7 +25,9 @@ from telematics_reg.store import DynamoTokenStore
 from telematics_reg.upstream import UserServiceClient
 
 if TYPE_CHECKING:
+    from telematics_reg.lifecycle.admin import FleetAdminSession
     from telematics_reg.lifecycle.intake import LifecycleIntake
+    from telematics_reg.reconcile.service import ReconcileOff, Reconciler
 
 T = TypeVar("T")
 # Time a bulk chunk needs beyond its upstream call: storing 100 users (batch writes, retried) and its events.
@@ -152,40 +154,43 @@ def build_sweeper(settings: ServiceSettings) -> Sweeper:
     )
 
 
-def build_lifecycle_intake(settings: ServiceSettings) -> LifecycleIntake:
-    """The lifecycle function's intake: the User Management API under the fleet's admin session (stored in the
-    tokens table), the order marker and tombstones on the same table, dead letters erased on deletion."""
-    # Imported here: the management models are built only by the function that uses them.
+def build_admin_session(settings: ServiceSettings) -> FleetAdminSession:
+    """The fleet's one admin session (stored in the tokens table, renewed under a lease), for the lifecycle and
+    reconcile functions and the CLI."""
+    # Imported here: the management models are built only by the functions that use them.
     from telematics_reg.lifecycle.admin import (  # noqa: PLC0415
         DynamoAdminSessionStore,
         FleetAdminSession,
         SecretsManagerAdminCredentials,
     )
-    from telematics_reg.lifecycle.erasure import SqsDeadLetterEraser  # noqa: PLC0415
-    from telematics_reg.lifecycle.intake import LifecycleIntake  # noqa: PLC0415
-    from telematics_reg.lifecycle.records import DynamoLifecycleRecords  # noqa: PLC0415
-    from telematics_reg.lifecycle.service import LifecycleService  # noqa: PLC0415
 
-    dynamodb = aws_client("dynamodb", settings)
-    sqs = aws_client("sqs", settings)
-    store = DynamoTokenStore(dynamodb, table_name=settings.tokens_table_name, shards=settings.refresh_shards)
-    upstream = build_user_service(settings)
-    publisher = build_publisher(settings)
-    admin = FleetAdminSession(
-        upstream=upstream,
-        store=DynamoAdminSessionStore(store),
+    return FleetAdminSession(
+        upstream=build_user_service(settings),
+        store=DynamoAdminSessionStore(build_store(settings)),
         credentials=SecretsManagerAdminCredentials(
             settings.admin_credentials_secret_arn,
             max_age=settings.credentials_cache_seconds,
             client=aws_client("secretsmanager", settings),
         ),
     )
+
+
+def build_lifecycle_intake(settings: ServiceSettings) -> LifecycleIntake:
+    """The lifecycle function's intake: the User Management API under the fleet's admin session (stored in the
+    tokens table), the order marker and tombstones on the same table, dead letters erased on deletion."""
+    from telematics_reg.lifecycle.erasure import SqsDeadLetterEraser  # noqa: PLC0415
+    from telematics_reg.lifecycle.intake import LifecycleIntake  # noqa: PLC0415
+    from telematics_reg.lifecycle.records import DynamoLifecycleRecords  # noqa: PLC0415
+    from telematics_reg.lifecycle.service import LifecycleService  # noqa: PLC0415
+
+    sqs = aws_client("sqs", settings)
+    publisher = build_publisher(settings)
     service = LifecycleService(
-        upstream=upstream,
-        records=DynamoLifecycleRecords(store),
+        upstream=build_user_service(settings),
+        records=DynamoLifecycleRecords(build_store(settings)),
         credentials=build_credentials(settings),
         device_token_key=build_device_token_key(settings),
-        admin=admin,
+        admin=build_admin_session(settings),
         publisher=publisher,
         eraser=SqsDeadLetterEraser(
             sqs, queue_urls=[url.strip() for url in settings.erasure_queue_urls.split(",") if url.strip()]
@@ -199,6 +204,51 @@ def build_lifecycle_intake(settings: ServiceSettings) -> LifecycleIntake:
         publisher=publisher,
         unknown_user_seconds=settings.unknown_user_seconds,
     )
+
+
+def build_reconciler(settings: ServiceSettings) -> Reconciler | ReconcileOff:
+    """The reconcile function's service: adoption of lost chunks and the drift audit, under the fleet's admin
+    session."""
+    from telematics_reg.reconcile.adoption import ChunkAdopter  # noqa: PLC0415
+    from telematics_reg.reconcile.audit import DriftAudit  # noqa: PLC0415
+    from telematics_reg.reconcile.records import DynamoReconcileRecords  # noqa: PLC0415
+    from telematics_reg.reconcile.service import ReconcileOff, Reconciler  # noqa: PLC0415
+
+    if not settings.admin_credentials_secret_arn:
+        return ReconcileOff("ADMIN_CREDENTIALS_SECRET_ARN is not set (template parameter AdminCredentialsSecretArn)")
+    upstream = build_user_service(settings)
+    records = DynamoReconcileRecords(build_store(settings))
+    credentials = build_credentials(settings)
+    publisher = build_publisher(settings)
+    admin = build_admin_session(settings)
+    skew = settings.clock_skew_seconds
+    adopter = ChunkAdopter(
+        upstream=upstream,
+        admin=admin,
+        records=records,
+        credentials=credentials,
+        publisher=publisher,
+        claim_seconds=settings.claim_seconds,
+        clock_skew_seconds=skew,
+        window_margin_seconds=settings.reconcile_window_margin_seconds,
+        refresh_margin_seconds=settings.refresh_margin_seconds,
+        login_interval_seconds=60.0 / max(1, settings.login_budget_per_minute),
+        page_size=settings.reconcile_page_size,
+    )
+    audit = DriftAudit(
+        upstream=upstream,
+        admin=admin,
+        records=records,
+        credentials=credentials,
+        device_token_key=build_device_token_key(settings),
+        publisher=publisher,
+        interval_seconds=settings.reconcile_audit_interval_seconds,
+        lease_seconds=settings.reconcile_lease_seconds,
+        created_margin_seconds=settings.claim_seconds + skew + settings.reconcile_window_margin_seconds,
+        page_size=settings.reconcile_page_size,
+        workers=settings.upstream_concurrency,
+    )
+    return Reconciler(adopter=adopter, audit=audit)
 
 
 class ColdStart(Generic[T]):
