@@ -24,7 +24,7 @@ from botocore.exceptions import (
     UnauthorizedSSOTokenError,
 )
 
-from telematics_cli import dlq, load, output, reconcile, status, trace, users
+from telematics_cli import dlq, lifecycle, load, output, reconcile, status, trace, users
 from telematics_cli.errors import EXIT_DATA, EXIT_INTERRUPTED, EXIT_USAGE, CliError
 from telematics_cli.target import DEFAULT_LOCAL_STACK, Target, resolve
 from telematics_reg.models import read_jwt_claims
@@ -52,7 +52,8 @@ MISSING_CODES: Final = frozenset(
 
 _DESCRIPTION: Final = """\
 Operate the telematics registration service: load registration files, check its state, look at a user,
-get a valid access token, and list or redrive dead letters.
+get a valid access token, update, deactivate, reactivate, delete or move a user, and list or redrive dead
+letters.
 
 Resources come from a deployed CloudFormation stack (--stack NAME, with --region/--profile), or from the
 local stack that `make run ARGS=--serve` saves in .local-stack/stack.json while it runs (used when it exists
@@ -69,6 +70,8 @@ examples:
   telematics-reg show --client-id customer-42
   telematics-reg trace --client-id customer-42
   TOKEN=$(telematics-reg token --client-id customer-42)
+  telematics-reg update --client-id customer-42 --set City=Paris --no-tracking --wait
+  telematics-reg delete --client-id customer-42 --yes
   telematics-reg dlq list --queue registration
   telematics-reg dlq redrive --queue registration --reason upstream_rejected --dry-run
   telematics-reg reconcile --dry-run
@@ -156,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_token(command)
     _add_relogin(command)
     _add_trace(command)
+    lifecycle.add_commands(command)
     _add_dlq(commands, common)
     _add_reconcile(command)
     _add_bulk(commands, common)
@@ -165,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_load(command: _Command) -> None:
     loader = command(
         "load",
-        "validate a CSV / JSON Lines file of registrations and send it to the registration queue",
+        "validate a CSV / JSON Lines file of registrations (and Action rows) and send it to the queues",
         load.__doc__ or "",
         _run_load,
     )
@@ -221,6 +225,8 @@ def _add_show(command: _Command) -> None:
     show = command("show", "one user: status, version, expiry, last error, claim and lease", "", _run_show)
     _user_options(show)
     show.add_argument("--reveal-tokens", action="store_true", help="show the tokens in full (they are secrets)")
+    show.add_argument("--upstream", action="store_true", help="also the user as the upstream sees it (find, admin)")
+    show.add_argument("--user-service-url", metavar="URL", help="with --upstream: the User Service (default: stack's)")
     show.add_argument("--json", action="store_true", help="the user as JSON")
 
 
@@ -310,6 +316,9 @@ def _add_dlq(commands: Any, common: argparse.ArgumentParser) -> None:
         "--limit", type=_positive, default=1000, metavar="N", help="messages examined per queue (default 1000)"
     )
     listing.add_argument("--examples", type=_non_negative, default=3, metavar="N", help="examples per reason")
+    listing.add_argument(
+        "--bodies", action="store_true", help="show the examples' bodies (personal data; tokens stay redacted)"
+    )
     listing.add_argument("--json", action="store_true", help="the report as JSON")
     redrive = letter_commands.add_parser(
         "redrive",
@@ -429,7 +438,13 @@ def _user_ref(args: argparse.Namespace) -> users.UserRef:
 
 
 def _run_show(args: argparse.Namespace, context: _Context) -> int:
-    return users.run_show(context(), _user_ref(args), reveal=args.reveal_tokens, as_json=args.json)
+    return users.run_show(
+        context(),
+        _user_ref(args),
+        reveal=args.reveal_tokens,
+        as_json=args.json,
+        upstream=users.TokenOptions(user_service_url=args.user_service_url) if args.upstream else None,
+    )
 
 
 def _default_min_validity(target: Target, ref: users.UserRef) -> int:
@@ -497,7 +512,9 @@ def _run_trace(args: argparse.Namespace, context: _Context) -> int:
 
 
 def _run_dlq_list(args: argparse.Namespace, context: _Context) -> int:
-    return dlq.run_list(context(), queue=args.queue, limit=args.limit, examples=args.examples, as_json=args.json)
+    return dlq.run_list(
+        context(), queue=args.queue, limit=args.limit, examples=args.examples, as_json=args.json, bodies=args.bodies
+    )
 
 
 def _run_dlq_redrive(args: argparse.Namespace, context: _Context) -> int:

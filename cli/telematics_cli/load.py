@@ -15,6 +15,10 @@ Resuming: ``FILE.load-state.json`` (beside the input) records, per (sha256 of th
 line up to which every row was sent. A re-run of the same file to the same queue starts after it. Sending a row
 twice is harmless anyway: single registrations are idempotent by (Instance, ClientId), and a bulk row without a
 RequestId gets ``<sha256>:<line>`` as its RequestId, so the service never makes its users twice.
+
+Rows with an ``Action`` (lifecycle changes) go to the lifecycle queue, each stamped ``OccurredAt`` when it is sent,
+strictly increasing in file order, so a file's changes to one user apply in the file's order. A row that gives its
+own ``OccurredAt`` keeps it: re-sending it is then a duplicate, not a newer change.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import random
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -50,6 +54,7 @@ from rich.text import Text
 from telematics_cli import output
 from telematics_cli.errors import EXIT_DATA, EXIT_OK, CliError
 from telematics_cli.rows import InputFormat, Row, detect_format, file_sha256, open_input, read_rows
+from telematics_cli.stamps import OccurredAtStamp
 from telematics_cli.target import Target
 from telematics_cli.watch import RegistrationWatch, SentRow
 from telematics_cli.watch import summary as count_outcomes
@@ -94,6 +99,7 @@ class Validation:
     invalid: int = 0
     bulk_rows: int = 0
     bulk_users: int = 0
+    lifecycle_rows: int = 0
     to_send: int = 0
     last_line: int = 0
     problems: list[Row] = field(default_factory=list)
@@ -106,6 +112,7 @@ class Validation:
             if row.bulk:
                 self.bulk_rows += 1
                 self.bulk_users += row.quantity
+            self.lifecycle_rows += row.lifecycle
             if row.line > after_line:
                 self.to_send += 1
         else:
@@ -228,8 +235,17 @@ class Batch:
     def end_line(self) -> int:
         return self.rows[-1].line
 
+    @property
+    def lifecycle(self) -> bool:
+        return self.rows[0].lifecycle
 
-def make_batches(rows: Iterator[Row], *, after_line: int, report: SendReport) -> Iterator[Batch]:
+
+def make_batches(
+    rows: Iterator[Row], *, after_line: int, report: SendReport, stamp: OccurredAtStamp | None = None
+) -> Iterator[Batch]:
+    """Batches of rows for one queue each. Lifecycle rows are stamped ``OccurredAt`` here, in file order (the
+    batches may then be sent in any order: the stamps keep a user's changes in the file's order)."""
+    stamp = stamp or OccurredAtStamp()
     current: list[Row] = []
     size = 0
     seq = 0
@@ -241,12 +257,14 @@ def make_batches(rows: Iterator[Row], *, after_line: int, report: SendReport) ->
         if row.body is None:
             report.skipped_invalid += 1
             continue
-        body_size = len(row.body.encode("utf-8"))
-        if current and (len(current) == BATCH_ENTRIES or size + body_size > BATCH_BYTES):
+        ready = replace(row, body=stamp.stamp(row.body)) if row.lifecycle else row
+        body_size = len((ready.body or "").encode("utf-8"))
+        switch = bool(current) and current[0].lifecycle != ready.lifecycle
+        if current and (len(current) == BATCH_ENTRIES or size + body_size > BATCH_BYTES or switch):
             yield Batch(seq, current)
             seq += 1
             current, size = [], 0
-        current.append(row)
+        current.append(ready)
         size += body_size
     if current:
         yield Batch(seq, current)
@@ -346,8 +364,10 @@ def send_rows(
     last_line: int,
     checkpoint: Checkpoint,
     watch: RegistrationWatch | None = None,
+    lifecycle_url: str | None = None,
 ) -> SendReport:
-    """Pass 2: stream the file again and send its valid rows after ``start_line``, saving the checkpoint."""
+    """Pass 2: stream the file again and send its valid rows after ``start_line``, saving the checkpoint.
+    Registrations go to ``queue_url``, lifecycle rows to ``lifecycle_url``."""
     sqs = target.client("sqs")
     report = SendReport()
     watermark = Watermark(start_line)
@@ -390,7 +410,11 @@ def send_rows(
             for batch in make_batches(rows, after_line=start_line, report=report):
                 while len(in_flight) >= max_in_flight:
                     collect(wait(in_flight, return_when=FIRST_COMPLETED).done)
-                in_flight[pool.submit(send_batch, sqs, queue_url, batch, watch=watch)] = batch
+                url = queue_url
+                if batch.lifecycle:
+                    assert lifecycle_url is not None
+                    url = lifecycle_url
+                in_flight[pool.submit(send_batch, sqs, url, batch, watch=watch)] = batch
             while in_flight:
                 collect(wait(in_flight, return_when=FIRST_COMPLETED).done)
             watermark.finish(last_line)
@@ -447,12 +471,30 @@ def validate(
     return result
 
 
-def run(options: LoadOptions, target_factory: Any) -> int:
-    """The ``load`` command. ``target_factory()`` resolves the stack (not needed for ``--dry-run``)."""
-    fmt = detect_format(options.path, options.fmt)
-    open_input(options.path).close()
-    sha256 = file_sha256(options.path)
+def _summary(options: LoadOptions, fmt: Any, sha256: str, checked: Any) -> dict[str, Any]:
+    """What the validation pass found, as the command reports it (``--json`` too)."""
+    return {
+        "file": str(options.path),
+        "format": fmt.value,
+        "sha256": sha256,
+        "rows": checked.rows,
+        "valid": checked.valid,
+        "invalid": checked.invalid,
+        "bulk_rows": checked.bulk_rows,
+        "bulk_users": checked.bulk_users,
+        "lifecycle_rows": checked.lifecycle_rows,
+        "errors": [
+            {"line": row.line, "problems": [{"field": e.key, "message": e.message} for e in row.errors]}
+            for row in checked.problems
+        ],
+        "dry_run": options.dry_run,
+    }
 
+
+def _resolve(
+    options: LoadOptions, target_factory: Any, sha256: str
+) -> tuple[Target | None, str, Checkpoint | None, int, Any]:
+    """The stack, its registration queue, the checkpoint and where to resume, and the credentials' aliases."""
     target: Target | None = None
     queue_url = ""
     checkpoint: Checkpoint | None = None
@@ -470,23 +512,19 @@ def run(options: LoadOptions, target_factory: Any) -> int:
         except CliError:
             instances = None
             output.info("no stack found: the rows' Instance is not checked against the credentials secret")
+    return target, queue_url, checkpoint, start_line, instances
+
+
+def run(options: LoadOptions, target_factory: Any) -> int:
+    """The ``load`` command. ``target_factory()`` resolves the stack (not needed for ``--dry-run``)."""
+    fmt = detect_format(options.path, options.fmt)
+    open_input(options.path).close()
+    sha256 = file_sha256(options.path)
+
+    target, queue_url, checkpoint, start_line, instances = _resolve(options, target_factory, sha256)
 
     checked = validate(options, fmt, sha256, after_line=start_line, instances=instances)
-    summary: dict[str, Any] = {
-        "file": str(options.path),
-        "format": fmt.value,
-        "sha256": sha256,
-        "rows": checked.rows,
-        "valid": checked.valid,
-        "invalid": checked.invalid,
-        "bulk_rows": checked.bulk_rows,
-        "bulk_users": checked.bulk_users,
-        "errors": [
-            {"line": row.line, "problems": [{"field": e.key, "message": e.message} for e in row.errors]}
-            for row in checked.problems
-        ],
-        "dry_run": options.dry_run,
-    }
+    summary = _summary(options, fmt, sha256, checked)
     if checked.invalid:
         _print_problems(options, checked)
     if options.dry_run:
@@ -504,6 +542,7 @@ def run(options: LoadOptions, target_factory: Any) -> int:
 
     assert target is not None
     assert checkpoint is not None
+    lifecycle_url = target.output("LifecycleQueueUrl") if checked.lifecycle_rows else None
     if start_line and checked.to_send:
         output.info(f"resuming after line {start_line:,} (checkpoint {checkpoint.path})")
     elif start_line:
@@ -520,9 +559,11 @@ def run(options: LoadOptions, target_factory: Any) -> int:
         last_line=checked.last_line,
         checkpoint=checkpoint,
         watch=watch,
+        lifecycle_url=lifecycle_url,
     )
     summary |= {
         "queue_url": queue_url,
+        "lifecycle_queue_url": lifecycle_url,
         "checkpoint": str(checkpoint.path),
         "sent": report.sent,
         "batches": report.batches,
@@ -582,6 +623,8 @@ def _print_report(options: LoadOptions, summary: dict[str, Any], report: SendRep
     table.add_row("skipped invalid", f"{report.skipped_invalid:,}")
     table.add_row("failed", f"{report.failed:,}")
     table.add_row("bulk rows / users asked", f"{summary['bulk_rows']:,} / {summary['bulk_users']:,}")
+    if summary["lifecycle_rows"]:
+        table.add_row("lifecycle rows (→ lifecycle queue)", f"{summary['lifecycle_rows']:,}")
     console.print(table)
     if report.failures:
         failed = Table(title="Entries SQS did not take", title_justify="left")

@@ -70,6 +70,7 @@ def stack(moto_endpoint: str, aws_env: None, upstream: EmulatorHandle) -> LocalS
         parameters={"UserServiceUrl": upstream.url, "LogLevel": "DEBUG"},
         stack_name="functional",
         instance_credentials=INSTANCES,
+        admin_credentials=upstream.admin_account,
     )
 
 

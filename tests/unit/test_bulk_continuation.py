@@ -26,7 +26,7 @@ from telematics_reg.outcomes import UserRegistered
 from telematics_reg.registration import RegistrationService
 from telematics_reg.store import ChunkState
 
-from .conftest import FakeClock, World
+from .conftest import DEVICE_TOKEN_KEY, FakeClock, World
 
 INVOCATION_SECONDS = 60  # the queue function's Timeout
 BULK_CALL_SECONDS = 10  # what a Create needs left of the invocation to start
@@ -119,6 +119,7 @@ def _wire(world: World, queue: FakeRegistrationQueue | None) -> SlowCreates:
         store=world.store,
         credentials=world.credentials,
         publisher=world.publisher,
+        device_token_key=DEVICE_TOKEN_KEY,
         clock=world.clock,
         sleep=world.clock.sleep,
         bulk_call_seconds=BULK_CALL_SECONDS,

@@ -345,6 +345,7 @@ def test_a_refresh_that_leased_before_the_deletion_cannot_store_tokens_after_it(
         lc.world.store.commit_tokens(
             device_token=user.device_token,
             expected_version=leased.version,
+            owner="r",
             tokens=Tokens("a", "r", 1),
             now=lc.world.clock(),
         )
