@@ -3,7 +3,7 @@ invariants of DESIGN.md; it exits 1 when one is broken (so it can gate a release
 
 Usage (from the repository root)::
 
-    make soak                   # the default sizes: about 7 minutes on 2 CPUs
+    make soak                   # the default sizes: about 12 minutes on 2 CPUs
     make soak ARGS="--signups 5000 --registrations 5000 --both-paths 200 --bulk 500 --rate 9 --token-lifetime 1350 \
                     --kill-after-refreshes 0 --timeout 6600"   # the issue's sizes: about 1 h 30 min here
     .venv/bin/python bench/soak.py --help
@@ -21,20 +21,38 @@ What one run does
    queue, fed at ``--rate`` messages/s in a random interleaving: 10% of each delivered twice (the copy a few seconds
    later), ``--both-paths`` ClientIds sent on the bus and on the queue at the same moment, 2% malformed messages of
    every kind (each must be dead-lettered with its reason and never reach the upstream), and a bulk request of
-   ``--bulk`` users.
-4. **Kill.** Half-way through the feed (and once token refreshes are under way) the bulk request is sent, and as soon
-   as one of its CreateMany chunks is in flight the runner is killed with SIGKILL. What it held is recorded
-   (PENDING claims, live refresh leases, bulk chunk states, messages in flight) and a new runner starts at once
-   against the same moto server and emulator, as Lambda's pollers would go on. The messages the dead runner held
-   stay invisible until their visibility timeout lapses. The template's is 360 s (6x the function timeout) and no
-   parameter overrides it, so the lapse is *simulated*: ``--orphan-visibility`` (185 s) after the kill, exactly those
-   messages (same receipt handle as at the kill) are made visible again in moto. 125 s keeps the order the design
-   relies on -- visibility timeout > registration claim (120 s) > refresh lease (60 s) -- so a redelivered message
-   finds its dead holder's claim or lease expired, as on AWS; making them visible at once would not.
+   ``--bulk`` users without ``RequestId`` (the intake stamps its message id). **Lifecycle events** are mixed in, each
+   some seconds of feed after its user's registration: ``--update-rate`` of the users updated (every other one with
+   a flag change), each then sent an update that occurred a second *before* it (stale); ``--delete-rate`` deleted,
+   each then sent a redelivered registration and a late update that both occurred before the deletion;
+   ``--move-rate`` moved to the second instance (``fleet-eu``); ``--deactivate-rate`` deactivated then reactivated;
+   one deletion racing its own registration (1 ms later); and bad lifecycle input (invalid fields, an unknown
+   instance). Users drawn for changes are registered once only, so what each ends as follows from its changes.
+4. **Kill.** Half-way through the feed (and once token refreshes are under way) the bulk request is sent; while its
+   first CreateMany chunk is in flight its message is **delivered a second time** (made visible again in moto: a
+   second poller receives it and must wait, never judge the chunk lost), and as soon as a chunk is in flight the
+   runner is killed with SIGKILL. What it held is recorded (PENDING claims, live refresh leases, bulk chunk states,
+   messages in flight) and a new runner starts at once against the same moto server and emulator, as Lambda's
+   pollers would go on, with a **second runner beside it whose clock runs** ``--clock-offset`` **seconds ahead**
+   (``time.time`` moved in that process; below the skew the functions allow): from then on two fleets whose clocks
+   differ take and judge the same claims, leases and budgets. CreateMany is then **switched off** and a bulk of
+   ``--big-bulk`` users (above the ~1,100 one delivery makes without it; no tokens, so no refresh load; on the second
+   instance) is sent: it must finish by continuations, each of its messages received once. The messages the dead
+   runner held stay invisible until their visibility timeout lapses. The template's is 360 s (6x the function
+   timeout) and no parameter overrides it, so the lapse is *simulated*: ``--orphan-visibility`` (185 s) after the
+   kill, exactly those messages (same receipt handle as at the kill) are made visible again in moto. 185 s keeps the
+   order the design relies on -- visibility timeout > refresh lease (180 s) > registration claim (120 s) -- so a
+   redelivered message finds its dead holder's claim or lease expired, as on AWS; making them visible at once would
+   not. The chunk the kill cut is then judged lost (``bulk_incomplete``) and the **reconcile function adopts** its
+   users from the upstream's listing (or reports it, when the call never reached the upstream: "fewer").
 5. **Tokens.** Tokens live ``--token-lifetime`` s and are refreshed ``--refresh-margin`` s before expiry, so every user
-   goes through at least ``--cycles`` refreshes during the run. When the feed is over, 1% of all refresh tokens are
-   revoked (``emulator.revoke(fraction=0.01)``), and ``--dead-tokens`` more users are revoked *and* denied Login: only
-   those may end ``NEEDS_RELOGIN``.
+   goes through at least ``--cycles`` refreshes during the run. When the feed is over, a **slow upstream** phase of
+   ``--slow-seconds``: refresh and Login answers held for 50-95% of the client's read timeout, 10% of them after a
+   429 whose Retry-After is the longest the client waits out, so rotating calls last most of what a lease may hold.
+   Then 1% of all refresh tokens are revoked (``emulator.revoke(fraction=0.01)``), and ``--dead-tokens`` more users
+   are revoked *and* denied Login: only those may end ``NEEDS_RELOGIN``. Once the lost chunk is adopted or reported,
+   an **operator redrives** the registration DLQ with ``telematics-reg dlq redrive`` (the malformed letters and the
+   bulk's ``bulk_incomplete``, which must continue the same bulk, never make it again).
 6. **Settle, stop, check.** When every registration is accounted for and every user is rotated, the runner is stopped
    cleanly, the faults are cleared, every stored refresh token is spent once against the emulator (each must be the
    live one), and the checks below are printed and appended to ``bench/RESULTS.md``.
@@ -70,11 +88,16 @@ Methods
 
 Checks (exit status 1 when one fails)
 -------------------------------------
-One upstream user per ClientId · every registration stored or dead-lettered with its reason, bad input never upstream
-· the bulk request never doubled, each chunk stored or reported · no token lost (every stored refresh token live, dead
-tokens marked and announced, revoked ones recovered by Login) · no refresh token spent twice · no secret in logs,
-events or dead letters · upstream concurrency bounded · and that the run did what it claims (kill with work in flight,
-refresh cycles, overlapping sweeps, revocation).
+One upstream user per ClientId (none for a deleted one) · every registration stored or dead-lettered with its reason,
+bad input never upstream · the bulk request never doubled, never judged lost while in flight, each chunk stored,
+adopted or reported, and nothing made upstream but not stored · the bulk without CreateMany finished by continuations,
+each message received once · the operator's redrive · no token lost (every stored refresh token live, dead tokens
+marked and announced, revoked ones recovered by Login) · no refresh token spent twice · deleted users: nothing left
+(no token, no profile, no dead letter) and none resurrected upstream · no stale change applied · every changed user's
+upstream profile, flags, status and instance as its last change left them · one admin Login for the whole run · no
+secret in logs, events or dead letters · upstream concurrency bounded · and that the run did what it claims (kill with
+work in flight, refresh cycles, overlapping sweeps, revocation, the duplicate delivery, the slow phase, the skewed
+runner, the redrive).
 """
 
 from __future__ import annotations
