@@ -3,7 +3,7 @@ invariants of DESIGN.md; it exits 1 when one is broken (so it can gate a release
 
 Usage (from the repository root)::
 
-    make soak                   # the default sizes: about 12 minutes on 2 CPUs
+    make soak                   # the default sizes: about 20 minutes on 2 shared CPUs
     make soak ARGS="--signups 5000 --registrations 5000 --both-paths 200 --bulk 500 --rate 9 --token-lifetime 1350 \
                     --kill-after-refreshes 0 --timeout 6600"   # the issue's sizes: about 1 h 30 min here
     .venv/bin/python bench/soak.py --help
@@ -65,12 +65,14 @@ token alive). Every user is refreshed ``--cycles`` times, one cycle taking about
 ``--refresh-margin`` plus 10 s (sweep period and spread), so a run needs::
 
     users / (token_lifetime - refresh_margin + 10)  <=  ~8 refreshes/s       (else tokens expire while queued)
-    duration  ~=  kill time + orphan visibility (125 s) + cycles x (token_lifetime - refresh_margin + 10)
+    duration  ~=  kill time + the longer of: the lost chunk's adoption (~310 s: its call window, a claim, the skew)
+                  and the bulk without CreateMany (one Create after another: 1-3 users/s here), then the cycles
 
-(the bulk request is held by the killed runner, so its users are stored only when the orphans come back). The
-defaults (300 + 300 signups/registrations, 60 on both paths, bulk 150: 690 users; 120 s tokens; 7 messages/s so the
-feed is still running when refreshes begin and the kill catches both) finish in about 7 minutes. The issue's sizes
-(10,300 users) need 1,500 s tokens and so about 1 h 45 min.
+The defaults (300 + 300 signups/registrations, 60 on both paths, bulk 150: 690 users; 120 s tokens; 7 messages/s so
+the feed is still running when refreshes begin and the kill catches both; the bulk of 1,200 without CreateMany,
+TOKENLESS so that it adds no refresh load) took about 7 minutes before the bulk without CreateMany and the reconcile
+function's adoption joined; with them, about 20 minutes on this loaded machine (the 1,200 Creates, one after another,
+set the pace). The issue's sizes (10,300 users) need 1,500 s tokens and so about 1 h 45 min.
 
 Methods
 -------

@@ -24,8 +24,8 @@ SMOKE = (
     *("--dead-tokens", "1", "--revoke-fraction", "0.05"),
     *("--claim-seconds", "10", "--lease-seconds", "10", "--orphan-visibility", "12", "--kill-after-refreshes", "0"),
     # Issue 11's phases and issue 14's traffic, tiny: a runner 1.5 s ahead (2 s of skew allowed in a quick run),
-    # 6 s of slow answers, a bulk of 60 without CreateMany, the redrive (on by default); lifecycle rates as default.
-    *("--clock-offset", "1.5", "--slow-seconds", "6", "--big-bulk", "60"),
+    # 6 s of slow answers, a bulk of 30 without CreateMany, the redrive (on by default); lifecycle rates as default.
+    *("--clock-offset", "1.5", "--slow-seconds", "6", "--big-bulk", "30"),
     # About 70 s on an idle 2-CPU machine: the run's own limit leaves twice that for a loaded one.
     *("--failure-visibility", "3", "--async-retry-delay", "2", "--timeout", "150", "--seed", "11"),
 )
