@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import boto3
 from botocore.config import Config
@@ -22,8 +22,6 @@ from telematics_reg.registration import RegistrationService
 from telematics_reg.settings import ServiceSettings
 from telematics_reg.store import DynamoTokenStore
 from telematics_reg.upstream import UserServiceClient
-
-T = TypeVar("T")
 
 
 def aws_client(service: str, settings: ServiceSettings) -> Any:
@@ -108,7 +106,7 @@ def build_sweeper(settings: ServiceSettings) -> Sweeper:
     )
 
 
-class ColdStart(Generic[T]):
+class ColdStart[T]:
     """What a function builds from its environment on its first invocation, reused while its container lives.
 
     Example
