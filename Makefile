@@ -76,7 +76,8 @@ $(RUNTIME_STAMP): requirements/runtime.txt
 
 SAM := SAM_CLI_TELEMETRY=0 PATH="$(PYTHON_DIR):$$PATH" $(DEPLOY_VENV)/bin/sam
 BUILD_DIR := .aws-sam/build
-# What the tests of the built artifact (tests/artifact) need to know; without it they are skipped.
+# What the tests of the built artifact need to know (tests/infrastructure/test_layer_lock.py,
+# tests/functional/test_built_artifact.py); without it they are skipped.
 ARTIFACT_ENV := TELEMATICS_BUILD_DIR=$(CURDIR)/$(BUILD_DIR) TELEMATICS_RUNTIME_PYTHON=$(CURDIR)/$(RUNTIME_VENV)/bin/python
 
 ## make test: lint, type-check, scan and validate the template, build the artifact, then every test suite (the
@@ -94,7 +95,7 @@ build: $(DEPLOY_STAMP)
 
 ## make artifact: only the tests of the built artifact (after make build).
 artifact: $(STAMP) $(RUNTIME_STAMP)
-	$(ARTIFACT_ENV) $(BIN)/python -m pytest -q tests/artifact
+	$(ARTIFACT_ENV) $(BIN)/python -m pytest -q tests/infrastructure/test_layer_lock.py tests/functional/test_built_artifact.py
 
 ## make cold-start: the cold-start benchmark of the built artifact (bench/results/cold_start.md).
 cold-start: $(STAMP) $(RUNTIME_STAMP) build

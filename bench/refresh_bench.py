@@ -52,7 +52,7 @@ from local.stack import LocalStack, provision
 from telematics_reg.budget import InMemoryLoginBudget
 from telematics_reg.credentials import StaticCredentials
 from telematics_reg.fake_store import InMemoryTokenStore
-from telematics_reg.models import CreateManyRequest, InstanceCredentials
+from telematics_reg.models import CreateManyRequest, InstanceCredentials, build_models
 from telematics_reg.outcomes import RecordingPublisher
 from telematics_reg.refresh import InMemoryRefreshJobQueue, RefreshJob, Sweeper, TokenRefresher
 from telematics_reg.registration import tokens_of
@@ -208,6 +208,7 @@ def worker_refresher(stack: LocalStack, concurrency: int) -> TokenRefresher:
 
 def in_memory_refresher(emulator: EmulatorHandle, store: InMemoryTokenStore, concurrency: int) -> TokenRefresher:
     """The same refresher on an in-memory store: what the workers do when storage costs nothing."""
+    build_models()  # as the function's set-up does, before batches validate on several threads
     return TokenRefresher(
         upstream=UserServiceClient(emulator.url, max_connections=concurrency * 2),
         store=store,
