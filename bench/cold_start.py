@@ -8,9 +8,12 @@ only the bytecode the build shipped can spare a cold start the compiling). Per r
 - each function: the import of its handler's module, its first invocation (settings, clients, the secret read,
   the first upstream and DynamoDB calls) and a second, warm invocation, against moto and the User Service emulator.
 
-The import ratio of a round is the function's import over that round's baseline (so the machine's load at that
-moment cancels out); the report gives each function's median and worst ratio over the rounds, the first
-invocation's times, the CPU time of a batch (what MemorySize buys) and the peak RSS (what MemorySize must hold).
+Imports are timed again on their own, many times, baseline and handlers interleaved (``--imports``): on a shared
+machine a single timing can be off by 2x either way, so the report gives, per function, the ratio of the fastest
+import to the fastest baseline (the least disturbed figure of each: what the code costs), the median of the
+paired ratios, and the ratio of CPU times; the target is judged on the first. The rounds give the first
+invocation's set-up and times, the CPU time of a batch (what MemorySize buys) and the peak RSS (what MemorySize
+must hold).
 
 Run with ``make cold-start`` (it builds first); ``ARGS="--rounds 11"`` for more rounds.
 """
@@ -125,7 +128,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 instance_credentials=INSTANCES,
             )
             rounds = [run_round(number, args, built, runtime, stack) for number in range(args.rounds)]
-            return {"rounds": rounds, "functions": built.functions}
+            imports = time_imports(args, built, runtime, stack)
+            return {"rounds": rounds, "imports": imports, "functions": built.functions, "load": os.getloadavg()}
     finally:
         server.stop()
 
@@ -178,12 +182,30 @@ def run_round(number: int, args: argparse.Namespace, built: BuiltArtifact, runti
 FUNCTIONS = ("SignupFunction", "RegistrationQueueFunction", "RefreshSweeperFunction", "RefreshWorkerFunction")
 
 
+def time_imports(args: argparse.Namespace, built: BuiltArtifact, runtime: Path, stack: LocalStack) -> dict[str, Any]:
+    """``--imports`` repetitions of: the baseline, then each handler's import alone, in a shuffled order."""
+    base_env = built.environment("SignupFunction", stack)
+    timings: dict[str, list[tuple[float, float]]] = {"baseline": [], **{name: [] for name in FUNCTIONS}}
+    for _ in range(args.imports):
+        names = list(timings)
+        random.shuffle(names)
+        for name in names:
+            if name == "baseline":
+                report = baseline(runtime, base_env)
+            else:
+                report = built.run(name, runtime_python=runtime, stack=stack, setup=False)
+            timings[name].append((report["import_ms"], report["import_cpu_ms"]))
+    print(f"imports timed {args.imports} times each", flush=True)
+    return timings
+
+
 def _median(values: Iterator[float] | list[float]) -> float:
     return float(statistics.median(list(values)))
 
 
 def summarise(measured: dict[str, Any]) -> tuple[str, bool]:
     rounds: list[dict[str, Any]] = measured["rounds"]
+    imports: dict[str, list[tuple[float, float]]] = measured["imports"]
     functions = measured["functions"]
     baseline_ms = [r["baseline"]["import_ms"] for r in rounds]
     baseline_cpu = [r["baseline"]["import_cpu_ms"] for r in rounds]
@@ -203,23 +225,45 @@ def summarise(measured: dict[str, Any]) -> tuple[str, bool]:
         "",
         f"Target: the handler's import at most {TARGET_RATIO}x the baseline.",
         "",
-        "| function | import ms | import / baseline (median, worst) | import CPU / baseline CPU | set-up ms "
-        "| 1st invocation ms | import + set-up + 1st / baseline |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"### Imports, timed {len(imports['baseline'])} times each (baseline and handlers interleaved)",
+        "",
+        f"Load average during the run: {', '.join(f'{v:.1f}' for v in measured['load'])} on {os.cpu_count()} CPUs. "
+        "Fastest baseline: "
+        f"{min(w for w, _ in imports['baseline']):.0f} ms wall, {min(c for _, c in imports['baseline']):.0f} ms CPU.",
+        "",
+        "| function | fastest import ms | fastest / fastest baseline | median of paired ratios | CPU / CPU (medians) |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
     passed = True
+    base_wall = [w for w, _ in imports["baseline"]]
+    base_cpu = [c for _, c in imports["baseline"]]
+    for name in FUNCTIONS:
+        wall = [w for w, _ in imports[name]]
+        cpu = [c for _, c in imports[name]]
+        fastest = min(wall) / min(base_wall)
+        paired = [w / b for w, b in zip(wall, base_wall, strict=True)]
+        passed &= fastest <= TARGET_RATIO
+        lines.append(
+            f"| {name} | {min(wall):.0f} | **{fastest:.2f}** | {_median(paired):.2f} "
+            f"| {_median(cpu) / _median(base_cpu):.2f} |"
+        )
+    lines += [
+        "",
+        f"### First invocations, {len(rounds)} rounds",
+        "",
+        "| function | import / baseline (median, worst) | set-up ms | 1st invocation ms "
+        "| import + set-up + 1st / baseline |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for name in FUNCTIONS:
         base = "RefreshWorkerBaseline" if name == "RefreshWorkerFunction" else "baseline"
         ratios = [r[name]["import_ms"] / r[base]["import_ms"] for r in rounds]
-        cpu_ratios = [r[name]["import_cpu_ms"] / r[base]["import_cpu_ms"] for r in rounds]
         totals = [
             (r[name]["import_ms"] + r[name]["setup_ms"] + r[name]["invocations"][0]["ms"]) / r[base]["import_ms"]
             for r in rounds
         ]
-        passed &= _median(ratios) <= TARGET_RATIO
         lines.append(
-            f"| {name} | {_median(r[name]['import_ms'] for r in rounds):.0f} "
-            f"| {_median(ratios):.2f}, {max(ratios):.2f} | {_median(cpu_ratios):.2f} "
+            f"| {name} | {_median(ratios):.2f}, {max(ratios):.2f} "
             f"| {_median(r[name]['setup_ms'] for r in rounds):.0f} "
             f"| {_median(r[name]['invocations'][0]['ms'] for r in rounds):.0f} | {_median(totals):.2f} |"
         )
@@ -247,7 +291,7 @@ def summarise(measured: dict[str, Any]) -> tuple[str, bool]:
         "is user + system time at the full speed of one core here; Lambda gives MemorySize / 1769 of a vCPU.",
         "",
         f"Result: {'every' if passed else 'NOT every'} handler's import at or under {TARGET_RATIO}x the baseline "
-        "(median of the rounds).",
+        "(fastest import over fastest baseline).",
     ]
     return "\n".join(lines) + "\n", passed
 
@@ -262,7 +306,8 @@ def main() -> int:
         type=Path,
         default=Path(os.environ.get("TELEMATICS_RUNTIME_PYTHON", ROOT / ".venv-runtime" / "bin" / "python")),
     )
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of first invocations")
+    parser.add_argument("--imports", type=int, default=15, help="timings of each import")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "cold_start.md")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw reports here")
     args = parser.parse_args()
@@ -271,7 +316,8 @@ def main() -> int:
     args.output.write_text(report, encoding="utf-8")
     if args.json:
         raw = [{k: {f: v for f, v in rep.items() if f != "stdout"} for k, rep in r.items()} for r in measured["rounds"]]
-        args.json.write_text(json.dumps(raw, indent=1, default=str), encoding="utf-8")
+        dump = {"rounds": raw, "imports": measured["imports"], "load": measured["load"]}
+        args.json.write_text(json.dumps(dump, indent=1, default=str), encoding="utf-8")
     print(report)
     return 0 if passed else 1
 
