@@ -20,12 +20,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aws_lambda_powertools.metrics import MetricUnit
 
 from telematics_reg.budget import LoginBudget
-from telematics_reg.credentials import CredentialsProvider
 from telematics_reg.errors import (
     DeadRefreshTokenError,
     OutcomeUnknownError,
@@ -40,7 +39,10 @@ from telematics_reg.observability import logger, metrics
 from telematics_reg.outcomes import EventPublisher, TokenRefreshFailed
 from telematics_reg.registration import tokens_of
 from telematics_reg.store import ConditionFailedError, StoreError, Tokens, TokenStore, UserRecord, UserStatus
-from telematics_reg.upstream import UserService
+
+if TYPE_CHECKING:  # annotations only: importing the client (and requests) is left to the function's set-up
+    from telematics_reg.credentials import CredentialsProvider
+    from telematics_reg.upstream import UserService
 
 #: Back-off after an upstream failure without a Retry-After (5xx, lost answer): DEFER_SECONDS plus up to as much
 #: again, shortened when the access token expires sooner (down to DEFER_FLOOR_SECONDS).

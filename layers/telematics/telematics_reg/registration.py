@@ -20,8 +20,8 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from telematics_reg.credentials import CredentialsProvider
 from telematics_reg.errors import (
     CreateManyIncompleteError,
     FieldError,
@@ -50,7 +50,10 @@ from telematics_reg.store import (
     UserRecord,
     UserStatus,
 )
-from telematics_reg.upstream import UserService
+
+if TYPE_CHECKING:  # annotations only: importing the client (and requests) is left to the function's set-up
+    from telematics_reg.credentials import CredentialsProvider
+    from telematics_reg.upstream import UserService
 
 # Namespace of our deterministic DeviceTokens. Changing it would re-register every ClientId: never change it.
 DEVICE_TOKEN_NAMESPACE = uuid.UUID("6f6b1c1e-5d0a-4c3e-9a57-2f1d8e4b7a10")
