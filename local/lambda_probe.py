@@ -55,6 +55,21 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process, as Lambda's "Max Memory Used" counts it.
+
+    VmHWM belongs to this program's address space; ``ru_maxrss`` would not do: Linux keeps it across exec, so a
+    probe started by a large test process would report that process's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _origin(module: str) -> str | None:
     loaded = sys.modules.get(module)
     return getattr(loaded, "__file__", None) if loaded is not None else None
@@ -119,8 +134,7 @@ def function(plan: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     plan: dict[str, Any] = json.loads(Path(argv[1]).read_text(encoding="utf-8"))
     report = baseline() if plan["mode"] == "baseline" else function(plan)
-    # Peak resident set of the whole process (kilobytes on Linux), as Lambda's "Max Memory Used" counts it.
-    report["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report["max_rss_mb"] = _peak_rss_mb()
     report["python"] = list(sys.version_info[:3])
     report["dont_write_bytecode"] = sys.dont_write_bytecode
     Path(plan["output"]).write_text(json.dumps(report, default=str), encoding="utf-8")
