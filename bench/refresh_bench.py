@@ -47,13 +47,12 @@ sys.path.insert(0, str(REPO_ROOT / "functions" / "refresh_worker"))
 from handle_refresh_jobs import handle_refresh_batch
 
 from local.emulator.testing import EmulatorHandle, running_emulator
+from local.fake_store import InMemoryTokenStore
+from local.fakes import InMemoryLoginBudget, RecordingPublisher
 from local.lambda_runtime import environment
 from local.stack import LocalStack, provision
-from telematics_reg.budget import InMemoryLoginBudget
 from telematics_reg.credentials import StaticCredentials
-from telematics_reg.fake_store import InMemoryTokenStore
 from telematics_reg.models import CreateManyRequest, InstanceCredentials, build_models
-from telematics_reg.outcomes import RecordingPublisher
 from telematics_reg.refresh import InMemoryRefreshJobQueue, RefreshJob, Sweeper, TokenRefresher
 from telematics_reg.registration import tokens_of
 from telematics_reg.settings import ServiceSettings

@@ -38,14 +38,13 @@ from typing import Any
 from common import REPO_ROOT, machine, moto_server, stamp
 
 from local.emulator.testing import running_emulator
+from local.fake_store import InMemoryTokenStore
+from local.fakes import RecordingDeadLetters, RecordingPublisher
 from local.lambda_runtime import LocalFunction
 from local.stack import LocalStack, provision
 from telematics_reg.credentials import StaticCredentials
-from telematics_reg.dead_letters import RecordingDeadLetters
-from telematics_reg.fake_store import InMemoryTokenStore
 from telematics_reg.intake import RegistrationIntake
 from telematics_reg.models import CreateUserRequest, InstanceCredentials, build_models
-from telematics_reg.outcomes import RecordingPublisher
 from telematics_reg.registration import RegistrationService
 from telematics_reg.upstream import UserServiceClient
 

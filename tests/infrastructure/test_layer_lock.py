@@ -8,6 +8,7 @@ skipped when pytest is run by hand without it.
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import importlib.util
 import os
@@ -23,6 +24,12 @@ ROOT = Path(__file__).resolve().parents[2]
 LAYER = ROOT / "layers" / "telematics"
 LOCK = LAYER / "requirements.txt"
 RUNTIME_PYTHON = (3, 12)
+#: Names of test doubles; they live in local/ (fakes.py, fake_store.py), beside the tests and the local stack.
+TEST_DOUBLE = re.compile(r"^(Fake|InMemory|Recording)[A-Z]")
+#: Doubles still in a shipped module, each with why.
+SHIPPED_DOUBLES = {
+    "InMemoryRefreshJobQueue": "telematics_reg/refresh.py: to move out with the next change of that module"
+}
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==([^\s;\\]+)")
 
 
@@ -146,3 +153,22 @@ def test_the_built_layer_carries_the_library_as_in_the_repository(built: BuiltAr
     shipped = {p.name for p in library.glob("*.py")}
     assert shipped == {p.name for p in (LAYER / "telematics_reg").glob("*.py")}
     assert not (built.layer_dir / "bin").exists()
+
+
+def _doubles(library: Path) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for source in library.rglob("*.py"):
+        if source.stem.startswith("fake"):
+            found[source.stem] = str(source)
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef) and TEST_DOUBLE.match(node.name) and node.name not in SHIPPED_DOUBLES:
+                found[node.name] = str(source)
+    return found
+
+
+def test_no_test_double_is_in_the_library() -> None:
+    assert _doubles(LAYER / "telematics_reg") == {}
+
+
+def test_no_test_double_ships_in_the_built_layer(built: BuiltArtifact) -> None:
+    assert _doubles(built.layer_dir / "telematics_reg") == {}

@@ -7,7 +7,6 @@ write, so it holds across any number of concurrent Lambda invocations.
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Protocol
 
 from botocore.exceptions import ClientError
@@ -51,22 +50,3 @@ class DynamoLoginBudget:
                 return False
             raise StoreError(f"login budget: {exc.response.get('Error', {}).get('Code')}") from exc
         return True
-
-
-class InMemoryLoginBudget:
-    """The same budget in memory (tests)."""
-
-    def __init__(self, per_minute: int) -> None:
-        self._per_minute = per_minute
-        self._used: dict[tuple[str, int], int] = {}
-        self._lock = threading.Lock()
-        self.spent = 0
-
-    def try_acquire(self, instance_id: str, now: float) -> bool:
-        with self._lock:
-            key = (instance_id, int(now // 60))
-            if self._used.get(key, 0) >= self._per_minute:
-                return False
-            self._used[key] = self._used.get(key, 0) + 1
-            self.spent += 1
-            return True

@@ -1,4 +1,7 @@
-"""An in-memory User Service for unit tests of the modules that use :class:`~telematics_reg.upstream.UserService`.
+"""In-memory stand-ins for the outside systems, for unit tests and benchmarks (they do not ship in the layer):
+the User Service, the outcome-event publisher, the dead-letter sink and the Login budget.
+
+The User Service is for the modules that use :class:`~telematics_reg.upstream.UserService`.
 
 It behaves as the real client does from the outside: a Create with a ``CustomToken`` that already exists returns
 the user with fresh tokens (as the client's Login recovery does), refresh tokens are single-use, CreateMany can
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
+from telematics_reg.dead_letters import DeadLetter
 from telematics_reg.errors import (
     DeadRefreshTokenError,
     FieldError,
@@ -35,8 +39,9 @@ from telematics_reg.models import (
     InstanceCredentials,
     read_jwt_claims,
 )
+from telematics_reg.outcomes import OutcomeEvent
 
-__all__ = ["FakeUser", "FakeUserService"]
+__all__ = ["FakeUser", "FakeUserService", "InMemoryLoginBudget", "RecordingDeadLetters", "RecordingPublisher"]
 
 
 @dataclass
@@ -302,3 +307,48 @@ class FakeUserService:
                 "RefreshToken": user.refresh_token,
             }
         )
+
+
+class RecordingPublisher:
+    """In-memory publisher for tests: keeps every event in ``events``."""
+
+    def __init__(self) -> None:
+        self.events: list[OutcomeEvent] = []
+
+    def publish(self, event: OutcomeEvent) -> None:
+        self.events.append(event)
+
+    def publish_many(self, events: Sequence[OutcomeEvent]) -> None:
+        self.events.extend(events)
+
+    def of_type(self, event_type: type[OutcomeEvent]) -> list[OutcomeEvent]:
+        return [e for e in self.events if isinstance(e, event_type)]
+
+
+class RecordingDeadLetters:
+    """In-memory dead letters for tests."""
+
+    def __init__(self) -> None:
+        self.letters: list[DeadLetter] = []
+
+    def send(self, letter: DeadLetter) -> None:
+        self.letters.append(letter)
+
+
+class InMemoryLoginBudget:
+    """The same budget in memory (tests)."""
+
+    def __init__(self, per_minute: int) -> None:
+        self._per_minute = per_minute
+        self._used: dict[tuple[str, int], int] = {}
+        self._lock = threading.Lock()
+        self.spent = 0
+
+    def try_acquire(self, instance_id: str, now: float) -> bool:
+        with self._lock:
+            key = (instance_id, int(now // 60))
+            if self._used.get(key, 0) >= self._per_minute:
+                return False
+            self._used[key] = self._used.get(key, 0) + 1
+            self.spent += 1
+            return True
