@@ -199,7 +199,12 @@ def emulator_for(args: argparse.Namespace) -> Iterator[EmulatorHandle]:
             alias: {"InstanceId": str(uuid.uuid4()), "InstanceKey": str(uuid.uuid4())}
             for alias in ("default", "fleet-eu")
         }
-        with running_emulator(instances) as emulator:
+        with running_emulator(
+            instances,
+            login_limit_per_minute=0,
+            login_limit_reason="a load test of the emulator itself (every client logs in every third loop)",
+        ) as emulator:
+            print(f"emulator {emulator.login_limit_line}: a load test of the emulator itself, not of the service")
             yield emulator
         return
     if not args.instances:

@@ -48,12 +48,12 @@ from handle_refresh_jobs import handle_refresh_batch
 
 from local.emulator.testing import EmulatorHandle, running_emulator
 from local.fake_store import InMemoryTokenStore
-from local.fakes import InMemoryLoginBudget, RecordingPublisher
+from local.fakes import InMemoryRefreshJobQueue, RecordingPublisher
 from local.lambda_runtime import environment
 from local.stack import LocalStack, provision
 from telematics_reg.credentials import StaticCredentials
 from telematics_reg.models import CreateManyRequest, InstanceCredentials, build_models
-from telematics_reg.refresh import InMemoryRefreshJobQueue, RefreshJob, Sweeper, TokenRefresher
+from telematics_reg.refresh import RefreshJob, Sweeper, TokenRefresher
 from telematics_reg.registration import tokens_of
 from telematics_reg.settings import ServiceSettings
 from telematics_reg.store import DynamoTokenStore, NewUser, Tokens, TokenStore
@@ -213,8 +213,8 @@ def in_memory_refresher(emulator: EmulatorHandle, store: InMemoryTokenStore, con
         store=store,
         credentials=StaticCredentials(INSTANCES),
         publisher=RecordingPublisher(),
-        budget=InMemoryLoginBudget(5),
         margin_seconds=MARGIN,
+        timing=ServiceSettings().lease_timing,
     )
 
 
@@ -268,6 +268,7 @@ def moto_capacity(table: str, shards: int, concurrency: int, seconds: float = 3.
             store.commit_tokens(
                 device_token=users[index],
                 expected_version=version,
+                owner=owner,
                 tokens=fake_tokens(int(time.time()) + 7200),
                 now=time.time(),
             )
@@ -443,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
 
     load_before = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     with moto_server() as endpoint, running_emulator(instances=INSTANCES) as emulator:
+        print(f"emulator {emulator.login_limit_line}")
 
         def stack(name: str) -> LocalStack:
             return provision(

@@ -39,7 +39,7 @@ from common import REPO_ROOT, machine, moto_server, stamp
 
 from local.emulator.testing import running_emulator
 from local.fake_store import InMemoryTokenStore
-from local.fakes import RecordingDeadLetters, RecordingPublisher
+from local.fakes import RecordingDeadLetters, RecordingPublisher, StaticDeviceTokenKey
 from local.lambda_runtime import LocalFunction
 from local.stack import LocalStack, provision
 from telematics_reg.credentials import StaticCredentials
@@ -97,6 +97,7 @@ class InMemoryFunction:
             upstream=UserServiceClient(url, max_connections=per_invocation * 8),
             store=InMemoryTokenStore(),
             credentials=StaticCredentials(INSTANCES),
+            device_token_key=StaticDeviceTokenKey(uuid.uuid4().hex),
             publisher=publisher,
         )
         self._intake = RegistrationIntake(service=service, dead_letters=RecordingDeadLetters(), publisher=publisher)
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     with moto_server() as endpoint, running_emulator(instances=INSTANCES) as emulator:
+        print(f"emulator {emulator.login_limit_line}")
         stack = provision(
             endpoint,
             template_path=REPO_ROOT / "template.yaml",

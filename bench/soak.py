@@ -27,7 +27,7 @@ What one run does
    (PENDING claims, live refresh leases, bulk chunk states, messages in flight) and a new runner starts at once
    against the same moto server and emulator, as Lambda's pollers would go on. The messages the dead runner held
    stay invisible until their visibility timeout lapses. The template's is 360 s (6x the function timeout) and no
-   parameter overrides it, so the lapse is *simulated*: ``--orphan-visibility`` (125 s) after the kill, exactly those
+   parameter overrides it, so the lapse is *simulated*: ``--orphan-visibility`` (185 s) after the kill, exactly those
    messages (same receipt handle as at the kill) are made visible again in moto. 125 s keeps the order the design
    relies on -- visibility timeout > registration claim (120 s) > refresh lease (60 s) -- so a redelivered message
    finds its dead holder's claim or lease expired, as on AWS; making them visible at once would not.
@@ -122,10 +122,13 @@ from local.demo import (  # noqa: E402
     drain_dead_letters,
     queue_depth,
 )
-from local.emulator.testing import EmulatorHandle, running_emulator  # noqa: E402
+from local.emulator.login_limit import VENDOR_LIMIT_PER_MINUTE  # noqa: E402
+from local.emulator.testing import EmulatorHandle, login_limit_relaxations, running_emulator  # noqa: E402
 from local.send import client, publish_signups, send_messages  # noqa: E402
 from local.stack import LocalStack, provision  # noqa: E402
+from telematics_reg.credentials import SecretsManagerDeviceTokenKey  # noqa: E402
 from telematics_reg.registration import CREATE_MANY_CHUNK, device_token_for  # noqa: E402
+from telematics_reg.settings import ServiceSettings  # noqa: E402
 
 log = logging.getLogger("soak")
 
@@ -138,6 +141,54 @@ SWEEPER: Final = "RefreshSweeperFunction"
 JWT: Final = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*")
 REFRESH_TOKEN: Final = re.compile(r"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{43}=(?![A-Za-z0-9+/=])")
 _deserializer: Final = TypeDeserializer()
+#: With --claim-seconds/--lease-seconds (quick runs), what lets such short claims and leases pass the service's own
+#: checks (claims and leases must outlive the function and its longest upstream call, plus clock skew): upstream calls
+#: bounded to a few seconds (2 attempts, 0.5 s connect, 1.5 s read, Retry-After up to 2 s), a 1 s commit allowance,
+#: no clock skew, and a declared function timeout no longer than the TTLs. Below what AWS needs: said in the output.
+QUICK_TIMING: Final = {
+    "UPSTREAM_MAX_ATTEMPTS": "2",
+    "UPSTREAM_CONNECT_TIMEOUT": "0.5",
+    "UPSTREAM_READ_TIMEOUT": "1.5",
+    "UPSTREAM_MAX_RETRY_AFTER": "2",
+    "REFRESH_COMMIT_SECONDS": "1",
+    "CLOCK_SKEW_SECONDS": "0",
+}
+
+
+def quick_timing_environment(claim_seconds: int | None, lease_seconds: int | None) -> dict[str, str]:
+    """The functions' environment for shortened claims and leases (empty when neither is shortened)."""
+    if claim_seconds is None and lease_seconds is None:
+        return {}
+    environment = dict(QUICK_TIMING)
+    environment["FUNCTION_TIMEOUT_SECONDS"] = str(min(claim_seconds or 120, lease_seconds or 180))
+    if claim_seconds is not None:
+        environment["CLAIM_SECONDS"] = str(claim_seconds)
+    if lease_seconds is not None:
+        environment["REFRESH_LEASE_SECONDS"] = str(lease_seconds)
+    return environment
+
+
+#: The template's most for LoginBudgetPerMinute (below the vendor's Login limit of 5 a minute per source IP).
+TEMPLATE_MAX_LOGIN_BUDGET: Final = 4
+
+
+def login_budget_environment(login_budget: int) -> dict[str, str]:
+    """The functions' environment for a Login budget above what the template allows: the soak's revocations and lost
+    answers need more Logins than the vendor permits, so the service is told the upstream's limit is higher (the
+    emulator's Login limit must allow it too). Said in the run's output."""
+    if login_budget <= TEMPLATE_MAX_LOGIN_BUDGET:
+        return {}
+    return {"LOGIN_BUDGET_PER_MINUTE": str(login_budget), "UPSTREAM_LOGIN_LIMIT_PER_MINUTE": str(login_budget + 1)}
+
+
+def quick_timing_problem(claim_seconds: int | None, lease_seconds: int | None) -> str | None:
+    """Why the service would refuse these shortened claims and leases, or None."""
+    quick = quick_timing_environment(claim_seconds, lease_seconds)
+    try:
+        ServiceSettings(**{name.lower(): value for name, value in quick.items()})
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 # --------------------------------------------------------------------------------------------- options
@@ -171,7 +222,7 @@ class SoakOptions:
     kill: bool = True
     kill_at: float = 0.5
     kill_after_refreshes: int = 20
-    orphan_visibility: int = 125
+    orphan_visibility: int = 185
     claim_seconds: int | None = None
     lease_seconds: int | None = None
     failure_visibility: int = 40
@@ -255,7 +306,7 @@ def parse_options(argv: Sequence[str] | None = None) -> SoakOptions:
     add(
         "--lease-seconds",
         type=int,
-        help="refresh lease TTL (REFRESH_LEASE_SECONDS; unset: the service's 60) - for quick runs",
+        help="refresh lease TTL (REFRESH_LEASE_SECONDS; unset: the service's 180) - for quick runs",
     )
     add("--failure-visibility", type=int, default=d.failure_visibility, help="failed SQS records back after S s")
     add("--async-retry-delay", type=float, default=d.async_retry_delay, help="first async retry after S s")
@@ -275,8 +326,10 @@ def parse_options(argv: Sequence[str] | None = None) -> SoakOptions:
         parser.error("--both-paths cannot exceed --signups or --registrations")
     # The simulated visibility timeout must stay longer than a claim and a lease, as 360 s is on AWS: a redelivered
     # message must find its dead holder's claim or lease expired.
-    if args.orphan_visibility <= max(args.claim_seconds or 120, args.lease_seconds or 60):
-        parser.error("--orphan-visibility must exceed the claim (120 s) and lease (60 s) TTLs")
+    if args.orphan_visibility <= max(args.claim_seconds or 120, args.lease_seconds or 180):
+        parser.error("--orphan-visibility must exceed the claim (120 s) and lease (180 s) TTLs")
+    if problem := quick_timing_problem(args.claim_seconds, args.lease_seconds):
+        parser.error(f"--claim-seconds/--lease-seconds too short even for a quick run: {problem}")
     return SoakOptions(
         signups=args.signups,
         registrations=args.registrations,
@@ -644,14 +697,8 @@ class Runner:
             "async_retry_delay": options.async_retry_delay,
             # As many signup invocations at once as the template reserves for the function (SignupMaximumConcurrency).
             "async_concurrency": 10,
-            "environment": {
-                name: str(value)
-                for name, value in (
-                    ("CLAIM_SECONDS", options.claim_seconds),
-                    ("REFRESH_LEASE_SECONDS", options.lease_seconds),
-                )
-                if value is not None
-            },
+            "environment": quick_timing_environment(options.claim_seconds, options.lease_seconds)
+            | login_budget_environment(options.login_budget),
         }
         env = {
             **os.environ,
@@ -759,6 +806,10 @@ class Soak:
         self.dynamodb = client(self.stack, "dynamodb")
         self.sqs = client(self.stack, "sqs")
         self.instance_id = self.emulator.instance_id("default")
+        key_secret = self.stack.outputs["DeviceTokenKeySecretArn"]
+        self.device_token_key = SecretsManagerDeviceTokenKey(
+            key_secret, client=client(self.stack, "secretsmanager")
+        ).get()
 
     def say(self, text: str) -> None:
         print(f"{time.time() - self.started:7.1f}s  {text}", file=self.out, flush=True)
@@ -905,7 +956,7 @@ class Soak:
         registered = sorted(cid for cid in self.work.client_ids if cid in self.outcomes.registered)
         rng = random.Random(self.options.seed)
         chosen = rng.sample(registered, min(self.options.dead_tokens, len(registered)))
-        record.dead = [device_token_for(self.instance_id, cid) for cid in chosen]
+        record.dead = [device_token_for(self.instance_id, cid, key=self.device_token_key) for cid in chosen]
         if record.dead:
             self.emulator.disable_login(record.dead)
             self.emulator.revoke(device_tokens=record.dead)
@@ -1624,8 +1675,22 @@ def results_section(options: SoakOptions, checks: Sequence[Check], m: Measures, 
         f"Faults `{json.dumps(options.faults)}` on create, create_many, refresh and login. "
         f"Tokens live {options.token_lifetime} s and are refreshed "
         f"{options.refresh_margin} s before expiry; two sweepers every {options.sweep_every:g} s; "
-        f"RefreshMaximumConcurrency {options.refresh_concurrency}; Login budget {options.login_budget}/min; claims "
-        f"live {options.claim_seconds or 120} s, refresh leases {options.lease_seconds or 60} s. Runner "
+        f"RefreshMaximumConcurrency {options.refresh_concurrency}; Login budget {options.login_budget}/min"
+        + (
+            " (relaxed: above the vendor's Login limit of 5/min per address, which this run's emulator does not "
+            "enforce)"
+            if options.login_budget > TEMPLATE_MAX_LOGIN_BUDGET
+            else " (the fleet's, under the vendor's limit)"
+        )
+        + "; claims "
+        f"live {options.claim_seconds or 120} s, refresh leases {options.lease_seconds or 180} s"
+        + (
+            " (shortened for a quick run, below what AWS needs: upstream calls bounded to 2 attempts of 2 s, "
+            "no clock skew allowed)"
+            if options.claim_seconds is not None or options.lease_seconds is not None
+            else ""
+        )
+        + ". Runner "
         f"{killed}. Revoked: {len(revoke.revoked)} refresh tokens, and {len(revoke.dead)} more denied Login.",
         "",
         "| check | result | detail |",
@@ -1686,7 +1751,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     soak: Soak | None = None
     try:
         host, port = moto.get_host_and_port()
-        with running_emulator(token_lifetime=options.token_lifetime) as emulator:
+        # The vendor allows 5 Logins a minute per IP (then an hour's block): a Login budget above that needs the
+        # emulator's limit off, and the output says so.
+        relax = options.login_budget > VENDOR_LIMIT_PER_MINUTE
+        with running_emulator(
+            token_lifetime=options.token_lifetime,
+            login_limit_per_minute=0 if relax else None,
+            login_limit_reason=f"the soak's LoginBudgetPerMinute is {options.login_budget}" if relax else None,
+        ) as emulator:
             stack = provision(
                 f"http://{host}:{port}",
                 template_path=REPO_ROOT / "template.yaml",
@@ -1695,7 +1767,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "LogLevel": options.log_level,
                     "RefreshMarginSeconds": str(options.refresh_margin),
                     "RefreshSpreadSeconds": str(options.refresh_spread),
-                    "LoginBudgetPerMinute": str(options.login_budget),
+                    "LoginBudgetPerMinute": str(min(options.login_budget, TEMPLATE_MAX_LOGIN_BUDGET)),
                     "RefreshMaximumConcurrency": str(options.refresh_concurrency),
                 },
                 stack_name="soak",
@@ -1703,6 +1775,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             stack_path = stack.save(options.workdir / "stack.json")
             print(f"soak: moto {stack.endpoint_url}, emulator {emulator.url}, logs in {options.workdir}", file=out)
+            print(f"soak: emulator {emulator.login_limit_line}", file=out)
+            for line in login_limit_relaxations():
+                print(f"soak: {line}", file=out)
             work = build_workload(options)
             soak = Soak(options, stack, emulator, stack_path, work, out, started=t0)
             try:

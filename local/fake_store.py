@@ -12,6 +12,7 @@ from typing import Any
 
 from telematics_reg.store import (
     BulkProgress,
+    ChunkClaim,
     ChunkState,
     ConditionFailedError,
     DuePage,
@@ -21,6 +22,7 @@ from telematics_reg.store import (
     UserRecord,
     UserStatus,
     iso,
+    prefer_live,
     shard_of,
 )
 
@@ -39,11 +41,11 @@ class InMemoryTokenStore:
             return self.users.get(device_token)
 
     def find_by_client(self, instance: str, client_id: str) -> UserRecord | None:
+        return prefer_live(self.find_all_by_client(instance, client_id))
+
+    def find_all_by_client(self, instance: str, client_id: str) -> list[UserRecord]:
         with self._lock:
-            for user in self.users.values():
-                if user.instance == instance and user.client_id == client_id:
-                    return user
-        return None
+            return [u for u in self.users.values() if u.instance == instance and u.client_id == client_id]
 
     def claim_registration(
         self,
@@ -144,7 +146,14 @@ class InMemoryTokenStore:
                     {},
                 )
             progress = self.bulks[key]
-            return replace(progress, chunks=dict(progress.chunks), stored=dict(progress.stored))
+            return replace(
+                progress,
+                chunks=dict(progress.chunks),
+                stored=dict(progress.stored),
+                claims=dict(progress.claims),
+                made=dict(progress.made),
+                ended=dict(progress.ended),
+            )
 
     def set_chunk_state(
         self,
@@ -156,14 +165,77 @@ class InMemoryTokenStore:
         new: ChunkState,
         stored: int | None = None,
         now: float,
+        owner: str | None = None,
     ) -> None:
         with self._lock:
             progress = self.bulks[(instance, request_id)]
-            if progress.chunks[index] not in set(expected):
+            state = progress.chunks[index]
+            if state not in set(expected):
                 raise ConditionFailedError("set_chunk_state: chunk moved on")
+            claim = progress.claims.get(index)
+            if owner is not None and state is ChunkState.CALLING and (claim is None or claim.owner != owner):
+                raise ConditionFailedError("set_chunk_state: chunk called by another delivery")
             progress.chunks[index] = new
             if stored is not None:
                 progress.stored[index] = stored
+            if new is ChunkState.UNKNOWN:
+                # As in DynamoDB: the claim stays and the end of the call is noted (its window, for adoption).
+                progress.ended[index] = int(now)
+            elif new is not ChunkState.CALLING:
+                progress.claims.pop(index, None)
+
+    def claim_chunk(
+        self,
+        *,
+        instance: str,
+        request_id: str,
+        index: int,
+        owner: str,
+        now: float,
+        abandoned: ChunkClaim | None = None,
+    ) -> None:
+        with self._lock:
+            progress = self.bulks[(instance, request_id)]
+            state = progress.chunks[index]
+            if abandoned is None:
+                if state is not ChunkState.TODO:
+                    raise ConditionFailedError("claim_chunk: chunk is not TODO")
+            elif state is not ChunkState.CALLING or progress.claims.get(index) != abandoned:
+                raise ConditionFailedError("claim_chunk: the abandoned claim moved on")
+            progress.chunks[index] = ChunkState.CALLING
+            progress.claims[index] = ChunkClaim(owner, int(now))
+
+    def make_chunk_per_user(self, *, instance: str, request_id: str, index: int, owner: str) -> int:
+        with self._lock:
+            progress = self.bulks[(instance, request_id)]
+            claim = progress.claims.get(index)
+            if progress.chunks[index] is not ChunkState.CALLING or claim is None or claim.owner != owner:
+                raise ConditionFailedError("make_chunk_per_user: chunk not ours")
+            return progress.made.setdefault(index, 0)
+
+    def store_chunk_user(
+        self, *, instance: str, request_id: str, index: int, owner: str, position: int, user: NewUser, now: float
+    ) -> None:
+        with self._lock:
+            progress = self.bulks[(instance, request_id)]
+            claim = progress.claims.get(index)
+            if (
+                claim is not None
+                and claim.owner == owner
+                and progress.made.get(index) == position + 1
+                and user.device_token in self.users
+            ):
+                return  # a retry of a write that landed (see DynamoTokenStore._chunk_user_already_stored)
+            if (
+                progress.chunks[index] is not ChunkState.CALLING
+                or claim is None
+                or claim.owner != owner
+                or progress.made.get(index) != position
+                or user.device_token in self.users
+            ):
+                raise ConditionFailedError("store_chunk_user: chunk taken over or user stored")
+            self.put_new_users([user], now=now)
+            progress.made[index] = position + 1
 
     def query_due(self, *, shard: str, horizon: int, limit: int, start_key: dict[str, Any] | None = None) -> DuePage:
         with self._lock:
@@ -222,14 +294,25 @@ class InMemoryTokenStore:
             self.users[device_token] = record
             return replace(record, lease_lapsed=current.lease_owner is not None)
 
-    def commit_tokens(self, *, device_token: str, expected_version: int, tokens: Tokens, now: float) -> UserRecord:
+    def renew_lease(self, *, device_token: str, version: int, owner: str, now: float, ttl: int) -> int | None:
+        with self._lock:
+            current = self.users.get(device_token)
+            if current is None or current.version != version or current.lease_owner != owner:
+                return None
+            until = int(now) + ttl
+            self.users[device_token] = replace(current, lease_expires_at=until)
+            return until
+
+    def commit_tokens(
+        self, *, device_token: str, expected_version: int, owner: str, tokens: Tokens, now: float
+    ) -> UserRecord:
         with self._lock:
             if self.fail_next_commits > 0:
                 self.fail_next_commits -= 1
                 raise StoreError("injected commit failure")
             current = self.users.get(device_token)
-            if current is None or current.version != expected_version:
-                raise ConditionFailedError("commit_tokens: version moved on")
+            if current is None or current.version != expected_version or current.lease_owner != owner:
+                raise ConditionFailedError("commit_tokens: version moved on or lease lost")
             record = replace(
                 current,
                 access_token=tokens.access_token,
@@ -248,6 +331,16 @@ class InMemoryTokenStore:
             self.users[device_token] = record
             self.queued.pop(device_token, None)
             return record
+
+    def mark_refresh_token_dead(self, *, device_token: str, version: int, reason: str, now: float) -> bool:
+        with self._lock:
+            current = self.users.get(device_token)
+            if current is None or current.version != version:
+                return False
+            self.users[device_token] = replace(
+                current, refresh_token_dead=True, last_error=reason[:500], updated_at=iso(now)
+            )
+            return True
 
     def release_lease(
         self,
@@ -274,11 +367,13 @@ class InMemoryTokenStore:
                 refresh_token_dead=current.refresh_token_dead or refresh_token_dead,
             )
 
-    def mark_needs_relogin(self, *, device_token: str, expected_version: int, reason: str, now: float) -> None:
+    def mark_needs_relogin(
+        self, *, device_token: str, expected_version: int, owner: str, reason: str, now: float
+    ) -> None:
         with self._lock:
             current = self.users.get(device_token)
-            if current is None or current.version != expected_version:
-                raise ConditionFailedError("mark_needs_relogin: version moved on")
+            if current is None or current.version != expected_version or current.lease_owner != owner:
+                raise ConditionFailedError("mark_needs_relogin: version moved on or lease lost")
             self.queued.pop(device_token, None)
             self.users[device_token] = replace(
                 current,

@@ -1,11 +1,13 @@
 """In-memory stand-ins for the outside systems, for unit tests and benchmarks (they do not ship in the layer):
-the User Service, the outcome-event publisher, the dead-letter sink and the Login budget.
+the User Service, the outcome-event publisher, the dead-letter sink, the Login budget, the DeviceToken key and the
+refresh-job queue.
 
 The User Service is for the modules that use :class:`~telematics_reg.upstream.UserService`.
 
 It behaves as the real client does from the outside: a Create with a ``CustomToken`` that already exists returns
 the user with fresh tokens (as the client's Login recovery does), refresh tokens are single-use, CreateMany can
-be switched off (one Create per user then), and any call can be told to fail.
+be switched off (one Create per user then), and any call can be told to fail. The admin session and the User
+Management API answer as the client does too: an admin JWT only, deleting a user already gone succeeds.
 """
 
 from __future__ import annotations
@@ -20,16 +22,34 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+from pydantic import SecretStr
+
+from telematics_reg.budget import DEFAULT_BLOCK_SECONDS, WINDOW_SECONDS, LoginBudget, login_deferred
+from telematics_reg.credentials import DeviceTokenKey
 from telematics_reg.dead_letters import DeadLetter
 from telematics_reg.errors import (
     DeadRefreshTokenError,
     FieldError,
+    ForbiddenError,
     NotFoundError,
+    RateLimitedError,
     UnauthorizedError,
     UpstreamError,
+    UpstreamValidationError,
+    UserAlreadyExistsError,
+)
+from telematics_reg.management_models import (
+    AdminCredentials,
+    AdminSession,
+    ManagedUser,
+    UserPage,
+    UserPageQuery,
+    UserSort,
+    UserUpdate,
 )
 from telematics_reg.models import (
     MAX_CREATE_MANY_PER_CALL,
@@ -40,8 +60,18 @@ from telematics_reg.models import (
     read_jwt_claims,
 )
 from telematics_reg.outcomes import OutcomeEvent
+from telematics_reg.refresh import RefreshJob
+from telematics_reg.store import iso
 
-__all__ = ["FakeUser", "FakeUserService", "InMemoryLoginBudget", "RecordingDeadLetters", "RecordingPublisher"]
+__all__ = [
+    "FakeUser",
+    "FakeUserService",
+    "InMemoryLoginBudget",
+    "InMemoryRefreshJobQueue",
+    "RecordingDeadLetters",
+    "RecordingPublisher",
+    "StaticDeviceTokenKey",
+]
 
 
 @dataclass
@@ -54,6 +84,38 @@ class FakeUser:
     profile: dict[str, Any]
     refresh_token: str | None = field(default=None, repr=False)
     login_disabled: bool = False
+    status: str = "Active"
+    """As written: ``Active``, ``Deactivated`` or ``Deleted`` (read back ``Active`` or ``Inactive``)."""
+    created_at: float = 0.0
+
+    def as_managed(self) -> ManagedUser:
+        """The user as find and GetFilteredPage read it."""
+        flags = self.profile.get("UserFields") or {}
+        return ManagedUser.model_validate(
+            {
+                "DeviceToken": str(self.device_token),
+                "DateCreated": datetime.fromtimestamp(self.created_at, UTC).isoformat(),
+                "Status": "Active" if self.status == "Active" else "Inactive",
+                "UserProfile": {
+                    key: value for key, value in self.profile.items() if key not in _NOT_PROFILE and value is not None
+                },
+                "AccountInfo": {"InstanceId": str(self.instance_id)},
+                "UserFields": [
+                    {
+                        "ClientId": self.client_id,
+                        "Enabled": flags.get("Enabled", True),
+                        "EnableTracking": flags.get("EnableTracking", True),
+                        "EnableLogging": flags.get("EnableLogging", False),
+                        "EnableRealTimeLocation": flags.get("EnableRealtimeLocation", False),
+                    }
+                ],
+            }
+        )
+
+
+_NOT_PROFILE = frozenset(
+    {"UserFields", "Status", "CustomToken", "CreateAccessToken", "InstanceInviteCode", "IdentityId", "IdentityProvider"}
+)
 
 
 @dataclass
@@ -81,6 +143,8 @@ class FakeUserService:
         Unix time, for ``iat``/``exp``.
     create_many_offered
         False makes ``create_many`` work as one Create per user (as the client's fallback does).
+    admin
+        The admin account whose Login succeeds (any, when ``None``).
 
     Example
     -------
@@ -105,6 +169,8 @@ class FakeUserService:
         token_lifetime: int = 7200,
         clock: Callable[[], float] = time.time,
         create_many_offered: bool = True,
+        admin: AdminCredentials | None = None,
+        login_budget: LoginBudget | None = None,
     ) -> None:
         self._instances = (
             {c.instance_id: c.instance_key.get_secret_value() for c in instances} if instances is not None else None
@@ -119,6 +185,11 @@ class FakeUserService:
         self.users: dict[UUID, FakeUser] = {}
         """Users by DeviceToken."""
         self.rejected_refresh_tokens = 0
+        self.admin = admin
+        """When given, admin Logins must match it; otherwise any admin credentials are accepted."""
+        self._admin_refresh_tokens: set[str] = set()
+        self.login_budget = login_budget
+        """Spent by every Login (Create recovery included) and blocked by a 429 on one, as the real client does."""
 
     # --- test controls --------------------------------------------------------------------------------
 
@@ -160,13 +231,22 @@ class FakeUserService:
 
     # --- UserService --------------------------------------------------------------------------------
 
-    def create(self, creds: InstanceCredentials, body: CreateUserRequest) -> CreateResult:
+    def create(self, creds: InstanceCredentials, body: CreateUserRequest, *, recover: bool = True) -> CreateResult:
         with self._lock:
             after = self._enter("create")
             self._authorize(creds)
             existing = self.users.get(body.custom_token) if body.custom_token is not None else None
+            if existing is not None and not recover:
+                raise UserAlreadyExistsError(
+                    "User Service create failed: Unprocessable Entity",
+                    status=422,
+                    errors=[FieldError("CustomToken", "A user with this CustomToken already exists")],
+                    call="create",
+                )
             if existing is not None and existing.instance_id == creds.instance_id:
                 # What the real client does on "CustomToken exists": Login and return that user's tokens.
+                if self.login_budget is not None:
+                    self.login_budget.acquire()
                 self.calls["login"] += 1
                 result = self._issue(existing)
             else:
@@ -176,13 +256,21 @@ class FakeUserService:
             return result
 
     def create_many(
-        self, creds: InstanceCredentials, body: CreateManyRequest, custom_tokens: Sequence[UUID] | None = None
+        self,
+        creds: InstanceCredentials,
+        body: CreateManyRequest,
+        custom_tokens: Sequence[UUID] | None = None,
+        *,
+        fallback: bool = True,
     ) -> list[CreateResult]:
         if body.quantity > MAX_CREATE_MANY_PER_CALL:
             raise ValueError(f"CreateMany takes at most {MAX_CREATE_MANY_PER_CALL} users per call")
         if custom_tokens is not None and len(custom_tokens) != body.quantity:
             raise ValueError(f"custom_tokens has {len(custom_tokens)} items for Quantity {body.quantity}")
         with self._lock:
+            if not self.create_many_offered and not fallback:
+                # The real client learns the 404 once and then answers this without a call: not counted.
+                raise NotFoundError("User Service create_many failed: Not Found", status=404, call="create_many")
             after = self._enter("create_many")
             self._authorize(creds)
             flags = body.custom_fields.model_dump() if body.custom_fields else {}
@@ -231,6 +319,16 @@ class FakeUserService:
             return result
 
     def login(self, creds: InstanceCredentials, device_token: UUID) -> CreateResult:
+        if self.login_budget is not None:
+            self.login_budget.acquire()
+        try:
+            return self._login(creds, device_token)
+        except RateLimitedError as exc:
+            if self.login_budget is not None:
+                self.login_budget.block(exc.retry_after)
+            raise
+
+    def _login(self, creds: InstanceCredentials, device_token: UUID) -> CreateResult:
         with self._lock:
             after = self._enter("login")
             self._authorize(creds)
@@ -255,6 +353,176 @@ class FakeUserService:
             found = bool(self.users_of(creds.instance_id, client_id))
             self._leave(after)
             return found
+
+    # --- the admin session and the User Management API --------------------------------------------------
+
+    def admin_login(self, admin: AdminCredentials) -> AdminSession:
+        # As the real client: an admin Login takes the fleet's Login budget too.
+        if self.login_budget is not None:
+            self.login_budget.acquire()
+        with self._lock:
+            if self.login_budget is not None:
+                self.login_budget.acquire()  # as the real client: every Login, user or admin, spends the budget
+            after = self._enter("admin_login")
+            if self.admin is not None and (
+                admin.email.lower() != self.admin.email.lower()
+                or admin.password.get_secret_value() != self.admin.password.get_secret_value()
+            ):
+                raise UnauthorizedError("User Service admin_login failed: Unauthorized", status=401, call="admin_login")
+            session = self._issue_admin()
+            self._leave(after)
+            return session
+
+    def admin_refresh(self, access_token: str | SecretStr, refresh_token: str | SecretStr) -> AdminSession:
+        with self._lock:
+            after = self._enter("admin_refresh")
+            token = refresh_token.get_secret_value() if isinstance(refresh_token, SecretStr) else refresh_token
+            if token not in self._admin_refresh_tokens:
+                self.rejected_refresh_tokens += 1
+                raise DeadRefreshTokenError(
+                    "User Service admin_refresh failed: Bad Request", status=400, call="admin_refresh"
+                )
+            self._admin_refresh_tokens.discard(token)
+            session = self._issue_admin()
+            self._leave(after)
+            return session
+
+    def find_users(
+        self,
+        admin_token: str | SecretStr,
+        *,
+        device_token: UUID | None = None,
+        email: str | None = None,
+        phone: str | None = None,
+        client_id: str | None = None,
+        first_name: str | None = None,
+        last_name: str | None = None,
+    ) -> list[ManagedUser]:
+        criteria = {"Email": email, "Phone": phone, "FirstName": first_name, "LastName": last_name}
+        if device_token is None and client_id is None and not any(criteria.values()):
+            raise ValueError("find_users needs at least one criterion")
+        with self._lock:
+            after = self._enter("find_users")
+            self._authorize_admin(admin_token, "find_users")
+            found = [
+                user.as_managed()
+                for user in sorted(self.users.values(), key=lambda u: (u.created_at, str(u.device_token)))
+                if (device_token is None or user.device_token == device_token)
+                and (client_id is None or user.client_id == client_id)
+                and all(
+                    wanted is None or str(user.profile.get(name, "")).lower() == wanted.lower()
+                    for name, wanted in criteria.items()
+                )
+            ]
+            self._leave(after)
+            return found
+
+    def users_page(self, admin_token: str | SecretStr, query: UserPageQuery) -> UserPage:
+        with self._lock:
+            after = self._enter("users_page")
+            self._authorize_admin(admin_token, "users_page")
+            instances = set(query.instance_ids) if query.instance_ids else None
+            chosen = [
+                user
+                for user in self.users.values()
+                if (instances is None or user.instance_id in instances)
+                and (query.show_inactive_users or user.status == "Active")
+                and (query.date_created_from is None or user.created_at >= query.date_created_from.timestamp())
+                and (query.date_created_to is None or user.created_at <= query.date_created_to.timestamp())
+            ]
+            by_token = query.sort in (UserSort.DEVICE_TOKEN, UserSort.DEVICE_TOKEN_DESC)
+            chosen.sort(
+                key=lambda u: (str(u.device_token),) if by_token else (u.created_at, str(u.device_token)),
+                reverse=query.sort in (UserSort.DATE_CREATED_DESC, UserSort.DEVICE_TOKEN_DESC),
+            )
+            size, number = query.page_size, query.page_number
+            pages = -(-len(chosen) // size)
+            page = UserPage(
+                users=[user.as_managed() for user in chosen[(number - 1) * size : number * size]],
+                has_previous_page=number > 1,
+                has_next_page=number < pages,
+                total_users=len(chosen),
+                total_pages=pages,
+                current_page=number,
+            )
+            self._leave(after)
+            return page
+
+    def update_user(self, admin_token: str | SecretStr, device_token: UUID, changes: UserUpdate) -> None:
+        body = changes.to_upstream()
+        if not body:
+            raise ValueError("update_user: the update sets no field")
+        with self._lock:
+            after = self._enter("update_user")
+            self._authorize_admin(admin_token, "update_user")
+            user = self._managed_user(device_token, "update_user")
+            for name, value in body.items():
+                if name == "Status":
+                    user.status = value
+                elif name == "UserFields":
+                    flags = dict(user.profile.get("UserFields") or {})
+                    for key, flag in value.items():
+                        flags["EnableRealtimeLocation" if key == "EnableRealTimeLocation" else key] = flag
+                    user.profile["UserFields"] = flags
+                    user.client_id = flags.get("ClientId", user.client_id)
+                else:
+                    user.profile[name] = value
+            self._leave(after)
+
+    def delete_user(self, admin_token: str | SecretStr, device_token: UUID) -> None:
+        with self._lock:
+            after = self._enter("delete_user")
+            self._authorize_admin(admin_token, "delete_user")
+            self.users.pop(device_token, None)  # already gone: success, as the client treats 403/404
+            self._leave(after)
+
+    def change_instance(self, admin_token: str | SecretStr, device_token: UUID, to: InstanceCredentials) -> None:
+        with self._lock:
+            after = self._enter("change_instance")
+            self._authorize_admin(admin_token, "change_instance")
+            if (
+                self._instances is not None
+                and self._instances.get(to.instance_id) != to.instance_key.get_secret_value()
+            ):
+                raise UpstreamValidationError(
+                    "User Service change_instance failed: Unprocessable Entity",
+                    status=422,
+                    errors=[FieldError("ToInstanceKey", "The key does not match the target instance")],
+                    call="change_instance",
+                )
+            self._managed_user(device_token, "change_instance").instance_id = to.instance_id
+            self._leave(after)
+
+    def _issue_admin(self) -> AdminSession:
+        now = int(self._clock())
+        claims = {"sub": "admin", "Role": "Admin", "jti": str(uuid.uuid4()), "iat": now, "exp": now + 86_400}
+        refresh_token = base64.b64encode(secrets.token_bytes(32)).decode()
+        self._admin_refresh_tokens.add(refresh_token)
+        return AdminSession.model_validate(
+            {
+                "AccessToken": {"Token": f"{_b64({'alg': 'none'})}.{_b64(claims)}.fake", "ExpiresIn": 86_400},
+                "RefreshToken": refresh_token,
+            }
+        )
+
+    def _authorize_admin(self, admin_token: str | SecretStr, call: str) -> None:
+        token = admin_token.get_secret_value() if isinstance(admin_token, SecretStr) else admin_token
+        claims = read_jwt_claims(token) or {}
+        if claims.get("Role") != "Admin" and "DeviceToken" in claims:
+            raise ForbiddenError(f"User Service {call} failed: Forbidden", status=403, call=call)
+        if claims.get("Role") != "Admin" or not isinstance(claims.get("exp"), int) or claims["exp"] <= self._clock():
+            raise UnauthorizedError(f"User Service {call} failed: Unauthorized", status=401, call=call)
+
+    def _managed_user(self, device_token: UUID, call: str) -> FakeUser:
+        user = self.users.get(device_token)
+        if user is None:
+            raise NotFoundError(
+                f"User Service {call} failed: Not Found",
+                status=404,
+                errors=[FieldError("DeviceToken", "User not found")],
+                call=call,
+            )
+        return user
 
     # --- internals ------------------------------------------------------------------------------------
 
@@ -284,7 +552,7 @@ class FakeUserService:
     def _new_user(self, instance_id: UUID, body: CreateUserRequest) -> FakeUser:
         device_token = body.custom_token or uuid.uuid4()
         client_id = body.user_fields.client_id if body.user_fields else None
-        user = FakeUser(instance_id, device_token, client_id, body.to_upstream())
+        user = FakeUser(instance_id, device_token, client_id, body.to_upstream(), created_at=self._clock())
         self.users[device_token] = user
         return user
 
@@ -336,19 +604,65 @@ class RecordingDeadLetters:
 
 
 class InMemoryLoginBudget:
-    """The same budget in memory (tests)."""
+    """The same budget and block in memory (tests and benchmarks; it does not ship in the layer)."""
 
-    def __init__(self, per_minute: int) -> None:
+    def __init__(
+        self,
+        per_minute: int,
+        *,
+        clock: Callable[[], float] = time.time,
+        default_block_seconds: float = DEFAULT_BLOCK_SECONDS,
+    ) -> None:
         self._per_minute = per_minute
-        self._used: dict[tuple[str, int], int] = {}
+        self._clock = clock
+        self._default_block = default_block_seconds
+        self._granted: list[float] = []
         self._lock = threading.Lock()
         self.spent = 0
+        self.blocked_until = 0.0
 
-    def try_acquire(self, instance_id: str, now: float) -> bool:
+    def acquire(self) -> None:
         with self._lock:
-            key = (instance_id, int(now // 60))
-            if self._used.get(key, 0) >= self._per_minute:
-                return False
-            self._used[key] = self._used.get(key, 0) + 1
+            now = self._clock()
+            if self.blocked_until > now:
+                raise login_deferred(
+                    f"Login blocked fleet-wide until {iso(self.blocked_until)} (429)", self.blocked_until, blocked=True
+                )
+            self._granted = [t for t in self._granted if t > now - WINDOW_SECONDS]
+            if len(self._granted) >= self._per_minute:
+                retry_at = (self._granted[0] if self._granted else now) + WINDOW_SECONDS
+                raise login_deferred(f"Login budget spent ({self._per_minute} a minute)", retry_at, blocked=False)
+            self._granted.append(now)
             self.spent += 1
-            return True
+
+    def block(self, retry_after: float | None) -> None:
+        with self._lock:
+            until = self._clock() + (retry_after if retry_after else self._default_block)
+            self.blocked_until = max(self.blocked_until, until)
+
+
+class StaticDeviceTokenKey:
+    """A fixed DeviceToken key (tests and benchmarks)."""
+
+    def __init__(self, material: str) -> None:
+        self._key = DeviceTokenKey(material)
+
+    def get(self) -> DeviceTokenKey:
+        return self._key
+
+
+class InMemoryRefreshJobQueue:
+    """Refresh jobs kept in memory with their delays (tests and benchmarks)."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[RefreshJob, int]] = []
+
+    def enqueue(self, jobs: Sequence[tuple[RefreshJob, int]]) -> None:
+        self.jobs.extend(jobs)
+
+
+if TYPE_CHECKING:
+    from telematics_reg.upstream import UserService
+
+    def _conforms(fake: FakeUserService) -> UserService:
+        return fake  # mypy proves the fake is a whole UserService

@@ -5,10 +5,13 @@ EventBridge event to a function or fire a schedule. :class:`LocalRuntime` does t
 provisioned :class:`~local.stack.LocalStack`:
 
 * **SQS event source mappings.** ``MaximumConcurrency`` pollers per mapping (each one invocation at a time),
-  batches of up to ``BatchSize`` records gathered for up to ``MaximumBatchingWindowInSeconds``, the real SQS
-  event shape, and partial batch responses read as Lambda reads them: a record listed in ``batchItemFailures``
-  (or every record, when the invocation fails) is *not* deleted and comes back when its visibility timeout
-  lapses; SQS itself (moto, like AWS) moves it to the dead-letter queue after ``maxReceiveCount`` receives.
+  batches of up to ``BatchSize`` records gathered for up to ``MaximumBatchingWindowInSeconds``, received with the
+  queue's own visibility timeout (as Lambda's pollers do; a queue whose timeout is shorter than the function's is
+  refused, as Lambda refuses the mapping), the real SQS event shape, and partial batch responses read as Lambda
+  reads them: a record listed in ``batchItemFailures`` (or every record, when the invocation fails or overruns its
+  ``Timeout``) is *not* deleted and comes back when its visibility timeout lapses; SQS itself (moto, like AWS)
+  moves it to the dead-letter queue after ``maxReceiveCount`` receives. A record that succeeded is deleted and
+  never delivered again.
 * **EventBridge rules.** moto matches the pattern and delivers into an SQS *tap* queue
   (:attr:`~local.stack.RuleTargetSpec.tap_queue_url`); the runtime polls it and hands each event to the target
   function as an asynchronous invocation. A target that cannot be invoked at all is retried by the rule's
@@ -22,7 +25,11 @@ Asynchronous invocations follow Lambda: a function error is retried up to the fu
 record (``requestContext.condition``, ``requestPayload``, ``responsePayload.errorType`` ...).
 
 Each function runs with the environment the template gives it (:meth:`LocalStack.function_environment`), plus
-:data:`LOCAL_ENVIRONMENT`. What is deliberately approximated is listed in :data:`APPROXIMATIONS`.
+:data:`LOCAL_ENVIRONMENT`, and is stopped at its ``Timeout`` (:mod:`local.lambda_runtime`): the invocation fails
+as a timed-out one does on Lambda (its records come back, an asynchronous event is retried, then sent to its
+destination). Every invocation ends with one log line of the runtime's (``invocation finished``: the function,
+its request id, the SQS message ids or the event id, and the outcome), which ``telematics-reg trace`` reads as
+the deliveries of a message. What is deliberately approximated is listed in :data:`APPROXIMATIONS`.
 
 Example
 -------
@@ -48,7 +55,6 @@ import re
 import threading
 import time
 import traceback
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -65,7 +71,7 @@ from moto.events.models import EventPattern  # the pattern syntax of Lambda's fi
 
 from local import moto_server
 from local.emulator.testing import EmulatorHandle, running_emulator
-from local.lambda_runtime import LocalFunction
+from local.lambda_runtime import STRAGGLER_SECONDS, FunctionTimeoutError, LocalFunction, last_request_id
 from local.stack import (
     DEFAULT_REGION,
     DEFAULT_STACK_NAME,
@@ -94,7 +100,10 @@ DEFAULT_ASYNC_MAX_AGE: Final = 21600
 #: Where the local runtime knowingly differs from AWS.
 APPROXIMATIONS: Final = (
     "pollers per SQS mapping are fixed at MaximumConcurrency (Lambda scales up to it gradually)",
-    "a handler that overruns its Timeout is not stopped; its invocation counts as failed (timed out)",
+    "a handler that overruns its Timeout fails at once, as on Lambda, but its threads stop at their next Python"
+    " instruction: a socket read finishes first (up to its client's timeout), a sleep ends first; no outside call"
+    " starts after the cut-off, and a thread still running "
+    f"{STRAGGLER_SECONDS:.0f} s later is logged and counted (FunctionStats.stragglers)",
     "asynchronous retries wait RuntimeOptions.async_retry_delay (doubling) instead of about 1 and 2 minutes",
     "failed SQS records may be made visible again sooner (RuntimeOptions.failure_visibility_timeout)",
     "schedules support rate(...) expressions, or any expression with RuntimeOptions.schedule_interval",
@@ -114,10 +123,6 @@ _SQS_RECEIVE_MAX: Final = 10
 
 class LocalRuntimeError(Exception):
     """The stack cannot be run locally (a function without local code, an unusable option)."""
-
-
-class FunctionTimeoutError(Exception):
-    """The handler ran longer than the function's Timeout (Lambda would have stopped it)."""
 
 
 # --------------------------------------------------------------------------------------------- options, stats
@@ -175,6 +180,10 @@ class FunctionStats:
     invocations: int = 0
     errors: int = 0
     timeouts: int = 0
+    #: Invocations of the function running right now.
+    in_flight: int = 0
+    #: Timed-out invocations with a thread still running long after the cut-off (see APPROXIMATIONS).
+    stragglers: int = 0
     #: SQS records delivered to the function, and those that failed (reported, or with their whole batch).
     records: int = 0
     records_failed: int = 0
@@ -191,6 +200,7 @@ class RuntimeStats:
     in_flight: int = 0
     #: Asynchronous events accepted and not finished: queued, running, or waiting for a retry.
     async_pending: int = 0
+    async_pending_by_function: dict[str, int] = field(default_factory=dict)
     async_retries: int = 0
     #: Invocation records sent, per destination ARN.
     async_destinations: dict[str, int] = field(default_factory=dict)
@@ -206,6 +216,10 @@ class RuntimeStats:
     def idle(self) -> bool:
         """Nothing running, queued or waiting for an asynchronous retry (SQS queues are not looked at)."""
         return self.in_flight == 0 and self.async_pending == 0
+
+    def busy(self, logical_id: str) -> bool:
+        """One function is running, or has asynchronous events queued or waiting for a retry."""
+        return self.function(logical_id).in_flight > 0 or self.async_pending_by_function.get(logical_id, 0) > 0
 
     def function(self, logical_id: str) -> FunctionStats:
         """The counters of one function (zeros if it never ran)."""
@@ -466,6 +480,7 @@ class _Outcome:
     result: Any = None
     error: BaseException | None = None
     request_id: str = ""
+    duration: float = 0.0
 
 
 # --------------------------------------------------------------------------------------------- the runtime
@@ -513,6 +528,8 @@ class LocalRuntime:
         self._stopped = False
         self._sqs: Any = None
         self._events: Any = None
+        #: Visibility timeout of each polled queue (its own attribute, read at start).
+        self._visibility: dict[str, int] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -591,6 +608,9 @@ class LocalRuntime:
     def stats(self) -> RuntimeStats:
         """A consistent copy of the counters."""
         with self._lock:
+            for logical_id, function in self.functions.items():
+                if function.stragglers:
+                    self._stats.functions.setdefault(logical_id, FunctionStats()).stragglers = function.stragglers
             return copy.deepcopy(self._stats)
 
     def wait_until_idle(self, timeout: float, *, settle: float = 0.5) -> bool:
@@ -670,32 +690,49 @@ class LocalRuntime:
         with self._lock:
             stats = self._stats.functions.setdefault(logical_id, FunctionStats())
             stats.invocations += 1
+            stats.in_flight += 1
             self._stats.in_flight += 1
         try:
             yield stats
         finally:
             with self._lock:
+                stats.in_flight -= 1
                 self._stats.in_flight -= 1
 
     def _invoke(self, logical_id: str, event: Any) -> _Outcome:
         """One invocation; an error (or overrunning the timeout) comes back in ``_Outcome.error``."""
         function = self.functions[logical_id]
-        outcome = _Outcome(request_id=str(uuid.uuid4()))
+        outcome = _Outcome()
         started = time.monotonic()
         with self._counting(logical_id) as stats:
             try:
                 outcome.result = function.invoke(event)
             except Exception as exc:  # noqa: BLE001 - the handler's error is the invocation's outcome, as in Lambda
                 outcome.error = exc
-            elapsed = time.monotonic() - started
-            if outcome.error is None and elapsed > function.timeout:
-                outcome.error = FunctionTimeoutError(f"Task timed out after {function.timeout:.2f} seconds")
+            outcome.request_id = last_request_id()
+            outcome.duration = time.monotonic() - started
             if outcome.error is not None:
                 with self._lock:
                     stats.errors += 1
                     stats.timeouts += isinstance(outcome.error, FunctionTimeoutError)
-                log.warning("%s failed: %s: %s", logical_id, type(outcome.error).__name__, outcome.error)
         return outcome
+
+    def _log_invocation(self, logical_id: str, outcome: _Outcome, result: str, **ids: Any) -> None:
+        """The runtime's line for one finished invocation (Lambda's END/REPORT lines, with what was delivered)."""
+        error = outcome.error
+        log.log(
+            logging.WARNING if error is not None else logging.INFO,
+            "invocation finished: %s",
+            result,
+            extra={
+                "function_name": self.functions[logical_id].name,
+                "function_request_id": outcome.request_id,
+                "outcome": result,
+                "duration_ms": round(outcome.duration * 1000),
+                **({"error": f"{type(error).__name__}: {error}"} if error is not None else {}),
+                **ids,
+            },
+        )
 
     # ------------------------------------------------------------------ SQS event source mappings
 
@@ -705,7 +742,16 @@ class LocalRuntime:
             return
         if mapping.queue_url is None:
             raise LocalRuntimeError(f"{mapping.logical_id}: only SQS event sources of the template can run locally")
-        self._function(mapping.function, mapping.logical_id)
+        function = self._function(mapping.function, mapping.logical_id)
+        attributes = self._sqs.get_queue_attributes(QueueUrl=mapping.queue_url, AttributeNames=["VisibilityTimeout"])
+        visibility = int(attributes["Attributes"].get("VisibilityTimeout", "30"))
+        if visibility < function.timeout:
+            # Lambda refuses such a mapping: a batch still running would be delivered again to another poller.
+            raise LocalRuntimeError(
+                f"{mapping.logical_id}: the queue's visibility timeout ({visibility} s) is shorter than "
+                f"{mapping.function}'s timeout ({function.timeout} s)"
+            )
+        self._visibility[mapping.queue_url] = visibility
         pollers = mapping.maximum_concurrency or self.options.default_maximum_concurrency
         for index in range(pollers):
             self._spawn(f"{mapping.logical_id}-{index}", lambda: self._poll_mapping(mapping))
@@ -716,12 +762,15 @@ class LocalRuntime:
         thread.start()
 
     def _receive(self, queue_url: str, count: int, wait: int) -> list[dict[str, Any]]:
+        visibility = self._visibility.get(queue_url)
         messages: list[dict[str, Any]] = self._sqs.receive_message(
             QueueUrl=queue_url,
             MaxNumberOfMessages=max(1, min(_SQS_RECEIVE_MAX, count)),
             WaitTimeSeconds=wait,
             AttributeNames=["All"],
             MessageAttributeNames=["All"],
+            # An event source mapping's records stay invisible for the queue's own timeout, as Lambda receives them.
+            **({"VisibilityTimeout": visibility} if visibility is not None else {}),
         ).get("Messages", [])
         return messages
 
@@ -776,6 +825,21 @@ class LocalRuntime:
                 ids,
                 report_batch_item_failures="ReportBatchItemFailures" in mapping.function_response_types,
             )
+        if isinstance(outcome.error, FunctionTimeoutError):
+            result = "timed out"
+        elif outcome.error is not None:
+            result = "failed"
+        else:
+            result = "partial" if failed else "succeeded"
+        self._log_invocation(
+            mapping.function,
+            outcome,
+            result,
+            invocation_type="SQS",
+            message_ids=ids,
+            failed_message_ids=sorted(failed),
+            receive_counts={r["messageId"]: int(r["attributes"].get("ApproximateReceiveCount", "1")) for r in records},
+        )
         # Succeeded records are deleted; failed ones are left for SQS to deliver again (and to redrive).
         self._delete(mapping.queue_url, [r for r in records if r["messageId"] not in failed])
         if failed and self.options.failure_visibility_timeout is not None:
@@ -966,10 +1030,15 @@ class LocalRuntime:
                 self._executors[logical_id] = executor
             return executor
 
+    def _count_pending(self, logical_id: str, delta: int) -> None:
+        with self._lock:
+            self._stats.async_pending += delta
+            by_function = self._stats.async_pending_by_function
+            by_function[logical_id] = by_function.get(logical_id, 0) + delta
+
     def _accept_async(self, logical_id: str, event: Any, *, on_finished: Callable[[], None] | None = None) -> None:
         """Lambda accepted the event into its asynchronous queue (the caller's delivery succeeded)."""
-        with self._lock:
-            self._stats.async_pending += 1
+        self._count_pending(logical_id, 1)
         self._executor(logical_id).submit(self._attempt_async, _AsyncEvent(logical_id, event, on_finished=on_finished))
 
     def _attempt_async(self, pending: _AsyncEvent) -> None:
@@ -985,8 +1054,7 @@ class LocalRuntime:
             log.exception("asynchronous invocation of %s could not be handled", pending.function)
         finally:
             if finished:
-                with self._lock:
-                    self._stats.async_pending -= 1
+                self._count_pending(pending.function, -1)
                 if pending.on_finished is not None:
                     try:
                         pending.on_finished()
@@ -1001,6 +1069,19 @@ class LocalRuntime:
         destinations = config.get("DestinationConfig", {})
         outcome = self._invoke(pending.function, pending.event)
         pending.attempts += 1
+        event_id = pending.event.get("id") if isinstance(pending.event, Mapping) else None
+        self._log_invocation(
+            pending.function,
+            outcome,
+            "succeeded"
+            if outcome.error is None
+            else "timed out"
+            if isinstance(outcome.error, FunctionTimeoutError)
+            else "failed",
+            invocation_type="Event",
+            attempt=pending.attempts,
+            **({"event_id": event_id, "correlation_id": event_id} if event_id else {}),
+        )
         if outcome.error is None:
             success = destinations.get("OnSuccess", {}).get("Destination")
             if success:
@@ -1033,7 +1114,7 @@ class LocalRuntime:
         log.warning("%s: an asynchronous event not finished was abandoned at stop", pending.function)
         with self._lock:
             self._stats.abandoned += 1
-            self._stats.async_pending -= 1
+        self._count_pending(pending.function, -1)
 
     def _retry_async(self, pending: _AsyncEvent) -> None:
         if self._stopping.is_set():
@@ -1202,6 +1283,7 @@ class LocalService:
                 stack_name=self.stack_name,
                 region=self.region,
                 instance_credentials=credentials,
+                admin_credentials=emulator.admin_account,
             )
             if self.state_path is not None:
                 self._stack.save(self.state_path)

@@ -9,6 +9,11 @@ Usage (from the repository root, while ``make run ARGS=--serve`` runs)::
 
 A file holds one message body per line (JSON Lines), or a JSON array of bodies. Bodies are sent as written:
 a line that is not valid JSON is sent too, and the service dead-letters it with its reason.
+
+``--wait`` (after the command) reports what became of each message instead of its id: registered, duplicate,
+or dead-lettered with its reason (``--timeout`` seconds at most; exit status 1 unless every one was registered)::
+
+    .venv/bin/python -m local.send message '{"ClientId": "c-2"}' --wait
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -144,7 +150,15 @@ def read_bodies(path: str | Path) -> list[str]:
     ['{"ClientId": "a"}', '{"ClientId": "b"}']
     >>> os.unlink(f.name)
     """
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SendError(
+            f"cannot read {path}: no such file. Write one message body per line first, for example:\n"
+            f"""  printf '%s\\n' '{{"ClientId": "customer-9"}}' '{{"ClientId": "customer-10"}}' > {path}"""
+        ) from None
+    except IsADirectoryError:
+        raise SendError(f"cannot read {path}: it is a directory") from None
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
@@ -164,18 +178,74 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--stack", default=str(DEFAULT_STATE_PATH), help="stack description saved by make run (%(default)s)"
     )
+    waiting = argparse.ArgumentParser(add_help=False)
+    waiting.add_argument(
+        "--wait", action="store_true", help="report registered / duplicate / dead-lettered for each message"
+    )
+    waiting.add_argument("--timeout", type=float, default=60.0, help="with --wait: seconds at most (%(default)s)")
     commands = parser.add_subparsers(dest="command", required=True)
-    signup = commands.add_parser("signup", help="publish UserSignedUp events (one per JSON detail)")
+    signup = commands.add_parser("signup", help="publish UserSignedUp events (one per JSON detail)", parents=[waiting])
     signup.add_argument("detail", nargs="+", help="a registration request as JSON")
-    message = commands.add_parser("message", help="send message bodies to the registration queue")
+    message = commands.add_parser("message", help="send message bodies to the registration queue", parents=[waiting])
     message.add_argument("body", nargs="+", help="a message body (sent as given)")
-    load = commands.add_parser("load", help="send a file of bodies (JSON Lines or a JSON array)")
+    load = commands.add_parser("load", help="send a file of bodies (JSON Lines or a JSON array)", parents=[waiting])
     load.add_argument("file")
-    bulk = commands.add_parser("bulk", help="send one bulk request for QUANTITY anonymous users")
+    bulk = commands.add_parser("bulk", help="send one bulk request for QUANTITY anonymous users", parents=[waiting])
     bulk.add_argument("quantity", type=int)
     bulk.add_argument("--instance", default="default")
     bulk.add_argument("--request-id", help="idempotency key of the bulk request")
     return parser
+
+
+def _request(body: str | Mapping[str, Any]) -> dict[str, Any]:
+    """What a body asks for, as far as ``--wait`` needs it (Instance, ClientId or RequestId, Quantity)."""
+    try:
+        data = json.loads(body) if isinstance(body, str) else dict(body)
+    except ValueError:
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    keys = {str(key).lower(): value for key, value in data.items()}
+    fields = keys.get("userfields") if isinstance(keys.get("userfields"), dict) else {}
+    client_id = keys.get("clientid", (fields or {}).get("ClientId"))
+    return {
+        "instance": str(keys.get("instance") or "default"),
+        "client_id": str(client_id) if client_id is not None and "quantity" not in keys else None,
+        "request_id": str(keys["requestid"]) if keys.get("requestid") is not None else None,
+    }
+
+
+def _detail(text: str) -> dict[str, Any]:
+    detail = json.loads(text)
+    if not isinstance(detail, dict):
+        raise SendError(f'a signup event\'s detail is a JSON object, e.g. \'{{"ClientId": "c-1"}}\', not {text}')
+    return detail
+
+
+class _Waiter:
+    """``--wait``: notes which ClientIds are stored before sending, then reports what became of each message."""
+
+    def __init__(self, stack_path: str, bodies: Sequence[str | Mapping[str, Any]]) -> None:
+        from telematics_cli.target import from_local  # noqa: PLC0415 - only --wait needs the CLI's watcher
+        from telematics_cli.watch import RegistrationWatch, SentRow  # noqa: PLC0415
+
+        self.rows = [SentRow(label=str(n), message_id="", **_request(body)) for n, body in enumerate(bodies, 1)]
+        self.watch = RegistrationWatch(from_local(Path(stack_path)))
+        self.watch.before_send(self.rows)
+
+    def report(self, ids: Sequence[str], timeout: float) -> int:
+        """0 when every message was registered (or found its user already registered)."""
+        from telematics_cli.watch import summary  # noqa: PLC0415
+
+        for row, message_id in zip(self.rows, ids, strict=True):
+            row.message_id = message_id
+        print(f"waiting up to {timeout:.0f} s for what becomes of them ...", flush=True)
+        self.watch.wait(self.rows, timeout=timeout)
+        for row in self.rows:
+            print(f"  {row.message_id}  {row.status:<13} {row.detail}")
+        counts = summary(self.rows)
+        print(", ".join(f"{count} {status}" for status, count in sorted(counts.items())))
+        return 0 if set(counts) <= {"registered", "duplicate"} else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -187,22 +257,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"no local stack at {args.stack}: start one with `make run ARGS=--serve`", file=sys.stderr)
         return 2
     try:
+        bodies: list[str | Mapping[str, Any]]
         if args.command == "signup":
-            details = [json.loads(text) for text in args.detail]
-            ids = publish_signups(stack, details)
-            print(f"published {len(ids)} UserSignedUp event(s) on bus {stack.parameters['SignupEventBusName']}:")
+            bodies = [_detail(text) for text in args.detail]
         elif args.command == "message":
-            ids = send_messages(stack, list(args.body))
-            print(f"sent {len(ids)} message(s) to the registration queue")
+            bodies = list(args.body)
         elif args.command == "load":
-            ids = load_file(stack, args.file)
-            print(f"sent {len(ids)} message(s) from {args.file} to the registration queue")
+            bodies = list(read_bodies(args.file))
         else:
             body: dict[str, Any] = {"Quantity": args.quantity, "Instance": args.instance}
-            if args.request_id:
-                body["RequestId"] = args.request_id
-            ids = send_messages(stack, [body])
-            print(f"sent a bulk request for {args.quantity} user(s) to the registration queue")
+            if args.request_id or args.wait:
+                # Waiting needs the bulk's id: the service keeps its progress under it.
+                body["RequestId"] = args.request_id or f"send-{uuid.uuid4()}"
+            bodies = [body]
+        waiter = _Waiter(args.stack, bodies) if args.wait else None
+        if args.command == "signup":
+            ids = publish_signups(stack, [detail for detail in bodies if isinstance(detail, Mapping)])
+            print(f"published {len(ids)} UserSignedUp event(s) on bus {stack.parameters['SignupEventBusName']}:")
+        else:
+            ids = send_messages(stack, bodies)
+            if args.command == "bulk":
+                print(f"sent a bulk request for {args.quantity} user(s) to the registration queue")
+            else:
+                source = f" from {args.file}" if args.command == "load" else ""
+                print(f"sent {len(ids)} message(s){source} to the registration queue")
+        if waiter is not None:
+            return waiter.report(ids, args.timeout)
     except (SendError, ValueError, OSError) as exc:
         print(f"local.send: {exc}", file=sys.stderr)
         return 1

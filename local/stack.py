@@ -51,6 +51,8 @@ DEFAULT_STATE_PATH: Final = Path(".local-stack/stack.json")
 
 #: The template parameter that names the instance-credentials secret (created by :func:`provision`).
 SECRET_PARAMETER: Final = "InstanceCredentialsSecretArn"  # noqa: S105 - a parameter's name, not a secret
+#: The template parameter that names the admin-credentials secret (created by :func:`provision` unless given).
+ADMIN_SECRET_PARAMETER: Final = "AdminCredentialsSecretArn"  # noqa: S105 - a parameter's name, not a secret
 #: Template parameters that name an EventBridge bus the service publishes on; the bus must exist locally.
 EVENT_BUS_PARAMETERS: Final = ("SignupEventBusName",)
 #: Values for the parameters a deployment must choose itself (no Default: the pairing of a stack with its app),
@@ -1060,6 +1062,42 @@ class _Provisioner:
             self.client("sqs").set_queue_attributes(QueueUrl=url, Attributes={"Policy": policy})
         self._register(logical_id, self._name(logical_id, 255))
 
+    # ------------------------------------------------------------------ Secrets Manager
+
+    def _secret(self, logical_id: str, props: dict[str, Any]) -> None:
+        secretsmanager = self.client("secretsmanager")
+        name = _to_str(props["Name"], "Name") if "Name" in props else self._name(logical_id, 512)
+        request: dict[str, Any] = {"Name": name}
+        for key in ("Description", "KmsKeyId"):
+            if key in props:
+                request[key] = _to_str(props[key], key)
+        if "Tags" in props:
+            request["Tags"] = props["Tags"]
+        if "SecretString" in props:
+            request["SecretString"] = _to_str(props["SecretString"], "SecretString")
+        elif "GenerateSecretString" in props:
+            # As CloudFormation does: a random password with the given options (moto's GetRandomPassword), alone
+            # or put under GenerateStringKey in SecretStringTemplate.
+            generate = dict(props["GenerateSecretString"])
+            template = generate.pop("SecretStringTemplate", None)
+            key = generate.pop("GenerateStringKey", None)
+            options: dict[str, Any] = {}
+            for option, value in generate.items():
+                if option == "PasswordLength":
+                    options[option] = int(value)
+                elif option == "ExcludeCharacters":
+                    options[option] = _to_str(value, option)
+                else:  # the Exclude*/Include*/Require* flags
+                    options[option] = _bool(value)
+            password: str = secretsmanager.get_random_password(**options)["RandomPassword"]
+            if template is not None and key is not None:
+                request["SecretString"] = json.dumps(_json_object(json.loads(template)) | {key: password})
+            else:
+                request["SecretString"] = password
+        arn: str = secretsmanager.create_secret(**request)["ARN"]
+        self._register(logical_id, arn, Id=arn)
+        self._ignored(logical_id, props, {*request, "GenerateSecretString"})
+
     # ------------------------------------------------------------------ EventBridge and Scheduler
 
     def _ensure_bus(self, name_or_arn: str) -> str:
@@ -1272,6 +1310,7 @@ _HANDLERS: Final[Mapping[str, Callable[[_Provisioner, str, dict[str, Any]], None
         "AWS::DynamoDB::Table": _Provisioner._table,
         "AWS::SQS::Queue": _Provisioner._queue,
         "AWS::SQS::QueuePolicy": _Provisioner._queue_policy,
+        "AWS::SecretsManager::Secret": _Provisioner._secret,
         "AWS::Events::EventBus": _Provisioner._event_bus,
         "AWS::Events::Rule": _Provisioner._rule,
         "AWS::Scheduler::ScheduleGroup": _Provisioner._schedule_group,
@@ -1291,6 +1330,7 @@ def provision(
     stack_name: str = DEFAULT_STACK_NAME,
     region: str = DEFAULT_REGION,
     instance_credentials: Mapping[str, Any] | None = None,
+    admin_credentials: Mapping[str, Any] | None = None,
 ) -> LocalStack:
     """Create the template's resources in a moto server and record what the local runtime needs.
 
@@ -1315,6 +1355,10 @@ def provision(
         The value of the instance-credentials secret (``{"default": {"InstanceId": …, "InstanceKey": …}}``).
         When given, the secret ``<stack>-instance-credentials`` is created first and its ARN becomes the
         ``InstanceCredentialsSecretArn`` parameter; otherwise that parameter must be given.
+    admin_credentials
+        The value of the admin-credentials secret (``{"Email": …, "Password": …}``). Unless the
+        ``AdminCredentialsSecretArn`` parameter is given, the secret ``<stack>-admin-credentials`` is created with
+        it (``{}`` when ``None``: the lifecycle function then cannot log in, and says so) and its ARN passed.
 
     Returns
     -------
@@ -1361,10 +1405,23 @@ def provision(
     # parameters in a few properties such as CodeUri or AutoPublishAlias, never in this one).
     secret_name = f"{stack_name}-instance-credentials"
     stand_in = {SECRET_PARAMETER: f"arn:{_partition(region)}:secretsmanager:{region}:{account_id}:secret:{secret_name}"}
+    admin_secret_name = f"{stack_name}-admin-credentials"
+    if ADMIN_SECRET_PARAMETER in declared and ADMIN_SECRET_PARAMETER not in given:
+        prefix = f"arn:{_partition(region)}:secretsmanager:{region}:{account_id}:secret:"
+        given[ADMIN_SECRET_PARAMETER] = prefix + admin_secret_name
+        admin_secret: Mapping[str, Any] | None = dict(admin_credentials or {})
+    else:
+        admin_secret = None
     values = _resolve_parameters(declared, given | stand_in if instance_credentials is not None else given)
     translated = translate_template(template_file, values, region=region, account_id=account_id)
     check_resource_types(translated)
 
+    if admin_secret is not None:
+        created = session.client("secretsmanager", endpoint_url=endpoint_url).create_secret(
+            Name=admin_secret_name, SecretString=json.dumps(admin_secret)
+        )
+        given[ADMIN_SECRET_PARAMETER] = created["ARN"]
+        values = _resolve_parameters(declared, given | stand_in if instance_credentials is not None else given)
     if instance_credentials is not None:
         secret = session.client("secretsmanager", endpoint_url=endpoint_url).create_secret(
             Name=secret_name, SecretString=json.dumps(dict(instance_credentials))

@@ -61,9 +61,10 @@ def _no_secret_in_any_log_line() -> Iterator[_Capture]:
         lg.removeHandler(capture)
         lg.setLevel(level)
 
-    from tests.functional.conftest import INSTANCES  # noqa: PLC0415 - only for its InstanceKeys
+    from tests.functional.conftest import INSTANCES, MALFORMED_INSTANCES  # noqa: PLC0415 - only for their keys
 
-    keys = [creds["InstanceKey"] for creds in INSTANCES.values()]
+    # A malformed key is looked for without its stray character: a log line may quote the key with it escaped.
+    keys = [creds["InstanceKey"].strip() for creds in (*INSTANCES.values(), *MALFORMED_INSTANCES.values())]
     leaks = [
         f"{name} at {where}: {', '.join(found)}"
         for name, where, text in capture.lines
@@ -79,3 +80,14 @@ def _models_built() -> None:
     from telematics_reg.models import build_models  # noqa: PLC0415 - the fixture is the only user
 
     build_models()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say where a test ran the emulator with a Login limit laxer than the vendor's, and why."""
+    from local.emulator.testing import login_limit_relaxations  # noqa: PLC0415 - read at the end of the run
+
+    relaxed = sorted(set(login_limit_relaxations()))
+    if relaxed:
+        terminalreporter.section("emulator Login limit relaxed (the vendor's: 5 a minute per IP, then 1 h blocked)")
+        for line in relaxed:
+            terminalreporter.write_line(line)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,11 +24,13 @@ from botocore.exceptions import (
     UnauthorizedSSOTokenError,
 )
 
-from telematics_cli import dlq, load, output, status, users
+from telematics_cli import dlq, lifecycle, load, output, reconcile, status, trace, users
 from telematics_cli.errors import EXIT_DATA, EXIT_INTERRUPTED, EXIT_USAGE, CliError
 from telematics_cli.target import DEFAULT_LOCAL_STACK, Target, resolve
+from telematics_reg.models import read_jwt_claims
 
 PROG: Final = "telematics-reg"
+DEFAULT_MIN_VALIDITY: Final = 300
 MAX_PARALLEL: Final = 32
 CREDENTIAL_CODES: Final = frozenset(
     {
@@ -49,11 +52,12 @@ MISSING_CODES: Final = frozenset(
 
 _DESCRIPTION: Final = """\
 Operate the telematics registration service: load registration files, check its state, look at a user,
-get a valid access token, and list or redrive dead letters.
+get a valid access token, update, deactivate, reactivate, delete or move a user, and list or redrive dead
+letters.
 
 Resources come from a deployed CloudFormation stack (--stack NAME, with --region/--profile), or from the
-local stack that `make run` saves in .local-stack/stack.json (used when it exists and no --stack is given;
---local-stack PATH names another file)."""
+local stack that `make run ARGS=--serve` saves in .local-stack/stack.json while it runs (used when it exists
+and no --stack is given; --local-stack PATH names another file)."""
 
 _EPILOG: Final = """\
 exit codes: 0 ok · 1 problems in the data (invalid rows, entries not sent, no such user, no token, dead letters
@@ -64,9 +68,14 @@ examples:
   telematics-reg --stack telematics-prod --region eu-west-1 load users.csv --parallel 8
   telematics-reg status --json
   telematics-reg show --client-id customer-42
+  telematics-reg trace --client-id customer-42
   TOKEN=$(telematics-reg token --client-id customer-42)
+  telematics-reg update --client-id customer-42 --set City=Paris --no-tracking --wait
+  telematics-reg delete --client-id customer-42 --yes
   telematics-reg dlq list --queue registration
-  telematics-reg dlq redrive --queue registration --reason upstream_rejected --dry-run"""
+  telematics-reg dlq redrive --queue registration --reason upstream_rejected --dry-run
+  telematics-reg reconcile --dry-run
+  telematics-reg bulk adopt load-2026-11-21 --dry-run"""
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -115,7 +124,7 @@ def _target_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         "--local",
         action="store_true",
         default=default(False),
-        help=f"use the local stack of `make run` ({DEFAULT_LOCAL_STACK}); the default when it exists",
+        help=f"use the local stack of `make run ARGS=--serve` ({DEFAULT_LOCAL_STACK}); the default when it exists",
     )
     group.add_argument("--local-stack", metavar="PATH", default=default(None), help="use the local stack saved in PATH")
 
@@ -149,14 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_show(command)
     _add_token(command)
     _add_relogin(command)
+    _add_trace(command)
+    lifecycle.add_commands(command)
     _add_dlq(commands, common)
+    _add_reconcile(command)
+    _add_bulk(commands, common)
     return parser
 
 
 def _add_load(command: _Command) -> None:
     loader = command(
         "load",
-        "validate a CSV / JSON Lines file of registrations and send it to the registration queue",
+        "validate a CSV / JSON Lines file of registrations (and Action rows) and send it to the queues",
         load.__doc__ or "",
         _run_load,
     )
@@ -177,6 +190,14 @@ def _add_load(command: _Command) -> None:
         "--state-file", type=Path, metavar="PATH", help="the checkpoint file (default: FILE.load-state.json)"
     )
     loader.add_argument("--no-progress", action="store_true", help="no progress bar")
+    loader.add_argument(
+        "--wait",
+        action="store_true",
+        help="then report each row sent: registered, duplicate, or dead-lettered with its reason",
+    )
+    loader.add_argument(
+        "--timeout", type=float, default=300.0, metavar="SECONDS", help="with --wait: longest wait (default 300)"
+    )
     loader.add_argument("--json", action="store_true", help="the report as JSON")
 
 
@@ -204,6 +225,8 @@ def _add_show(command: _Command) -> None:
     show = command("show", "one user: status, version, expiry, last error, claim and lease", "", _run_show)
     _user_options(show)
     show.add_argument("--reveal-tokens", action="store_true", help="show the tokens in full (they are secrets)")
+    show.add_argument("--upstream", action="store_true", help="also the user as the upstream sees it (find, admin)")
+    show.add_argument("--user-service-url", metavar="URL", help="with --upstream: the User Service (default: stack's)")
     show.add_argument("--json", action="store_true", help="the user as JSON")
 
 
@@ -219,9 +242,8 @@ def _add_token(command: _Command) -> None:
     token.add_argument(
         "--min-validity",
         type=_non_negative,
-        default=300,
         metavar="SECONDS",
-        help="refresh if the token expires sooner than this (default 300)",
+        help="refresh if the token expires sooner than this (default: 300, or half the token's lifetime if shorter)",
     )
     token.add_argument("--wait", type=float, default=10.0, metavar="SECONDS", help="longest wait for a busy lease")
     _upstream_options(token)
@@ -250,6 +272,33 @@ def _add_relogin(command: _Command) -> None:
     relogin.add_argument("--json", action="store_true", help='{"DeviceToken", "Outcome"}')
 
 
+def _add_trace(command: _Command) -> None:
+    tracer = command(
+        "trace",
+        "everything known about one registration, in order: messages, deliveries, outcomes, dead letters, refreshes",
+        trace.__doc__ or "",
+        _run_trace,
+    )
+    who = tracer.add_mutually_exclusive_group(required=True)
+    who.add_argument("--client-id", metavar="ID", help="the user's id in your system")
+    who.add_argument("--device-token", metavar="UUID", help="the user's DeviceToken")
+    who.add_argument("--message-id", metavar="ID", help="an SQS message id, or a signup event's id")
+    tracer.add_argument("--instance", default="default", help="instance alias of --client-id (default: default)")
+    tracer.add_argument(
+        "--since", default="7d", metavar="DURATION", help="how far back the logs are read: 30m, 24h, 7d (default 7d)"
+    )
+    tracer.add_argument(
+        "--log-file", type=Path, metavar="PATH", help="local stack: its log (default: run.log beside its stack.json)"
+    )
+    tracer.add_argument(
+        "--dlq-limit", type=_positive, default=1000, metavar="N", help="dead letters examined per queue (default 1000)"
+    )
+    tracer.add_argument(
+        "--query-timeout", type=float, default=60.0, metavar="SECONDS", help="AWS: longest wait for Logs Insights"
+    )
+    tracer.add_argument("--json", action="store_true", help="the trace as JSON")
+
+
 def _add_dlq(commands: Any, common: argparse.ArgumentParser) -> None:
     letters = commands.add_parser(
         "dlq",
@@ -267,6 +316,9 @@ def _add_dlq(commands: Any, common: argparse.ArgumentParser) -> None:
         "--limit", type=_positive, default=1000, metavar="N", help="messages examined per queue (default 1000)"
     )
     listing.add_argument("--examples", type=_non_negative, default=3, metavar="N", help="examples per reason")
+    listing.add_argument(
+        "--bodies", action="store_true", help="show the examples' bodies (personal data; tokens stay redacted)"
+    )
     listing.add_argument("--json", action="store_true", help="the report as JSON")
     redrive = letter_commands.add_parser(
         "redrive",
@@ -288,6 +340,53 @@ def _add_dlq(commands: Any, common: argparse.ArgumentParser) -> None:
         "--scan-limit", type=_positive, default=10_000, metavar="N", help="letters examined per queue (default 10000)"
     )
     redrive.add_argument("--json", action="store_true", help="the report as JSON")
+
+
+def _reconcile_options(parser: argparse.ArgumentParser) -> None:
+    _upstream_options(parser)
+    parser.add_argument(
+        "--admin-credentials-secret-arn", metavar="ARN", help="the admin account's secret (default: the stack's)"
+    )
+    parser.add_argument("--json", action="store_true", help="the report as JSON")
+
+
+def _add_reconcile(command: _Command) -> None:
+    audit = command(
+        "reconcile",
+        "run the drift audit now: users gone, deactivated, re-flagged or moved upstream, and ours not stored",
+        "Walks the upstream's users page by page and the table once, then prints the report (exit 1 when it found "
+        "drift). It takes the audit's lease: a scheduled audit in progress with the same options is continued to its "
+        "end. Users gone upstream are marked GONE (no longer refreshed) unless --dry-run.",
+        _run_reconcile,
+    )
+    audit.add_argument(
+        "--instance", action="append", metavar="ALIAS", help="judge only this instance's users (repeatable)"
+    )
+    audit.add_argument("--dry-run", action="store_true", help="report only: change no user, publish nothing")
+    audit.add_argument("--report", action="store_true", help="print the last finished audit's report, run nothing")
+    _reconcile_options(audit)
+
+
+def _add_bulk(commands: Any, common: argparse.ArgumentParser) -> None:
+    bulk = commands.add_parser("bulk", help="bulk requests: adopt the users of lost chunks", formatter_class=_Formatter)
+    bulk_commands = bulk.add_subparsers(dest="bulk_command", metavar="ACTION", required=True)
+    adopt = bulk_commands.add_parser(
+        "adopt",
+        help="find the users a lost CreateMany answer left upstream, and store them",
+        description=(
+            "For each chunk of the bulk that is UNKNOWN (or CALLING past its claim): lists the instance's users "
+            "created in the chunk's call window without a ClientId and not stored. Exactly the chunk's size: they are "
+            "stored under the bulk and logged in within the Login budget. Anything else is reported with the "
+            "candidates (exit 1), never guessed."
+        ),
+        parents=[common],
+        formatter_class=_Formatter,
+    )
+    adopt.set_defaults(handler=_run_adopt)
+    adopt.add_argument("request_id", metavar="REQUEST_ID", help="the bulk's RequestId")
+    adopt.add_argument("--instance", default="default", metavar="ALIAS", help="the bulk's instance (default: default)")
+    adopt.add_argument("--dry-run", action="store_true", help="judge each chunk and list the candidates; store nothing")
+    _reconcile_options(adopt)
 
 
 class _Context:
@@ -321,6 +420,8 @@ def _run_load(args: argparse.Namespace, context: _Context) -> int:
         state_file=args.state_file,
         progress=not args.no_progress,
         as_json=args.json,
+        wait=args.wait,
+        timeout=args.timeout,
     )
     return load.run(options, context)
 
@@ -337,19 +438,39 @@ def _user_ref(args: argparse.Namespace) -> users.UserRef:
 
 
 def _run_show(args: argparse.Namespace, context: _Context) -> int:
-    return users.run_show(context(), _user_ref(args), reveal=args.reveal_tokens, as_json=args.json)
+    return users.run_show(
+        context(),
+        _user_ref(args),
+        reveal=args.reveal_tokens,
+        as_json=args.json,
+        upstream=users.TokenOptions(user_service_url=args.user_service_url) if args.upstream else None,
+    )
+
+
+def _default_min_validity(target: Target, ref: users.UserRef) -> int:
+    """300 s, or half the lifetime of the user's tokens when they live shorter (the local stack's live about a
+    minute: asking for 300 s would refresh on every call). The lifetime is the stored JWT's ``exp - iat``."""
+    item = users.find_user(target, ref) or {}
+    claims = read_jwt_claims(str(item.get("AccessToken") or "")) or {}
+    with contextlib.suppress(TypeError, ValueError, KeyError):
+        lifetime = int(claims["exp"]) - int(claims["iat"])
+        if lifetime > 0:
+            return max(1, min(DEFAULT_MIN_VALIDITY, lifetime // 2))
+    return DEFAULT_MIN_VALIDITY
 
 
 def _run_token(args: argparse.Namespace, context: _Context) -> int:
+    ref = _user_ref(args)
+    min_validity = args.min_validity if args.min_validity is not None else _default_min_validity(context(), ref)
     options = users.TokenOptions(
-        min_validity=args.min_validity,
+        min_validity=min_validity,
         wait=args.wait,
         user_service_url=args.user_service_url,
         credentials_secret_arn=args.credentials_secret_arn,
         as_json=args.json,
         verbose=args.verbose,
     )
-    return users.run_token(context(), _user_ref(args), options)
+    return users.run_token(context(), ref, options)
 
 
 def _run_relogin(args: argparse.Namespace, context: _Context) -> int:
@@ -364,8 +485,36 @@ def _run_relogin(args: argparse.Namespace, context: _Context) -> int:
     return users.run_relogin(context(), _user_ref(args), options)
 
 
+def _run_trace(args: argparse.Namespace, context: _Context) -> int:
+    since = trace.parse_duration(args.since)
+    target = context()
+    logs: trace.LogSource
+    if target.local:
+        folder = target.local_path.parent if target.local_path is not None else Path(".local-stack")
+        logs = trace.LocalLog(args.log_file or folder / "run.log")
+    else:
+        logs = trace.InsightsLogs(target.client("logs"), trace.log_groups_of(target), timeout=args.query_timeout)
+    ref = (
+        users.UserRef(client_id=args.client_id, instance=args.instance, device_token=args.device_token)
+        if args.client_id or args.device_token
+        else None
+    )
+    options = trace.TraceOptions(
+        ref=ref,
+        message_id=args.message_id,
+        since_seconds=since,
+        log_file=args.log_file,
+        dlq_limit=args.dlq_limit,
+        query_timeout=args.query_timeout,
+        as_json=args.json,
+    )
+    return trace.run(target, logs, options)
+
+
 def _run_dlq_list(args: argparse.Namespace, context: _Context) -> int:
-    return dlq.run_list(context(), queue=args.queue, limit=args.limit, examples=args.examples, as_json=args.json)
+    return dlq.run_list(
+        context(), queue=args.queue, limit=args.limit, examples=args.examples, as_json=args.json, bodies=args.bodies
+    )
 
 
 def _run_dlq_redrive(args: argparse.Namespace, context: _Context) -> int:
@@ -378,6 +527,28 @@ def _run_dlq_redrive(args: argparse.Namespace, context: _Context) -> int:
         limit=args.limit,
         scan_limit=args.scan_limit,
         as_json=args.json,
+    )
+
+
+def _reconcile_opts(args: argparse.Namespace) -> reconcile.ReconcileOptions:
+    return reconcile.ReconcileOptions(
+        user_service_url=args.user_service_url,
+        credentials_secret_arn=args.credentials_secret_arn,
+        admin_credentials_secret_arn=args.admin_credentials_secret_arn,
+        as_json=args.json,
+        verbose=args.verbose,
+    )
+
+
+def _run_reconcile(args: argparse.Namespace, context: _Context) -> int:
+    return reconcile.run_reconcile(
+        context(), _reconcile_opts(args), instances=args.instance, dry_run=args.dry_run, report_only=args.report
+    )
+
+
+def _run_adopt(args: argparse.Namespace, context: _Context) -> int:
+    return reconcile.run_adopt(
+        context(), _reconcile_opts(args), request_id=args.request_id, instance=args.instance, dry_run=args.dry_run
     )
 
 

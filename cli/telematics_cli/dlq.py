@@ -12,6 +12,10 @@ Where a dead letter's reason comes from:
 Reading never loses a message: messages are received with a short visibility timeout, never deleted by
 ``list``, and made visible again (visibility 0) when the listing ends. ``redrive`` deletes a message from its
 dead-letter queue only after it was sent back successfully.
+
+Privacy: a body holds a user's profile, so ``list`` shows ids, reasons and a summary without values (kind, size,
+key names) unless ``--bodies`` is given. ``redrive`` writes ``OccurredAt`` into a body that names a user and lacks
+it, so a letter from before its user's deletion is dropped when redriven after it, not registered anew.
 """
 
 from __future__ import annotations
@@ -26,7 +30,12 @@ from rich.table import Table
 
 from telematics_cli import output
 from telematics_cli.errors import EXIT_DATA, EXIT_OK, CliError
+from telematics_cli.stamps import stamp_occurred_at
 from telematics_cli.target import Target
+from telematics_reg.errors import InvalidMessageError
+from telematics_reg.intake import event_time_ms
+from telematics_reg.models import BulkRegistrationRequest, parse_registration_message
+from telematics_reg.registration import stamp_request_id
 
 LIST_VISIBILITY: Final = 30
 REDRIVE_VISIBILITY: Final = 120
@@ -48,6 +57,7 @@ QUEUES: Final = {
     "signup": DeadLetterQueue("signup", "SignupDeadLetterQueueUrl", "bus"),
     "refresh": DeadLetterQueue("refresh", "RefreshDeadLetterQueueUrl", "queue", "RefreshQueueUrl"),
     "sweep": DeadLetterQueue("sweep", "SweepDeadLetterQueueUrl", None),
+    "lifecycle": DeadLetterQueue("lifecycle", "LifecycleDeadLetterQueueUrl", "queue", "LifecycleQueueUrl"),
 }
 QUEUE_CHOICES: Final = (*QUEUES, "all")
 
@@ -64,22 +74,65 @@ class Letter:
     source: str
     sent_at: str | None
     receive_count: int
+    #: ``SentTimestamp`` (epoch ms): the first send of a letter SQS moved; for our own letters, when the function
+    #: dead-lettered it (after the message occurred).
+    sent_ms: int | None = None
     #: The original EventBridge event, when the letter holds one (EventBridge DLQ, Lambda destination record).
     event: dict[str, Any] | None = None
+    #: Id of the message that was dead-lettered (our ``OriginalMessageId``; SQS keeps the id when it moves one).
+    original_message_id: str | None = None
 
     def matches(self, reasons: list[str], needle: str | None) -> bool:
         if reasons and self.reason not in reasons:
             return False
         return needle is None or needle in self.body or needle in self.detail
 
-    def example(self) -> dict[str, Any]:
-        return {
+    def example(self, *, body: bool = True) -> dict[str, Any]:
+        """The letter for a listing: ids, reason detail and a summary; the body (personal data) only if asked."""
+        shown: dict[str, Any] = {
             "MessageId": self.message_id,
+            "OriginalMessageId": self.original_message_id,
             "Source": self.source,
             "SentAt": self.sent_at,
             "Detail": output.truncate(output.redact_text(self.detail), EXAMPLE_WIDTH * 2),
-            "Body": output.truncate(output.redact_body(self.body), EXAMPLE_WIDTH),
+            "Summary": summary(self.body),
         }
+        if body:
+            shown["Body"] = output.truncate(output.redact_body(self.body), EXAMPLE_WIDTH)
+        return shown
+
+
+def summary(body: str) -> str:
+    """What a body is, without any of its values (a ClientId, a profile): its kind, size and top-level keys.
+
+    Example
+    -------
+    >>> summary('{"ClientId": "c-1", "FirstName": "Ada"}')
+    'registration, 39 bytes: ClientId, FirstName'
+    >>> summary('{"detail-type": "UserUpdated", "detail": {"ClientId": "c-1", "City": "Paris"}}')
+    'event UserUpdated, 78 bytes: ClientId, City'
+    """
+    size = f"{len(body.encode('utf-8')):,} bytes"
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return f"not JSON, {size}"
+    if not isinstance(document, dict):
+        return f"not an object, {size}"
+    kind = "registration"
+    if "requestContext" in document and isinstance(document.get("requestPayload"), dict):
+        document = document["requestPayload"]
+        kind = "lambda record"
+    if "detail-type" in document and isinstance(document.get("detail"), dict):
+        kind = f"{kind + ' of ' if kind != 'registration' else ''}event {str(document['detail-type'])[:64]}"
+        document = document["detail"]
+    lowered = {str(k).lower(): v for k, v in document.items()}
+    if isinstance(lowered.get("action"), str) and lowered["action"]:
+        kind = f"lifecycle {str(lowered['action'])[:16]}"
+    elif "quantity" in lowered:
+        kind = "bulk"
+    keys = ", ".join(str(k)[:40] for k in list(document)[:20]) + (", …" if len(document) > 20 else "")
+    return f"{kind}, {size}: {keys}" if keys else f"{kind}, {size}"
 
 
 def _attribute(message: dict[str, Any], name: str) -> str | None:
@@ -101,7 +154,9 @@ def classify(message: dict[str, Any]) -> Letter:
         source=str(system.get("DeadLetterQueueSourceArn", "")).rsplit(":", 1)[-1],
         sent_at=output.iso(int(sent) / 1000) if sent else None,
         receive_count=int(system.get("ApproximateReceiveCount", 0) or 0),
+        sent_ms=int(sent) if sent else None,
     )
+    letter.original_message_id = _attribute(message, "OriginalMessageId") or letter.message_id
     reason = _attribute(message, "Reason")
     if reason:
         letter.reason = reason
@@ -216,15 +271,18 @@ def depth(sqs: Any, url: str) -> int:
 # -------------------------------------------------------------------------------------------------------- list
 
 
-def run_list(target: Target, *, queue: str, limit: int, examples: int, as_json: bool) -> int:
+def run_list(target: Target, *, queue: str, limit: int, examples: int, as_json: bool, bodies: bool = False) -> int:
     sqs = target.client("sqs")
     report: list[dict[str, Any]] = []
     for spec, url in selected(target, queue, for_redrive=False):
         groups: dict[str, dict[str, Any]] = {}
         peek = Peek(sqs, url, LIST_VISIBILITY)
         examined = 0
+        # An empty queue costs one call, and a listing stops once it has seen every visible letter instead of
+        # waiting on the queue to prove it empty (letters in flight elsewhere are not waited for either).
+        visible = depth(sqs, url)
         try:
-            for message in peek.messages(limit):
+            for message in peek.messages(min(limit, visible)) if visible else iter(()):
                 examined += 1
                 letter = classify(message)
                 group = groups.setdefault(letter.reason, {"reason": letter.reason, "count": 0, "sources": set(),
@@ -233,15 +291,13 @@ def run_list(target: Target, *, queue: str, limit: int, examples: int, as_json: 
                 if letter.source:
                     group["sources"].add(letter.source)
                 if len(group["examples"]) < examples:
-                    group["examples"].append(letter.example())
+                    group["examples"].append(letter.example(body=bodies))
         finally:
             peek.release()
         ordered = sorted(groups.values(), key=lambda g: (-g["count"], g["reason"]))
         for group in ordered:
             group["sources"] = sorted(group["sources"])
-        report.append(
-            {"queue": spec.name, "url": url, "depth": depth(sqs, url), "examined": examined, "groups": ordered}
-        )
+        report.append({"queue": spec.name, "url": url, "depth": visible, "examined": examined, "groups": ordered})
     if as_json:
         output.print_json({"target": target.description, "queues": report})
         return EXIT_OK
@@ -259,7 +315,7 @@ def run_list(target: Target, *, queue: str, limit: int, examples: int, as_json: 
         for group in entry["groups"]:
             lines = []
             for example in group["examples"]:
-                text = example["Body"]
+                text = example["Body"] if bodies else f"{example['MessageId']}: {example['Summary']}"
                 if example["Detail"]:
                     text += f"\n  ↳ {example['Detail']}"
                 lines.append(output.escape(text))
@@ -267,6 +323,8 @@ def run_list(target: Target, *, queue: str, limit: int, examples: int, as_json: 
                 output.escape(group["reason"]), f"{group['count']:,}", ", ".join(group["sources"]), "\n".join(lines)
             )
         console.print(table)
+    if not bodies and any(entry["groups"] for entry in report):
+        output.info("bodies hidden (they hold personal data): --bodies shows them")
     return EXIT_OK
 
 
@@ -282,7 +340,12 @@ def _send_back(target: Target, spec: DeadLetterQueue, letter: Letter) -> str:
     if spec.redrive == "queue":
         assert spec.redrive_output is not None
         url = target.output(spec.redrive_output)
-        target.client("sqs").send_message(QueueUrl=url, MessageBody=letter.body)
+        body = letter.body
+        if spec.name == "registration":
+            body = _with_occurred_at(_with_bulk_id(letter), letter)
+        elif spec.name == "lifecycle":
+            body = _with_occurred_at(letter.body, letter)
+        target.client("sqs").send_message(QueueUrl=url, MessageBody=body)
         return url.rsplit("/", 1)[-1]
     bus = target.output("EventBusName")
     if letter.event is not None:
@@ -300,6 +363,7 @@ def _send_back(target: Target, spec: DeadLetterQueue, letter: Letter) -> str:
         raise RedriveError("the signup event source is unknown (no SignupEventSource output)")
     if not isinstance(detail, dict):
         raise RedriveError("its event detail is not a JSON object")
+    detail = json.loads(_with_occurred_at(json.dumps(detail), letter))
     response = target.client("events").put_events(
         Entries=[{"EventBusName": bus, "Source": source, "DetailType": detail_type, "Detail": json.dumps(detail)}]
     )
@@ -307,6 +371,46 @@ def _send_back(target: Target, spec: DeadLetterQueue, letter: Letter) -> str:
         entry = response.get("Entries", [{}])[0]
         raise RedriveError(f"EventBridge refused it: {entry.get('ErrorCode')}: {entry.get('ErrorMessage')}")
     return f"bus {bus} as {detail_type}"
+
+
+def _with_occurred_at(body: str, letter: Letter) -> str:
+    """The body to send back, with ``OccurredAt`` when it names a user and says not when it occurred.
+
+    Sent back as is, it would be ordered by the time of the redrive: a registration dead-lettered before its
+    user's deletion and redriven after it would register the user anew, and an old change would apply over newer
+    ones. The letter's event ``time``, else its ``SentTimestamp`` (a letter SQS moved keeps its first send's; our own
+    letters are sent when the function gave up, after the message occurred), is when it occurred at the latest::
+
+        letter L sent at t0 -> deletion D at T > t0 (its erasure misses L: held by this redrive)
+        -> redrive: OccurredAt t0 <= T -> the registration is dropped (user_deleted), nothing is created
+    """
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(document, dict) or ("detail-type" in document and "detail" in document):
+        return body  # an EventBridge event: its own ``time`` orders it
+    if any(isinstance(k, str) and k.lower() in ("quantity", "requestid") for k in document):
+        return body  # a bulk: anonymous users, no order to keep (and the bulk contract takes no OccurredAt)
+    when = event_time_ms(letter.event.get("time")) if letter.event is not None else None
+    when = when or letter.sent_ms
+    return stamp_occurred_at(body, when) if when else body
+
+
+def _with_bulk_id(letter: Letter) -> str:
+    """The body to send back: a bulk without ``RequestId`` gets the id it was registered under.
+
+    That bulk is known by the id of the message that brought it; sent back as is, it would arrive as a new
+    message with a new id and be made again from the start. The id is our ``OriginalMessageId`` attribute, or
+    for a letter SQS moved after ``maxReceiveCount``, its message id (which SQS keeps when it moves a message).
+    """
+    try:
+        request = parse_registration_message(letter.body)
+    except InvalidMessageError:
+        return letter.body
+    if not isinstance(request, BulkRegistrationRequest) or request.request_id is not None:
+        return letter.body
+    return stamp_request_id(letter.body, letter.original_message_id or letter.message_id)
 
 
 def run_redrive(

@@ -5,10 +5,20 @@ problems (and a count). Unless ``--skip-invalid`` is given, one bad row means no
 file again and sends the rows ``SendMessageBatch`` 10 at a time on ``--parallel`` threads, with at most two
 batches per thread in flight, so memory stays flat for any file size.
 
+Pass 1 also checks each row's ``Instance`` against the aliases of the stack's credentials secret (only its keys
+are read), so a row for an unknown instance is reported here instead of being dead-lettered later.
+
+``--wait`` then reports what became of each row sent now: registered, duplicate (the ClientId was already
+stored), or dead-lettered with its reason (:mod:`telematics_cli.watch`), within ``--timeout`` seconds.
+
 Resuming: ``FILE.load-state.json`` (beside the input) records, per (sha256 of the file, queue URL), the highest
 line up to which every row was sent. A re-run of the same file to the same queue starts after it. Sending a row
 twice is harmless anyway: single registrations are idempotent by (Instance, ClientId), and a bulk row without a
 RequestId gets ``<sha256>:<line>`` as its RequestId, so the service never makes its users twice.
+
+Rows with an ``Action`` (lifecycle changes) go to the lifecycle queue, each stamped ``OccurredAt`` when it is sent,
+strictly increasing in file order, so a file's changes to one user apply in the file's order. A row that gives its
+own ``OccurredAt`` keeps it: re-sending it is then a duplicate, not a newer change.
 """
 
 from __future__ import annotations
@@ -19,11 +29,12 @@ import random
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from botocore.exceptions import BotoCoreError, ClientError
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -43,7 +54,11 @@ from rich.text import Text
 from telematics_cli import output
 from telematics_cli.errors import EXIT_DATA, EXIT_OK, CliError
 from telematics_cli.rows import InputFormat, Row, detect_format, file_sha256, open_input, read_rows
+from telematics_cli.stamps import OccurredAtStamp
 from telematics_cli.target import Target
+from telematics_cli.watch import RegistrationWatch, SentRow
+from telematics_cli.watch import summary as count_outcomes
+from telematics_reg.errors import FieldError
 
 BATCH_ENTRIES: Final = 10
 #: SQS limit on the bodies of one SendMessageBatch (the contract caps one body at 64 KiB).
@@ -66,6 +81,8 @@ class LoadOptions:
     state_file: Path | None = None
     progress: bool = True
     as_json: bool = False
+    wait: bool = False
+    timeout: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +99,7 @@ class Validation:
     invalid: int = 0
     bulk_rows: int = 0
     bulk_users: int = 0
+    lifecycle_rows: int = 0
     to_send: int = 0
     last_line: int = 0
     problems: list[Row] = field(default_factory=list)
@@ -94,6 +112,7 @@ class Validation:
             if row.bulk:
                 self.bulk_rows += 1
                 self.bulk_users += row.quantity
+            self.lifecycle_rows += row.lifecycle
             if row.line > after_line:
                 self.to_send += 1
         else:
@@ -110,6 +129,8 @@ class SendReport:
     skipped_invalid: int = 0
     failed: int = 0
     failures: list[Failure] = field(default_factory=list)
+    #: With --wait: every row sent now, with its message id.
+    sent_rows: list[SentRow] = field(default_factory=list)
 
     def fail(self, failure: Failure) -> None:
         self.failed += 1
@@ -127,7 +148,7 @@ class Checkpoint:
         self.path = path
         self._key = f"{sha256} {queue_url}"
         self._entry = {"sha256": sha256, "queue_url": queue_url, "file": source.name}
-        self._saved_line = -1
+        self._saved: tuple[int, bool] | None = None
 
     def _read(self) -> dict[str, Any]:
         try:
@@ -147,8 +168,12 @@ class Checkpoint:
         line = entry.get("last_line") if isinstance(entry, dict) else None
         return line if isinstance(line, int) and line > 0 else 0
 
+    def complete(self) -> bool:
+        entry = self._read()["loads"].get(self._key)
+        return isinstance(entry, dict) and entry.get("complete") is True
+
     def save(self, last_line: int, *, complete: bool, force: bool = False) -> None:
-        if last_line == self._saved_line and not force:
+        if (last_line, complete) == self._saved and not force:
             return
         data = self._read()
         data["loads"][self._key] = {
@@ -166,7 +191,7 @@ class Checkpoint:
                 f"cannot write the checkpoint {self.path} ({exc.strerror or exc}): give --state-file PATH "
                 "in a writable folder"
             ) from None
-        self._saved_line = last_line
+        self._saved = (last_line, complete)
 
 
 class Watermark:
@@ -210,8 +235,17 @@ class Batch:
     def end_line(self) -> int:
         return self.rows[-1].line
 
+    @property
+    def lifecycle(self) -> bool:
+        return self.rows[0].lifecycle
 
-def make_batches(rows: Iterator[Row], *, after_line: int, report: SendReport) -> Iterator[Batch]:
+
+def make_batches(
+    rows: Iterator[Row], *, after_line: int, report: SendReport, stamp: OccurredAtStamp | None = None
+) -> Iterator[Batch]:
+    """Batches of rows for one queue each. Lifecycle rows are stamped ``OccurredAt`` here, in file order (the
+    batches may then be sent in any order: the stamps keep a user's changes in the file's order)."""
+    stamp = stamp or OccurredAtStamp()
     current: list[Row] = []
     size = 0
     seq = 0
@@ -223,27 +257,55 @@ def make_batches(rows: Iterator[Row], *, after_line: int, report: SendReport) ->
         if row.body is None:
             report.skipped_invalid += 1
             continue
-        body_size = len(row.body.encode("utf-8"))
-        if current and (len(current) == BATCH_ENTRIES or size + body_size > BATCH_BYTES):
+        ready = replace(row, body=stamp.stamp(row.body)) if row.lifecycle else row
+        body_size = len((ready.body or "").encode("utf-8"))
+        switch = bool(current) and current[0].lifecycle != ready.lifecycle
+        if current and (len(current) == BATCH_ENTRIES or size + body_size > BATCH_BYTES or switch):
             yield Batch(seq, current)
             seq += 1
             current, size = [], 0
-        current.append(row)
+        current.append(ready)
         size += body_size
     if current:
         yield Batch(seq, current)
 
 
-def send_batch(sqs: Any, queue_url: str, batch: Batch) -> list[Failure]:
-    """Send one batch; entries SQS refuses for a passing reason are sent again. Returns what could not be sent.
+def send_batch(
+    sqs: Any, queue_url: str, batch: Batch, *, watch: RegistrationWatch | None = None
+) -> tuple[list[Failure], list[SentRow]]:
+    """Send one batch; entries SQS refuses for a passing reason are sent again. Returns what could not be sent,
+    and (with a ``watch``) the rows that were, with their message ids.
 
     A ClientError for the whole call (credentials, a missing queue) propagates: the load stops there.
     """
     lines = {f"line-{row.line}": row.line for row in batch.rows}
     entries: list[dict[str, str]] = [{"Id": f"line-{row.line}", "MessageBody": row.body or ""} for row in batch.rows]
+    watched = (
+        {}
+        if watch is None
+        else {
+            f"line-{row.line}": SentRow(
+                label=f"line {row.line}",
+                message_id="",
+                instance=row.instance,
+                client_id=row.client_id,
+                request_id=row.request_id,
+                quantity=row.quantity,
+            )
+            for row in batch.rows
+        }
+    )
+    if watch is not None:
+        watch.before_send(watched.values())
+    sent: list[SentRow] = []
     failures: list[Failure] = []
     for attempt in range(ENTRY_ATTEMPTS):
         response = sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)
+        if watch is not None:
+            for item in response.get("Successful", []):
+                row = watched[str(item["Id"])]
+                row.message_id = str(item.get("MessageId", ""))
+                sent.append(row)
         refused = {str(item["Id"]): item for item in response.get("Failed", [])}
         retry = []
         for entry in entries:
@@ -259,7 +321,7 @@ def send_batch(sqs: Any, queue_url: str, batch: Batch) -> list[Failure]:
             break
         entries = retry
         time.sleep(random.uniform(0, 0.2 * 2**attempt))  # noqa: S311 - jitter, not secrecy
-    return sorted(failures, key=lambda f: f.line)
+    return sorted(failures, key=lambda f: f.line), (sent if watch is not None else [])
 
 
 class _RateColumn(ProgressColumn):
@@ -301,16 +363,19 @@ def send_rows(
     total: int,
     last_line: int,
     checkpoint: Checkpoint,
+    watch: RegistrationWatch | None = None,
+    lifecycle_url: str | None = None,
 ) -> SendReport:
-    """Pass 2: stream the file again and send its valid rows after ``start_line``, saving the checkpoint."""
+    """Pass 2: stream the file again and send its valid rows after ``start_line``, saving the checkpoint.
+    Registrations go to ``queue_url``, lifecycle rows to ``lifecycle_url``."""
     sqs = target.client("sqs")
     report = SendReport()
     watermark = Watermark(start_line)
     max_in_flight = max(1, options.parallel) * 2
-    in_flight: dict[Future[list[Failure]], Batch] = {}
+    in_flight: dict[Future[tuple[list[Failure], list[SentRow]]], Batch] = {}
     last_save = time.monotonic()
 
-    def collect(done: set[Future[list[Failure]]]) -> None:
+    def collect(done: set[Future[tuple[list[Failure], list[SentRow]]]]) -> None:
         nonlocal last_save
         fatal: BaseException | None = None
         for future in sorted(done, key=lambda f: in_flight[f].seq):
@@ -319,7 +384,8 @@ def send_rows(
             if error is not None:  # record every batch that did succeed first, then stop the load
                 fatal = fatal or error
                 continue
-            failures = future.result()
+            failures, sent = future.result()
+            report.sent_rows += sent
             report.batches += 1
             report.sent += len(batch.rows) - len(failures)
             for failure in failures:
@@ -332,7 +398,8 @@ def send_rows(
             checkpoint.save(watermark.value, complete=False)
             last_save = time.monotonic()
 
-    checkpoint.save(start_line, complete=False, force=True)  # fails now, before sending, if it cannot be written
+    # Fails now, before sending, if it cannot be written; a finished load run again stays complete.
+    checkpoint.save(start_line, complete=start_line >= last_line and checkpoint.complete(), force=True)
     rows = read_rows(options.path, fmt, sha256)
     with (
         _progress(options.progress and total > 0) as progress,
@@ -343,7 +410,11 @@ def send_rows(
             for batch in make_batches(rows, after_line=start_line, report=report):
                 while len(in_flight) >= max_in_flight:
                     collect(wait(in_flight, return_when=FIRST_COMPLETED).done)
-                in_flight[pool.submit(send_batch, sqs, queue_url, batch)] = batch
+                url = queue_url
+                if batch.lifecycle:
+                    assert lifecycle_url is not None
+                    url = lifecycle_url
+                in_flight[pool.submit(send_batch, sqs, url, batch, watch=watch)] = batch
             while in_flight:
                 collect(wait(in_flight, return_when=FIRST_COMPLETED).done)
             watermark.finish(last_line)
@@ -358,7 +429,32 @@ def send_rows(
 # ----------------------------------------------------------------------------------------------------- command
 
 
-def validate(options: LoadOptions, fmt: InputFormat, sha256: str, *, after_line: int) -> Validation:
+def known_instances(target: Target) -> set[str] | None:
+    """The instance aliases of the stack's credentials secret (its keys only); None when it cannot be read."""
+    arn = target.setting("CREDENTIALS_SECRET_ARN", "InstanceCredentialsSecretArn")
+    if not arn:
+        output.warn(f"{target.description} names no credentials secret: the rows' Instance is not checked")
+        return None
+    try:
+        value = target.client("secretsmanager").get_secret_value(SecretId=arn)["SecretString"]
+        aliases = json.loads(value)
+    except (ClientError, BotoCoreError, KeyError, ValueError) as exc:
+        reason = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else type(exc).__name__
+        output.warn(f"cannot read the credentials secret ({reason}): the rows' Instance is not checked")
+        return None
+    return {str(alias) for alias in aliases} if isinstance(aliases, dict) else None
+
+
+def _check_instance(row: Row, instances: set[str] | None) -> Row:
+    if instances is None or not row.valid or row.instance in instances:
+        return row
+    problem = FieldError("Instance", f"unknown instance {row.instance!r}: the credentials secret has no such alias")
+    return Row(row.line, None, [problem], row.bulk)
+
+
+def validate(
+    options: LoadOptions, fmt: InputFormat, sha256: str, *, after_line: int, instances: set[str] | None = None
+) -> Validation:
     """Pass 1: every row validated, streaming; keeps the first ``max_errors`` problems (all when 0)."""
     result = Validation()
     size = options.path.stat().st_size
@@ -370,17 +466,35 @@ def validate(options: LoadOptions, fmt: InputFormat, sha256: str, *, after_line:
             sha256,
             progress=lambda position: progress.update(task, completed=position, rows=result.rows),
         ):
-            result.add(row, keep=options.max_errors, after_line=after_line)
+            result.add(_check_instance(row, instances), keep=options.max_errors, after_line=after_line)
         progress.update(task, completed=size, rows=result.rows)
     return result
 
 
-def run(options: LoadOptions, target_factory: Any) -> int:
-    """The ``load`` command. ``target_factory()`` resolves the stack (not needed for ``--dry-run``)."""
-    fmt = detect_format(options.path, options.fmt)
-    open_input(options.path).close()
-    sha256 = file_sha256(options.path)
+def _summary(options: LoadOptions, fmt: Any, sha256: str, checked: Any) -> dict[str, Any]:
+    """What the validation pass found, as the command reports it (``--json`` too)."""
+    return {
+        "file": str(options.path),
+        "format": fmt.value,
+        "sha256": sha256,
+        "rows": checked.rows,
+        "valid": checked.valid,
+        "invalid": checked.invalid,
+        "bulk_rows": checked.bulk_rows,
+        "bulk_users": checked.bulk_users,
+        "lifecycle_rows": checked.lifecycle_rows,
+        "errors": [
+            {"line": row.line, "problems": [{"field": e.key, "message": e.message} for e in row.errors]}
+            for row in checked.problems
+        ],
+        "dry_run": options.dry_run,
+    }
 
+
+def _resolve(
+    options: LoadOptions, target_factory: Any, sha256: str
+) -> tuple[Target | None, str, Checkpoint | None, int, Any]:
+    """The stack, its registration queue, the checkpoint and where to resume, and the credentials' aliases."""
     target: Target | None = None
     queue_url = ""
     checkpoint: Checkpoint | None = None
@@ -391,23 +505,26 @@ def run(options: LoadOptions, target_factory: Any) -> int:
         state_path = options.state_file or options.path.with_name(options.path.name + STATE_SUFFIX)
         checkpoint = Checkpoint(state_path, sha256=sha256, queue_url=queue_url, source=options.path)
         start_line = 0 if options.restart else checkpoint.last_line()
+        instances = known_instances(target)
+    else:
+        try:  # a dry run needs no stack, but checks the Instance of each row when one is found
+            instances = known_instances(target_factory())
+        except CliError:
+            instances = None
+            output.info("no stack found: the rows' Instance is not checked against the credentials secret")
+    return target, queue_url, checkpoint, start_line, instances
 
-    checked = validate(options, fmt, sha256, after_line=start_line)
-    summary: dict[str, Any] = {
-        "file": str(options.path),
-        "format": fmt.value,
-        "sha256": sha256,
-        "rows": checked.rows,
-        "valid": checked.valid,
-        "invalid": checked.invalid,
-        "bulk_rows": checked.bulk_rows,
-        "bulk_users": checked.bulk_users,
-        "errors": [
-            {"line": row.line, "problems": [{"field": e.key, "message": e.message} for e in row.errors]}
-            for row in checked.problems
-        ],
-        "dry_run": options.dry_run,
-    }
+
+def run(options: LoadOptions, target_factory: Any) -> int:
+    """The ``load`` command. ``target_factory()`` resolves the stack (not needed for ``--dry-run``)."""
+    fmt = detect_format(options.path, options.fmt)
+    open_input(options.path).close()
+    sha256 = file_sha256(options.path)
+
+    target, queue_url, checkpoint, start_line, instances = _resolve(options, target_factory, sha256)
+
+    checked = validate(options, fmt, sha256, after_line=start_line, instances=instances)
+    summary = _summary(options, fmt, sha256, checked)
     if checked.invalid:
         _print_problems(options, checked)
     if options.dry_run:
@@ -425,10 +542,12 @@ def run(options: LoadOptions, target_factory: Any) -> int:
 
     assert target is not None
     assert checkpoint is not None
+    lifecycle_url = target.output("LifecycleQueueUrl") if checked.lifecycle_rows else None
     if start_line and checked.to_send:
         output.info(f"resuming after line {start_line:,} (checkpoint {checkpoint.path})")
     elif start_line:
         output.info(f"every row was already sent (checkpoint {checkpoint.path}; --restart sends them again)")
+    watch = RegistrationWatch(target) if options.wait else None
     report = send_rows(
         target,
         queue_url,
@@ -439,9 +558,12 @@ def run(options: LoadOptions, target_factory: Any) -> int:
         total=checked.to_send,
         last_line=checked.last_line,
         checkpoint=checkpoint,
+        watch=watch,
+        lifecycle_url=lifecycle_url,
     )
     summary |= {
         "queue_url": queue_url,
+        "lifecycle_queue_url": lifecycle_url,
         "checkpoint": str(checkpoint.path),
         "sent": report.sent,
         "batches": report.batches,
@@ -450,8 +572,17 @@ def run(options: LoadOptions, target_factory: Any) -> int:
         "failed": report.failed,
         "failures": [{"line": f.line, "code": f.code, "message": f.message} for f in report.failures],
     }
+    outcomes_ok = True
+    if watch is not None:
+        rows = sorted(report.sent_rows, key=lambda r: int(r.label.removeprefix("line ")))
+        if not options.as_json:
+            output.info(f"waiting up to {options.timeout:.0f} s for what becomes of {len(rows):,} rows ...")
+        watch.wait(rows, timeout=options.timeout)
+        counts = count_outcomes(rows)
+        summary |= {"outcomes": counts, "sent_rows": [row.as_dict() for row in rows]}
+        outcomes_ok = set(counts) <= {"registered", "duplicate"}
     _print_report(options, summary, report)
-    return EXIT_DATA if report.failed else EXIT_OK
+    return EXIT_DATA if report.failed or not outcomes_ok else EXIT_OK
 
 
 def _print_problems(options: LoadOptions, checked: Validation) -> None:
@@ -492,6 +623,8 @@ def _print_report(options: LoadOptions, summary: dict[str, Any], report: SendRep
     table.add_row("skipped invalid", f"{report.skipped_invalid:,}")
     table.add_row("failed", f"{report.failed:,}")
     table.add_row("bulk rows / users asked", f"{summary['bulk_rows']:,} / {summary['bulk_users']:,}")
+    if summary["lifecycle_rows"]:
+        table.add_row("lifecycle rows (→ lifecycle queue)", f"{summary['lifecycle_rows']:,}")
     console.print(table)
     if report.failures:
         failed = Table(title="Entries SQS did not take", title_justify="left")
@@ -502,4 +635,21 @@ def _print_report(options: LoadOptions, summary: dict[str, Any], report: SendRep
             failed.add_row(str(failure.line), failure.code, output.escape(failure.message))
         console.print(failed)
         console.print("Run the same command again to send them: rows already sent are not sent again.")
+    if "outcomes" in summary:
+        outcomes = Table(title="What became of the rows sent now", title_justify="left")
+        outcomes.add_column("Row", justify="right")
+        outcomes.add_column("Message id")
+        outcomes.add_column("Outcome")
+        outcomes.add_column("Detail", overflow="fold")
+        styles = {"registered": "green", "duplicate": "cyan", "dead-lettered": "red", "pending": "yellow"}
+        for row in summary["sent_rows"]:
+            style = styles.get(row["status"], "")
+            outcomes.add_row(
+                str(row["row"]).removeprefix("line "),
+                row["message_id"],
+                f"[{style}]{row['status']}[/{style}]",
+                output.escape(row["detail"]),
+            )
+        console.print(outcomes)
+        console.print(", ".join(f"{count:,} {status}" for status, count in sorted(summary["outcomes"].items())))
     console.print(f"checkpoint: {summary['checkpoint']}")

@@ -12,6 +12,10 @@ JSON Lines: one registration or bulk request (a JSON object) per line; blank lin
 
 A bulk row without ``RequestId`` gets ``<sha256 of the file>:<line>``, so sending the same row again (a re-run, a
 retry) can never register its users twice: the service keeps bulk progress by RequestId.
+
+A row with an ``Action`` (``Update``, ``Deactivate``, ``Reactivate``, ``Delete``, ``Move``; case-insensitive) is a
+lifecycle change, validated with the lifecycle function's own parser and sent to the lifecycle queue; an empty
+``Action`` is a registration, as without the column. An unknown ``Action`` makes the row invalid.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pydantic import BaseModel
 
 from telematics_cli.errors import CliError
 from telematics_reg.errors import FieldError, InvalidMessageError
+from telematics_reg.lifecycle.changes import parse_change
 from telematics_reg.models import BulkRegistrationRequest, RegistrationRequest, parse_registration_message
 
 _HASH_CHUNK: Final = 1 << 20
@@ -95,6 +100,12 @@ class Row:
     bulk: bool = False
     #: Users a valid bulk row asks for (0 for a single registration).
     quantity: int = 0
+    #: Of a valid row: its instance alias, and its ClientId (a registration) or RequestId (a bulk request).
+    instance: str = "default"
+    client_id: str | None = None
+    request_id: str | None = None
+    #: A lifecycle change (an ``Action`` row): it goes to the lifecycle queue.
+    lifecycle: bool = False
 
     @property
     def valid(self) -> bool:
@@ -155,8 +166,22 @@ def _validated(line: int, body: str, bulk: bool) -> Row:
     except InvalidMessageError as exc:
         return Row(line, None, list(exc.errors) or [FieldError("", exc.reason)], bulk)
     if isinstance(request, BulkRegistrationRequest):
-        return Row(line, body, [], True, request.quantity)
-    return Row(line, body, [], False)
+        return Row(line, body, [], True, request.quantity, request.instance, request_id=request.request_id)
+    return Row(line, body, [], False, instance=request.instance, client_id=request.client_id)
+
+
+def _validated_change(line: int, body: str) -> Row:
+    # fallback_ms only fills a missing OccurredAt for validation: load stamps the send time (file order) later.
+    try:
+        parse_change(body, fallback_ms=0)
+    except InvalidMessageError as exc:
+        return Row(line, None, list(exc.errors) or [FieldError("", exc.reason)], lifecycle=True)
+    return Row(line, body, [], lifecycle=True)
+
+
+def _action_key(data: dict[str, Any]) -> str | None:
+    """The key of the row's ``Action`` (any case), or ``None``."""
+    return next((key for key in data if isinstance(key, str) and key.lower() == "action"), None)
 
 
 def _has_key(data: dict[str, Any], name: str) -> bool:
@@ -178,6 +203,13 @@ def _jsonl_rows(lines: _Lines, sha256: str) -> Iterator[Row]:
             data = json.loads(stripped)
         except ValueError:
             data = None  # the parser reports where the JSON breaks
+        action = _action_key(data) if isinstance(data, dict) else None
+        if isinstance(data, dict) and action is not None:
+            if data[action] not in (None, ""):
+                yield _validated_change(number, body)
+                continue
+            del data[action]  # an empty Action: a registration, as without the key
+            body = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
         if isinstance(data, dict) and _has_key(data, "quantity"):
             bulk = True
             if not _has_key(data, "requestid"):
@@ -266,6 +298,12 @@ def _place(target: dict[str, Any], path: list[str], cell: str, fields: dict[str,
     _place(nested, rest, cell, nested_fields)
 
 
+def place_field(data: dict[str, Any], column: str, value: str) -> None:
+    """Set ``column`` (a field name, dotted for nested ones: ``UserFields.EnableTracking``) in ``data`` to ``value``,
+    typed as a CSV cell of that column would be."""
+    _place(data, [part.strip() for part in column.split(".")], value, _SINGLE_FIELDS)
+
+
 def _csv_header(header: list[str]) -> list[list[str]]:
     paths: list[list[str]] = []
     seen: set[str] = set()
@@ -325,4 +363,7 @@ def _csv_rows(lines: _Lines, sha256: str) -> Iterator[Row]:
         if bulk and not _has_key(data, "requestid"):
             data["RequestId"] = bulk_request_id(sha256, start)
         body = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+        if _action_key(data) is not None:
+            yield _validated_change(start, body)
+            continue
         yield _validated(start, body, bulk)

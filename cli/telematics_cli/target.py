@@ -46,6 +46,9 @@ class Target:
     #: What to tell the operator when the endpoint cannot be reached.
     unreachable_hint: str
     local: bool = False
+    #: The deployed stack's name, or the local stack's saved description (the folder of its log file).
+    stack_name: str | None = None
+    local_path: Path | None = None
     _clients: dict[str, Any] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -104,7 +107,7 @@ def resolve(
         return from_local(path)
     raise CliError(
         "no stack to work on: give --stack NAME for a deployed stack (with --region/--profile as needed), "
-        f"or start the local stack with `make run` (it saves {DEFAULT_LOCAL_STACK}), "
+        f"or start the local stack with `make run ARGS=--serve` (it saves {DEFAULT_LOCAL_STACK} while it runs), "
         "or point at a saved one with --local-stack PATH"
     )
 
@@ -126,8 +129,8 @@ def from_local(path: Path) -> Target:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise CliError(
-            f"no local stack at {path}: start it with `make run` (it saves {DEFAULT_LOCAL_STACK}), "
-            "or give --stack NAME for a deployed stack"
+            f"no local stack at {path}: start it with `make run ARGS=--serve` (it saves {DEFAULT_LOCAL_STACK} while "
+            "it runs), or give --stack NAME for a deployed stack"
         ) from None
     except OSError as exc:
         raise CliError(f"cannot read the local stack file {path}: {exc.strerror or exc}") from None
@@ -152,8 +155,9 @@ def from_local(path: Path) -> Target:
         outputs=outputs,
         parameters=parameters,
         environment=environment,
-        unreachable_hint=f"is the local stack still running? start it with `make run` ({path} may be stale)",
+        unreachable_hint=f"is the local stack still running? `make run ARGS=--serve` starts it ({path} may be stale)",
         local=True,
+        local_path=path,
     )
 
 
@@ -182,6 +186,7 @@ def from_cloudformation(name: str, *, region: str | None, profile: str | None) -
         parameters={},
         environment={},
         unreachable_hint=f"is {resolved_region!r} a valid region, and is the network up?",
+        stack_name=name,
     )
     try:
         stacks = target.client("cloudformation").describe_stacks(StackName=name)["Stacks"]

@@ -1,4 +1,5 @@
-"""``show`` (one user, tokens redacted) and ``token`` (a valid access token, refreshed under the lease if needed)."""
+"""``show`` (one user, tokens redacted; ``--upstream``: also as the upstream sees it) and ``token`` (a valid access
+token, refreshed under the lease if needed)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Final
+from uuid import UUID
 
 from boto3.dynamodb.types import TypeDeserializer
 from rich.table import Table
@@ -19,10 +21,18 @@ from telematics_cli.target import Target, secure_user_service_url
 from telematics_reg.budget import DynamoLoginBudget
 from telematics_reg.credentials import CredentialsConfigError, SecretsManagerCredentials
 from telematics_reg.errors import TelematicsError
+from telematics_reg.lifecycle.admin import (
+    AdminCredentialsError,
+    AdminSessionUnavailableError,
+    DynamoAdminSessionStore,
+    FleetAdminSession,
+    SecretsManagerAdminCredentials,
+)
 from telematics_reg.observability import logger
 from telematics_reg.outcomes import EventBridgePublisher
 from telematics_reg.refresh import RefreshOutcome, TokenRefresher, TokenUnavailableError
 from telematics_reg.store import DynamoTokenStore, client_key, user_pk
+from telematics_reg.timing import LeaseTiming, longest_call_seconds
 from telematics_reg.upstream import UserServiceClient
 
 _deserializer = TypeDeserializer()
@@ -97,8 +107,11 @@ def user_view(item: dict[str, Any], *, reveal: bool, now: float) -> dict[str, An
     return view
 
 
-def run_show(target: Target, ref: UserRef, *, reveal: bool, as_json: bool) -> int:
+def run_show(target: Target, ref: UserRef, *, reveal: bool, as_json: bool, upstream: TokenOptions | None = None) -> int:
+    """``show``: the stored user; with ``upstream`` (its options), also the user as the upstream's find sees it."""
     item = find_user(target, ref)
+    if upstream is not None:
+        return _show_with_upstream(target, ref, item, upstream, reveal=reveal, as_json=as_json)
     if item is None:
         raise DataError(f"no user with {ref.describe()} in {target.output('TokensTableName')}")
     now = time.time()
@@ -106,6 +119,13 @@ def run_show(target: Target, ref: UserRef, *, reveal: bool, as_json: bool) -> in
     if as_json:
         output.print_json(view)
         return EXIT_OK
+    _print_stored(item, view, now)
+    if not reveal and any(k in item for k in _TOKEN_ATTRIBUTES):
+        output.stderr().print("tokens redacted (--reveal-tokens shows them)")
+    return EXIT_OK
+
+
+def _print_stored(item: dict[str, Any], view: dict[str, Any], now: float) -> None:
     table = Table(title=f"User {item.get('DeviceToken', '')}", title_justify="left", show_header=False)
     table.add_column("attribute", style="bold")
     table.add_column("value", overflow="fold")
@@ -114,15 +134,120 @@ def run_show(target: Target, ref: UserRef, *, reveal: bool, as_json: bool) -> in
             continue
         text = output.when(value, now) if key in _TIME_ATTRIBUTES and isinstance(value, int) else str(value)
         if key == "Status":
-            style = {"ACTIVE": "green", "NEEDS_RELOGIN": "red", "PENDING": "yellow"}.get(str(value), "")
+            style = {"ACTIVE": "green", "NEEDS_RELOGIN": "red", "PENDING": "yellow", "DELETED": "red"}.get(
+                str(value), ""
+            )
             text = f"[{style}]{text}[/{style}]" if style else text
         else:
             text = output.escape(text)
         table.add_row(key, text)
     output.stdout().print(table)
-    if not reveal and any(k in item for k in _TOKEN_ATTRIBUTES):
-        output.stderr().print("tokens redacted (--reveal-tokens shows them)")
-    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------- show --upstream
+
+
+def build_admin_session(target: Target, options: TokenOptions) -> tuple[FleetAdminSession, UserServiceClient]:
+    """The fleet's one admin session (the JWT and refresh token stored in the tokens table, renewed under its lease,
+    Login only when no live refresh token exists and within the fleet's Login budget), as the lifecycle function
+    uses it: this tool never starts a session of its own."""
+    secret = target.setting("ADMIN_CREDENTIALS_SECRET_ARN", "AdminCredentialsSecretArn")
+    if not secret:
+        raise CliError(
+            f"no admin credentials secret in {target.description} (template parameter AdminCredentialsSecretArn)"
+        )
+    client = build_user_service(target, options)
+    store = DynamoTokenStore(
+        target.client("dynamodb"),
+        table_name=target.output("TokensTableName"),
+        shards=target.int_setting("REFRESH_SHARDS", "RefreshIndexShards", 8),
+    )
+    admin = FleetAdminSession(
+        upstream=client,
+        store=DynamoAdminSessionStore(store),
+        credentials=SecretsManagerAdminCredentials(secret, max_age=300, client=target.client("secretsmanager")),
+    )
+    return admin, client
+
+
+def find_upstream(target: Target, ref: UserRef, item: dict[str, Any] | None, options: TokenOptions) -> list[Any]:
+    """The user as the upstream's find returns it: by DeviceToken (the stored one, or ``--device-token``), else by
+    ClientId (across every instance of the company)."""
+    device_token = str(item["DeviceToken"]) if item and item.get("DeviceToken") else ref.device_token
+    try:
+        wanted = UUID(device_token) if device_token else None
+    except ValueError:
+        raise CliError(f"--device-token {device_token!r} is not a UUID") from None
+    with _library_logs_on_stderr(options.verbose):
+        admin, client = build_admin_session(target, options)
+        try:
+            if wanted is not None:
+                return list(admin.call(lambda token: client.find_users(token, device_token=wanted)))
+            return list(admin.call(lambda token: client.find_users(token, client_id=ref.client_id)))
+        except AdminCredentialsError as exc:
+            raise CliError(f"admin credentials: {exc}") from None
+        except AdminSessionUnavailableError as exc:
+            raise DataError(f"no admin session now: {exc}") from None
+        except TelematicsError as exc:
+            raise DataError(f"find of {ref.describe()} failed upstream: {type(exc).__name__}: {exc}") from None
+
+
+def differences(item: dict[str, Any] | None, found: list[Any]) -> list[str]:
+    """Where the stored user and the upstream's disagree (ids and state only, never profile values)."""
+    if item is None:
+        return ["not in the table"] if found else []
+    erased = str(item.get("Status")) in ("DELETING", "DELETED")
+    if not found:
+        return [] if erased else ["not found upstream"]
+    notes: list[str] = []
+    if erased:
+        notes.append(f"{item.get('Status')} here, but the upstream still has it")
+    for user in found:
+        if item.get("InstanceId") and str(user.instance_id or "") != str(item["InstanceId"]):
+            notes.append(f"InstanceId upstream {user.instance_id}, stored {item['InstanceId']}")
+        if item.get("ClientId") and user.client_id != item["ClientId"]:
+            notes.append("ClientId upstream differs from the stored one")
+        if not erased and bool(item.get("Deactivated")) == user.active:
+            stored = "deactivated" if item.get("Deactivated") else "active"
+            notes.append(f"Status upstream {user.status}, stored {stored}")
+    return notes
+
+
+def _flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(value, dict):
+        return [pair for key, inner in value.items() for pair in _flatten(inner, f"{prefix}{key}.")]
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+        return _flatten(value[0], prefix)
+    return [(prefix.rstrip("."), value)]
+
+
+def _show_with_upstream(
+    target: Target, ref: UserRef, item: dict[str, Any] | None, options: TokenOptions, *, reveal: bool, as_json: bool
+) -> int:
+    found = find_upstream(target, ref, item, options)
+    now = time.time()
+    view = user_view(item, reveal=reveal, now=now) if item is not None else None
+    upstream = [user.model_dump(mode="json", by_alias=True, exclude_none=True) for user in found]
+    notes = differences(item, found)
+    if as_json:
+        output.print_json({"Stored": view, "Upstream": upstream, "Differences": notes})
+    else:
+        if item is not None and view is not None:
+            _print_stored(item, view, now)
+        else:
+            output.stdout().print(f"no user with {output.escape(ref.describe())} in the table")
+        if not upstream:
+            output.stdout().print("upstream: no such user (find)")
+        for user in upstream:
+            table = Table(title=f"Upstream {user.get('DeviceToken', '')}", title_justify="left", show_header=False)
+            table.add_column("attribute", style="bold")
+            table.add_column("value", overflow="fold")
+            for key, value in _flatten(user):
+                table.add_row(key, output.escape(str(value)))
+            output.stdout().print(table)
+        for note in notes:
+            output.warn(note)
+    return EXIT_OK if (item is not None or found) else EXIT_DATA
 
 
 # ------------------------------------------------------------------------------------------------------- token
@@ -153,12 +278,37 @@ def _library_logs_on_stderr(verbose: bool) -> Iterator[None]:
             handler.setStream(stream)
 
 
-def build_refresher(target: Target, options: TokenOptions) -> TokenRefresher:
-    """The read path's service, wired as the refresh worker is, to this target's resources."""
+_ATTEMPTS: Final = 3
+_MAX_RETRY_AFTER: Final = 30.0
+
+
+def build_user_service(target: Target, options: TokenOptions) -> UserServiceClient:
+    """The User Service client of the read path: its calls bounded, every Login within the fleet's Login budget and
+    block (a person's Login through this tool counts with the functions' Logins)."""
     url = options.user_service_url or target.setting("USER_SERVICE_URL", "UserServiceUrl")
     if not url:
         raise CliError(f"no User Service URL in {target.description}: give --user-service-url")
     url = secure_user_service_url(url)
+    login_budget = DynamoLoginBudget(
+        target.client("dynamodb"),
+        table_name=target.output("TokensTableName"),
+        per_minute=target.int_setting("LOGIN_BUDGET_PER_MINUTE", "LoginBudgetPerMinute", 3),
+        clock_skew_seconds=target.int_setting("CLOCK_SKEW_SECONDS", None, 10),
+        default_block_seconds=target.int_setting("LOGIN_BLOCK_SECONDS", None, 3600),
+    )
+    return UserServiceClient(
+        url,
+        max_attempts=_ATTEMPTS,
+        connect_timeout=3.05,
+        read_timeout=10.0,
+        max_retry_after=_MAX_RETRY_AFTER,
+        login_budget=login_budget,
+    )
+
+
+def build_refresher(target: Target, options: TokenOptions) -> TokenRefresher:
+    """The read path's service, wired as the refresh worker is, to this target's resources."""
+    upstream = build_user_service(target, options)
     secret = options.credentials_secret_arn or target.setting("CREDENTIALS_SECRET_ARN", "InstanceCredentialsSecretArn")
     if not secret:
         raise CliError(f"no credentials secret in {target.description}: give --credentials-secret-arn")
@@ -166,8 +316,21 @@ def build_refresher(target: Target, options: TokenOptions) -> TokenRefresher:
     dynamodb = target.client("dynamodb")
     shards = target.int_setting("REFRESH_SHARDS", "RefreshIndexShards", 8)
     bus = target.outputs.get("EventBusName") or target.setting("EVENT_BUS_NAME", "SignupEventBusName", "default")
+    # Unlike a function, this process is never cut off at a Timeout: only the lease's arithmetic keeps its calls
+    # from overlapping a worker's. Its own client bounds its calls; the skew allowed is the stack's.
+    call_seconds = longest_call_seconds(
+        max_attempts=_ATTEMPTS, connect_timeout=3.05, read_timeout=10.0, max_retry_after=_MAX_RETRY_AFTER
+    )
+    try:
+        timing = LeaseTiming(
+            lease_seconds=target.int_setting("REFRESH_LEASE_SECONDS", None, 180),
+            call_seconds=call_seconds,
+            clock_skew_seconds=target.int_setting("CLOCK_SKEW_SECONDS", None, 10),
+        )
+    except ValueError as exc:
+        raise CliError(f"{target.description}: {exc}") from None
     return TokenRefresher(
-        upstream=UserServiceClient(url, max_attempts=3),
+        upstream=upstream,
         store=DynamoTokenStore(dynamodb, table_name=table, shards=shards),
         credentials=SecretsManagerCredentials(secret, max_age=300, client=target.client("secretsmanager")),
         publisher=EventBridgePublisher(
@@ -175,13 +338,8 @@ def build_refresher(target: Target, options: TokenOptions) -> TokenRefresher:
             bus_name=str(bus),
             source=str(target.setting("OUTCOME_EVENT_SOURCE", None, "telematics.registration")),
         ),
-        budget=DynamoLoginBudget(
-            dynamodb,
-            table_name=table,
-            per_minute=target.int_setting("LOGIN_BUDGET_PER_MINUTE", "LoginBudgetPerMinute", 5),
-        ),
         margin_seconds=target.int_setting("REFRESH_MARGIN_SECONDS", "RefreshMarginSeconds", 900),
-        lease_seconds=target.int_setting("REFRESH_LEASE_SECONDS", None, 60),
+        timing=timing,
     )
 
 
@@ -234,9 +392,13 @@ def run_relogin(target: Target, ref: UserRef, options: TokenOptions) -> int:
         explanation = {
             RefreshOutcome.LOGGED_IN: "logged in: tokens stored, back in the refresh index",
             RefreshOutcome.FRESH: "not in NEEDS_RELOGIN: nothing to do",
-            RefreshOutcome.DEFERRED: "deferred: the Login budget is spent or the upstream is busy; try again later",
+            RefreshOutcome.DEFERRED: (
+                "deferred: the fleet's Login budget is spent, Login is blocked after a 429, or the upstream is busy "
+                "(see its LastError with show); try again later"
+            ),
             RefreshOutcome.NEEDS_RELOGIN: "Login failed again: still NEEDS_RELOGIN (see its LastError with show)",
             RefreshOutcome.LEASE_CONFLICT: "another worker holds the user right now; try again",
+            RefreshOutcome.LEASE_LOST: "the lease was taken over before the tokens were stored; try again",
         }.get(outcome, outcome.value)
         output.stderr().print(f"{ref.describe()}: {explanation}", markup=False)
     return EXIT_OK if ok else EXIT_DATA

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from telematics_reg.intake import MessageResult, RegistrationIntake
+from telematics_reg.intake import MessageResult, RegistrationIntake, event_time_ms
 from telematics_reg.observability import logger, metrics
 from telematics_reg.wiring import ColdStart, build_intake
 
@@ -26,6 +26,7 @@ def handle_signup(event: dict[str, Any], intake: RegistrationIntake) -> dict[str
         detail if isinstance(detail, dict) else str(detail),
         message_id=str(event.get("id", "")),
         source="signup",
+        occurred_at_ms=event_time_ms(event.get("time")),
     )
     return {"status": result.status, "deviceToken": result.device_token, "reason": result.reason}
 

@@ -17,7 +17,7 @@ from jwt.warnings import InsecureKeyLengthWarning
 from local.emulator.app import App
 from local.emulator.faults import FaultConfigError, FaultInjector
 from local.emulator.server import EmulatorServer
-from local.emulator.settings import Settings, SettingsError, instances_json, load_settings
+from local.emulator.settings import Settings, SettingsError, admin_json, instances_json, load_settings
 from local.emulator.state import EmulatorState, RuntimeConfig
 from local.emulator.tokens import TokenIssuer
 
@@ -27,7 +27,12 @@ HOST = "127.0.0.1"
 def build_server(settings: Settings) -> EmulatorServer:
     """The server bound to ``HOST:settings.port`` (not yet serving); raises :class:`FaultConfigError`."""
     issuer = TokenIssuer(settings.jwt_secret)
-    state = EmulatorState(settings.instances, issuer, RuntimeConfig(token_lifetime_s=settings.token_lifetime_s))
+    config = RuntimeConfig(
+        token_lifetime_s=settings.token_lifetime_s,
+        login_limit_per_minute=settings.login_limit_per_minute,
+        login_block_s=settings.login_block_s,
+    )
+    state = EmulatorState(settings.instances, issuer, config, settings.admin)
     faults = FaultInjector(settings.faults)
     return EmulatorServer((HOST, settings.port), App(state, faults, issuer), verbose=settings.verbose)
 
@@ -69,6 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Inside the try: a parent may stop us as soon as it reads the "listening" line.
         if settings.instances_generated:
             print("instances: " + json.dumps(instances_json(settings.instances)), flush=True)
+        if settings.admin_generated:
+            print("admin: " + json.dumps(admin_json(settings.admin)), flush=True)
+        print(settings.login_limit_line(), flush=True)
         print(f"listening on http://{HOST}:{server.port}", flush=True)
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:

@@ -70,14 +70,23 @@ class AdminApi:
         body = _object(request)
         changes: dict[str, Any] = {}
         errors: list[FieldError] = []
-        for key in sorted(set(body) - {"token_lifetime_s", "create_many_enabled", "refresh_paths"}):
+        known = {"token_lifetime_s", "create_many_enabled", "refresh_paths", "login_limit_per_minute", "login_block_s"}
+        for key in sorted(set(body) - known):
             errors.append(FieldError(key, "unknown config setting"))
         if "token_lifetime_s" in body:
             lifetime = body["token_lifetime_s"]
-            if isinstance(lifetime, bool) or not isinstance(lifetime, int) or lifetime < 1:
-                errors.append(FieldError("token_lifetime_s", "must be an integer >= 1"))
+            valid = lifetime is None or (isinstance(lifetime, int) and not isinstance(lifetime, bool) and lifetime >= 1)
+            if not valid:
+                errors.append(FieldError("token_lifetime_s", "must be an integer >= 1, or null: the documented ones"))
             else:
                 changes["token_lifetime_s"] = lifetime
+        for key, low in (("login_limit_per_minute", 0), ("login_block_s", 1)):
+            if key in body:
+                value = body[key]
+                if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                    errors.append(FieldError(key, f"must be an integer >= {low}"))
+                else:
+                    changes[key] = value
         if "create_many_enabled" in body:
             if not isinstance(body["create_many_enabled"], bool):
                 errors.append(FieldError("create_many_enabled", "must be true or false"))

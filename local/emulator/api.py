@@ -8,9 +8,9 @@ from typing import Any
 import jwt
 
 from local.emulator.messages import ApiError, FieldError, Reply, Request, envelope
-from local.emulator.schema import CREATE_FIELDS, CREATE_MANY_FIELDS, UPDATE_FIELDS, bind, fold_keys
+from local.emulator.schema import CREATE_FIELDS, CREATE_MANY_FIELDS, bind, fold_keys
 from local.emulator.state import EmulatorState, Instance, NewUser, normalize_device_token
-from local.emulator.tokens import TokenIssuer
+from local.emulator.tokens import TokenIssuer, is_admin
 
 
 def _object_body(request: Request) -> dict[str, Any]:
@@ -38,19 +38,6 @@ class PublicApi:
 
     def _instance(self, request: Request) -> Instance:
         return self._state.authenticate(request.header("InstanceId"), request.header("InstanceKey"))
-
-    def _bearer_claims(self, request: Request) -> dict[str, Any]:
-        """Claims of a valid, unexpired ``Authorization: Bearer`` JWT signed by us; 401 otherwise."""
-        header = request.header("Authorization") or ""
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise ApiError.single(401, "Authorization", "A Bearer access token is required")
-        try:
-            return self._issuer.decode(token.strip(), verify_exp=True)
-        except jwt.ExpiredSignatureError:
-            raise ApiError.single(401, "Authorization", "The access token has expired") from None
-        except jwt.PyJWTError:
-            raise ApiError.single(401, "Authorization", "The access token is invalid") from None
 
     # ------------------------------------------------------------------ registration
 
@@ -96,26 +83,34 @@ class PublicApi:
             claims = self._issuer.decode(body["accesstoken"], verify_exp=False)
         except jwt.PyJWTError:
             raise ApiError.single(400, "AccessToken", "The access token is not valid") from None
+        if is_admin(claims):
+            return envelope(200, self._state.admin_refresh(body["refreshtoken"]))
         return envelope(200, self._state.refresh(claims, body["refreshtoken"]))
 
     def login(self, request: Request) -> Reply:
+        """A user's Login (``LoginFields`` ``{"Devicetoken"}``, the InstanceKey as password, ``InstanceId``
+        header) or the admin's (``LoginFields`` ``{"email"}``, the admin password, no instance header)."""
         try:
             body = _object_body(request)
-            device_token = self._login_device_token(body)
+            fields = self._login_fields(body)
         except ApiError:
             self._state.count_failed_login()
             raise
         password = body.get("password")
-        result = self._state.login(
-            request.header("InstanceId"),
-            password if isinstance(password, str) else None,
-            normalize_device_token(device_token),
-        )
+        password = password if isinstance(password, str) else None
+        email = fields.get("email")
+        if isinstance(email, str) and email:
+            return envelope(200, self._state.admin_login(email, password))
+        device_token = fields.get("devicetoken")
+        if not isinstance(device_token, str) or not device_token:
+            self._state.count_failed_login()
+            raise ApiError.single(400, "LoginFields.DeviceToken", "The DeviceToken (or an admin's email) is required.")
+        result = self._state.login(request.header("InstanceId"), password, normalize_device_token(device_token))
         return envelope(200, result)
 
     @staticmethod
-    def _login_device_token(body: dict[str, Any]) -> str:
-        """The DeviceToken inside ``LoginFields`` (a JSON string, or an object), keys case-insensitive."""
+    def _login_fields(body: dict[str, Any]) -> dict[str, Any]:
+        """``LoginFields`` (a JSON string, or an object) with its keys lower-cased."""
         fields = body.get("loginfields")
         if isinstance(fields, str):
             try:
@@ -124,10 +119,7 @@ class PublicApi:
                 raise ApiError.single(400, "LoginFields", "LoginFields is not valid JSON") from None
         if not isinstance(fields, dict):
             raise ApiError.single(400, "LoginFields", "LoginFields must be an object or a JSON string of one")
-        device_token = fields.get("devicetoken")
-        if not isinstance(device_token, str) or not device_token:
-            raise ApiError.single(400, "LoginFields.DeviceToken", "The DeviceToken field is required.")
-        return device_token
+        return fields
 
     # ------------------------------------------------------------------ users
 
@@ -138,15 +130,3 @@ class PublicApi:
             raise ApiError.single(400, "ClientId", "One of ClientId, Email or Phone is required")
         exists = self._state.user_exists(instance, client_id=client_id, email=email, phone=phone)
         return envelope(200, {"UserExists": exists})
-
-    def update_user(self, request: Request) -> Reply:
-        claims = self._bearer_claims(request)
-        changes = _bind_or_422(_object_body(request), UPDATE_FIELDS)
-        self._state.update(claims["DeviceToken"], changes)
-        return envelope(200)
-
-    def delete_user(self, request: Request) -> Reply:
-        claims = self._bearer_claims(request)
-        (device_token,) = request.path_params
-        self._state.delete(claims["InstanceId"], normalize_device_token(device_token))
-        return envelope(200)

@@ -14,9 +14,10 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from local.emulator.admin import AdminApi, AdminError
 from local.emulator.api import PublicApi
 from local.emulator.faults import DROP_AFTER_COMMIT, ERROR, HANG, NO_FAULT, RATE_LIMIT, FaultInjector
+from local.emulator.management import ManagementApi
 from local.emulator.messages import ApiError, FieldError, Reply, Request, error_envelope
 from local.emulator.schema import fold_keys
-from local.emulator.state import EmulatorState
+from local.emulator.state import MANAGEMENT_CALLS, EmulatorState
 from local.emulator.tokens import TokenIssuer
 
 Handler = Callable[[Request], Reply]
@@ -29,7 +30,7 @@ class Route:
     segments: tuple[str, ...]
     handler: Handler
     call: str | None = None
-    """The fault class of the route (``create``, ``create_many``, ``refresh``, ``login``), if faultable."""
+    """The fault class of the route (one of :data:`local.emulator.faults.CALLS`), if faultable."""
     enabled: Callable[[], bool] | None = None
     """When it returns False the route answers 404 (switched off by config)."""
     admin: bool = False
@@ -66,6 +67,7 @@ class App:
         self.state = state
         self.faults = faults
         public = PublicApi(state, issuer)
+        management = ManagementApi(state, issuer)
         admin = AdminApi(state, faults)
 
         def refresh_enabled(kind: str) -> Callable[[], bool]:
@@ -92,8 +94,15 @@ class App:
             public_route("POST", "/v1/RefreshToken", public.refresh, call="refresh", enabled=refresh_enabled("spec")),
             public_route("POST", "/v1/Auth/Login", public.login, call="login"),
             public_route("GET", "/v1/Check/UserExists", public.user_exists),
-            public_route("PUT", "/v1/Management/users", public.update_user),
-            public_route("DELETE", "/v1/Management/users/{}", public.delete_user),
+            public_route("GET", "/v1/Management/users/find", management.find, call="find"),
+            public_route(
+                "POST", "/v1/Management/users/GetFilteredPage", management.get_filtered_page, call="get_filtered_page"
+            ),
+            public_route("PUT", "/v1/Management/users", management.update, call="update"),
+            public_route("DELETE", "/v1/Management/users/{}", management.delete, call="delete"),
+            public_route(
+                "POST", "/v1/Management/users/instances/change", management.change_instance, call="change_instance"
+            ),
             admin_route("GET", "/health", admin.health),
             admin_route("GET", "/counters", admin.counters),
             admin_route("POST", "/reset", admin.reset),
@@ -114,6 +123,7 @@ class App:
         headers: Mapping[str, str],
         body: bytes,
         client_gone: Callable[[], bool] = lambda: False,
+        client_address: str = "127.0.0.1",
     ) -> Outcome:
         url = urlsplit(target)
         segments = _segments(url.path)
@@ -143,6 +153,16 @@ class App:
         )
         if route.admin:
             return Outcome(self._run_admin(route, request))
+        if route.call == "login" and (refusal := self.state.admit_login(client_address)) is not None:
+            # Before faults, as the vendor's limiter stands in front of its service: a refused Login did nothing.
+            error = ApiError(
+                429,
+                [FieldError("Login", f"Too many Login calls from this address: blocked for {refusal.retry_after_s} s")],
+                headers={"Retry-After": str(refusal.retry_after_s)},
+            )
+            return Outcome(error_envelope(error))
+        if route.call in MANAGEMENT_CALLS:
+            self.state.count_management(route.call)  # every call received, faulted or not
         self.state.enter_call()
         try:
             return self._run_public(route, request, client_gone)

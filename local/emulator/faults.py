@@ -1,8 +1,8 @@
 """Fault injection: latency, 5xx, 429, hangs and "commit then drop the answer", by rate or by script.
 
 Configured as a whole at start (``EMULATOR_FAULTS``) and patched at run time (``PUT /_emulator/faults``)
-with the same JSON shape; keys left out keep their value. Faults apply only to the four upstream calls
-named in ``calls``; the admin API is never faulted.
+with the same JSON shape; keys left out keep their value. Faults apply only to the upstream calls named in
+``calls`` (registration, tokens and the User Management API); the admin API is never faulted.
 """
 
 from __future__ import annotations
@@ -16,7 +16,18 @@ from typing import Any
 
 from local.emulator.messages import FieldError
 
-CALLS = ("create", "create_many", "refresh", "login")
+CALLS = (
+    "create",
+    "create_many",
+    "refresh",
+    "login",
+    # the User Management API
+    "find",
+    "get_filtered_page",
+    "update",
+    "delete",
+    "change_instance",
+)
 ERROR = "error"
 RATE_LIMIT = "rate_limit"
 HANG = "hang"
@@ -34,7 +45,7 @@ class FaultConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ScriptedFault:
-    """A one-shot fault for the next call named ``call`` (any of the four when ``None``)."""
+    """A one-shot fault for the next call named ``call`` (any call when ``None``)."""
 
     fault: str
     call: str | None = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from local.emulator.messages import FieldError
@@ -155,8 +155,35 @@ def bind(body: Mapping[str, Any], fields: Sequence[Field], prefix: str = "") -> 
     return values, errors
 
 
+def list_of(item: Converter) -> Converter:
+    """A JSON array whose items each pass ``item``."""
+
+    def convert(value: Any) -> list[Any]:
+        if not isinstance(value, list):
+            raise InvalidValue("must be an array")
+        try:
+            return [item(entry) for entry in value]
+        except InvalidValue as exc:
+            raise InvalidValue(f"every item {exc}") from None
+
+    return convert
+
+
+def as_utc_datetime(value: Any) -> datetime:
+    """An ISO 8601 date or date-time as an aware UTC datetime (no zone given: UTC; a date: its midnight)."""
+    if not isinstance(value, str):
+        raise InvalidValue("must be an ISO 8601 date or date-time string")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidValue("must be an ISO 8601 date or date-time") from None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
 GENDERS = ("None", "Male", "Female", "Other")
 STATUSES = ("Active", "Deactivated")
+#: ``Status`` as the management API's PUT writes it (``Deleted`` is a soft state; DELETE is the hard one).
+WRITE_STATUSES = ("Active", "Deactivated", "Deleted")
 
 TELEMATICS_FLAGS = (
     Field("EnableTracking", as_bool),
@@ -187,14 +214,10 @@ PROFILE_FIELDS: tuple[Field, ...] = (
     Field("ChildrenCount", as_non_negative_int),
 )
 
-UPDATE_FIELDS: tuple[Field, ...] = (
+CREATE_FIELDS: tuple[Field, ...] = (
     *PROFILE_FIELDS,
     Field("Status", one_of(*STATUSES)),
     Field("UserFields", nested=USER_FIELDS),
-)
-
-CREATE_FIELDS: tuple[Field, ...] = (
-    *UPDATE_FIELDS,
     Field("CreateAccessToken", as_bool),
     Field("CustomToken", as_uuid),
     Field("InstanceInviteCode", as_str),
@@ -209,3 +232,67 @@ CREATE_MANY_FIELDS: tuple[Field, ...] = (
 )
 
 PROFILE_NAMES = frozenset(spec.name for spec in PROFILE_FIELDS)
+
+# The management API's PUT body (``UpdateUserCommandDataContractBody`` in user-management-api.md): the profile
+# without ImageUrl (it takes ExternalImageUrl), the identity fields, the written Status, and the flags.
+UPDATE_FIELDS: tuple[Field, ...] = (
+    *(spec for spec in PROFILE_FIELDS if spec.name != "ImageUrl"),
+    Field("ExternalImageUrl", as_str),
+    Field("Status", one_of(*WRITE_STATUSES)),
+    Field("OldPassword", as_str),
+    Field("NewPassword", as_str),
+    Field("IdentityId", as_str),
+    Field("IdentityProvider", as_str),
+    Field("UserFields", nested=USER_FIELDS),
+)
+
+#: ``Sort`` of GetFilteredPage (registration-api.md, ``UserSort``): each field ascending, and ``...Desc``.
+SORT_FIELDS = (
+    "DeviceToken",
+    "FirstName",
+    "LastName",
+    "Nickname",
+    "Phone",
+    "Email",
+    "Gender",
+    "Birthday",
+    "MaritalStatus",
+    "ChildrenCount",
+    "Country",
+    "District",
+    "City",
+    "DateCreated",
+    "ActivityStatus",
+)
+SORTS = tuple(name + suffix for name in SORT_FIELDS for suffix in ("", "Desc"))
+ACTIVITY_STATUSES = ("Active", "Inactive", "Lost", "NoData", "Error")
+MAX_PAGE_SIZE = 1000
+
+PAGE_FIELDS: tuple[Field, ...] = (
+    Field("CompanyIds", list_of(as_uuid)),
+    Field("ApplicationIds", list_of(as_uuid)),
+    Field("InstanceIds", list_of(as_uuid)),
+    Field("PageNumber", int_between(1, 1_000_000)),
+    Field("PageSize", int_between(1, MAX_PAGE_SIZE)),
+    Field("IncludeAccountInfo", as_bool),
+    Field("SearchTerm", as_str),
+    Field("Sort", enum_of(*SORTS)),
+    Field("ActivityStatuses", list_of(one_of(*ACTIVITY_STATUSES))),
+    Field("DateCreatedFrom", as_utc_datetime),
+    Field("DateCreatedTo", as_utc_datetime),
+    Field("Country", as_str),
+    Field("City", as_str),
+    Field("ShowInactiveUsers", as_bool),
+    Field("RtdEnabled", as_bool),
+    # The other documented body (user-management-api.md): "Pagination": {"Page", "PageSize"}.
+    Field(
+        "Pagination",
+        nested=(Field("Page", int_between(1, 1_000_000)), Field("PageSize", int_between(1, MAX_PAGE_SIZE))),
+    ),
+)
+
+CHANGE_INSTANCE_FIELDS: tuple[Field, ...] = (
+    Field("DeviceToken", as_uuid, required=True),
+    Field("ToInstanceId", as_uuid, required=True),
+    Field("ToInstanceKey", as_str, required=True),
+)

@@ -66,7 +66,12 @@ class EmulatorRequestHandler(BaseHTTPRequestHandler):
             self._send(Reply(exc.status, {"Result": None, "Status": exc.status, "Title": str(exc), "Errors": []}))
             return
         outcome = self.emulator.app.handle(
-            self.command, self.path, dict(self.headers.items()), body, client_gone=self._client_gone
+            self.command,
+            self.path,
+            dict(self.headers.items()),
+            body,
+            client_gone=self._client_gone,
+            client_address=str(self.client_address[0]),
         )
         if outcome.drop or outcome.reply is None:
             self._drop()

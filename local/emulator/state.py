@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import secrets
 import threading
 import time
 import uuid
@@ -18,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from local.emulator.faults import FAULT_KINDS
+from local.emulator.login_limit import VENDOR_BLOCK_S, VENDOR_LIMIT_PER_MINUTE, LoginLimiter, Refusal
 from local.emulator.messages import ApiError
 from local.emulator.tokens import TokenIssuer, new_refresh_token
 
@@ -30,9 +32,14 @@ USER_FIELD_DEFAULTS: Mapping[str, Any] = {
 }
 REFRESH_PATHS = ("observed", "spec")
 #: Why a refresh token was rejected: it was revoked (``POST /_emulator/revoke``), it was already spent (rotated by a
-#: Refresh or a Login: presenting it again means a client lost track of its newest pair, or two clients raced), or the
-#: emulator never issued it.
-REJECTION_CAUSES = ("revoked", "spent", "unknown")
+#: Refresh or a Login: presenting it again means a client lost track of its newest pair, or two clients raced), its
+#: user was deleted (``DELETE /v1/Management/users/{DeviceToken}``), or the emulator never issued it.
+REJECTION_CAUSES = ("revoked", "spent", "deleted", "unknown")
+#: Access-token lifetimes the vendor documents (registration-api.md, admin-auth.md), seconds; ``token_lifetime_s``
+#: in the run-time config overrides them all.
+DOCUMENTED_LIFETIMES_S: Mapping[str, int] = {"create": 432_000, "login": 86_400, "refresh": 86_400, "admin": 86_400}
+#: The management calls, as counted in ``management_calls`` and named in the faults' ``calls``.
+MANAGEMENT_CALLS = ("find", "get_filtered_page", "update", "delete", "change_instance")
 
 
 @dataclass(frozen=True)
@@ -44,20 +51,49 @@ class Instance:
     instance_key: str
 
     def key_matches(self, key: str | None) -> bool:
-        return key is not None and key.strip().lower() == self.instance_key.lower()
+        # ``key`` is the header as parsed (surrounding whitespace is not part of a header value on the wire); the
+        # configured key is compared as given, so a malformed one never authenticates anyone.
+        return key is not None and key.lower() == self.instance_key.lower()
+
+
+@dataclass(frozen=True)
+class AdminAccount:
+    """The company's admin API credentials (the vendor's console: Admin Credentials); it manages every instance."""
+
+    email: str
+    password: str
+
+    def matches(self, email: str | None, password: str | None) -> bool:
+        # E-mail addresses compare case-insensitively; the password exactly (and in constant time).
+        return (
+            email is not None
+            and password is not None
+            and email.strip().lower() == self.email.lower()
+            and secrets.compare_digest(password.encode(), self.password.encode())
+        )
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    token_lifetime_s: int = 7200
+    token_lifetime_s: int | None = None
+    """None: the documented lifetimes (:data:`DOCUMENTED_LIFETIMES_S`); a number overrides them all."""
     create_many_enabled: bool = True
     refresh_paths: frozenset[str] = frozenset(REFRESH_PATHS)
+    login_limit_per_minute: int = VENDOR_LIMIT_PER_MINUTE
+    """Login calls a minute per source address before the block (0: no limit)."""
+    login_block_s: int = VENDOR_BLOCK_S
+
+    def lifetime(self, kind: str) -> int:
+        return self.token_lifetime_s if self.token_lifetime_s is not None else DOCUMENTED_LIFETIMES_S[kind]
 
     def as_json(self) -> dict[str, Any]:
         return {
             "token_lifetime_s": self.token_lifetime_s,
+            "token_lifetimes_s": {kind: self.lifetime(kind) for kind in DOCUMENTED_LIFETIMES_S},
             "create_many_enabled": self.create_many_enabled,
             "refresh_paths": [path for path in REFRESH_PATHS if path in self.refresh_paths],
+            "login_limit_per_minute": self.login_limit_per_minute,
+            "login_block_s": self.login_block_s,
         }
 
 
@@ -109,10 +145,15 @@ class Counters:
     refreshes: int = 0
     logins: int = 0
     failed_logins: int = 0
+    admin_logins: int = 0
+    failed_admin_logins: int = 0
+    admin_refreshes: int = 0
     rejected_refresh_tokens: int = 0
     rejected_by_cause: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REJECTION_CAUSES, 0))
+    management_calls: dict[str, int] = field(default_factory=lambda: dict.fromkeys(MANAGEMENT_CALLS, 0))
     updates: int = 0
     deletes: int = 0
+    instance_changes: int = 0
     requests_total: int = 0
     faults_served: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAULT_KINDS, 0))
 
@@ -128,6 +169,18 @@ class NewUser:
     create_access_token: bool = True
 
 
+@dataclass(frozen=True)
+class UserView:
+    """A copy of one user, read outside the lock (the management API renders these)."""
+
+    device_token: str
+    instance_id: str
+    profile: Mapping[str, Any]
+    user_fields: Mapping[str, Any]
+    status: str
+    created_at: float
+
+
 def _user_not_found() -> ApiError:
     return ApiError.single(404, "DeviceToken", "User not found")
 
@@ -135,10 +188,16 @@ def _user_not_found() -> ApiError:
 class EmulatorState:
     """Users, tokens and counters of all instances, behind one lock."""
 
-    def __init__(self, instances: Sequence[Instance], issuer: TokenIssuer, config: RuntimeConfig) -> None:
+    def __init__(
+        self, instances: Sequence[Instance], issuer: TokenIssuer, config: RuntimeConfig, admin: AdminAccount
+    ) -> None:
         self._lock = threading.Lock()
         self._issuer = issuer
+        self.admin_account = admin
         self._instances = {instance.instance_id.lower(): instance for instance in instances}
+        # The admin's live refresh tokens (each Login starts a session; each Refresh rotates that session's token).
+        self._admin_refresh_tokens: set[str] = set()
+        self.login_limiter = LoginLimiter()
         self._initial_config = config
         self._config = config
         self._users: dict[str, User] = {}
@@ -208,11 +267,19 @@ class EmulatorState:
                 "refreshes": counters.refreshes,
                 "logins": counters.logins,
                 "failed_logins": counters.failed_logins,
+                "admin_logins": counters.admin_logins,
+                "failed_admin_logins": counters.failed_admin_logins,
+                "admin_refreshes": counters.admin_refreshes,
+                "logins_refused_by_limit": self.login_limiter.refused,
+                "login_blocks_begun": self.login_limiter.blocks_begun,
+                "login_blocked_addresses": self.login_limiter.blocked_addresses(),
                 "rejected_refresh_tokens": counters.rejected_refresh_tokens,
                 "rejected_refresh_tokens_by_cause": dict(counters.rejected_by_cause),
                 "in_flight_peak": self._in_flight_peak,
+                "management_calls": dict(counters.management_calls),
                 "updates": counters.updates,
                 "deletes": counters.deletes,
+                "instance_changes": counters.instance_changes,
                 "faults_served": dict(counters.faults_served),
                 "requests_total": counters.requests_total,
             }
@@ -228,10 +295,12 @@ class EmulatorState:
             return self._config
 
     def reset(self) -> None:
-        """Forget users, tokens and counters; the run-time config returns to its start values."""
+        """Forget users, tokens and counters, lift Login blocks; the run-time config returns to its start values."""
+        self.login_limiter.reset()
         with self._lock:
             self._users.clear()
             self._refresh_tokens.clear()
+            self._admin_refresh_tokens.clear()
             self._retired_tokens.clear()
             self._in_flight_peak = self._in_flight
             self._users_by_instance.clear()
@@ -241,14 +310,12 @@ class EmulatorState:
 
     # ----------------------------------------------------------------- internals (lock held)
 
-    def _issue(self, user: User) -> dict[str, Any]:
-        """A new token pair for ``user``; its previous refresh token stops working."""
+    def _issue(self, user: User, kind: str) -> dict[str, Any]:
+        """A new token pair for ``user`` (``kind``: which call, for the lifetime); the previous refresh token dies."""
         if user.refresh_token is not None:
             self._refresh_tokens.pop(user.refresh_token, None)
             self._retired_tokens[user.refresh_token] = ("spent", user.device_token)
-        token, expires_in = self._issuer.access_token(
-            user.device_token, user.instance_id, self._config.token_lifetime_s
-        )
+        token, expires_in = self._issuer.access_token(user.device_token, user.instance_id, self._config.lifetime(kind))
         refresh_token = new_refresh_token()
         user.refresh_token = refresh_token
         user.tokens_issued += 1
@@ -269,6 +336,7 @@ class EmulatorState:
         del self._users[user.device_token]
         if user.refresh_token is not None:
             self._refresh_tokens.pop(user.refresh_token, None)
+            self._retired_tokens[user.refresh_token] = ("deleted", user.device_token)
         self._users_by_instance[user.instance_id] -= 1
         if user.client_id is not None:
             self._users_by_client[(user.instance_id, user.client_id)] -= 1
@@ -295,7 +363,7 @@ class EmulatorState:
                 raise ApiError.single(422, "CustomToken", "A user with this DeviceToken already exists")
             self._insert(user)
             self._counters.creates += 1
-            return self._issue(user) if new.create_access_token else self._without_tokens(device_token)
+            return self._issue(user, "create") if new.create_access_token else self._without_tokens(device_token)
 
     def create_many(
         self, instance: Instance, quantity: int, create_access_token: bool, custom_fields: Mapping[str, Any]
@@ -314,7 +382,9 @@ class EmulatorState:
                     source="create_many",
                 )
                 self._insert(user)
-                results.append(self._issue(user) if create_access_token else self._without_tokens(user.device_token))
+                results.append(
+                    self._issue(user, "create") if create_access_token else self._without_tokens(user.device_token)
+                )
             self._counters.create_many_calls += 1
             self._counters.create_many_users += quantity
         return results
@@ -335,7 +405,7 @@ class EmulatorState:
             user = self._users[device_token]
             user.refreshes += 1
             self._counters.refreshes += 1
-            return self._issue(user)
+            return self._issue(user, "refresh")
 
     def login(self, instance_id: str | None, password: str | None, device_token: str) -> dict[str, Any]:
         instance = self.instance(instance_id)
@@ -352,7 +422,7 @@ class EmulatorState:
                 raise ApiError.single(401, "DeviceToken", "Login is disabled for this user")
             user.logins += 1
             self._counters.logins += 1
-            return self._issue(user)
+            return self._issue(user, "login")
 
     def count_failed_login(self) -> None:
         with self._lock:
@@ -374,8 +444,64 @@ class EmulatorState:
                     return True
             return False
 
+    # ----------------------------------------------------------------- the admin account
+
+    def admit_login(self, address: str) -> Refusal | None:
+        """The Login limit for one Login call from ``address`` (see :mod:`local.emulator.login_limit`)."""
+        config = self.config
+        return self.login_limiter.admit(address, config.login_limit_per_minute, config.login_block_s)
+
+    def _issue_admin(self, kind: str) -> dict[str, Any]:
+        token, expires_in = self._issuer.admin_access_token(self.admin_account.email, self._config.lifetime(kind))
+        refresh_token = new_refresh_token()
+        self._admin_refresh_tokens.add(refresh_token)
+        # As the vendor's admin Login answers (admin-auth.md): no DeviceToken.
+        return {"AccessToken": {"Token": token, "ExpiresIn": expires_in}, "RefreshToken": refresh_token}
+
+    def admin_login(self, email: str | None, password: str | None) -> dict[str, Any]:
+        with self._lock:
+            if not self.admin_account.matches(email, password):
+                self._counters.failed_admin_logins += 1
+                raise ApiError.single(401, "Password", "Invalid e-mail or password")
+            self._counters.admin_logins += 1
+            return self._issue_admin("admin")
+
+    def admin_refresh(self, refresh_token: str) -> dict[str, Any]:
+        """Rotate an admin session's refresh token (single-use, like a user's); 400 when not live."""
+        with self._lock:
+            if refresh_token not in self._admin_refresh_tokens:
+                cause, _ = self._retired_tokens.get(refresh_token, ("unknown", ""))
+                self._counters.rejected_refresh_tokens += 1
+                self._counters.rejected_by_cause[cause] += 1
+                raise ApiError.single(400, "RefreshToken", "The refresh token is invalid, used or revoked")
+            self._admin_refresh_tokens.discard(refresh_token)
+            self._retired_tokens[refresh_token] = ("spent", "")
+            self._counters.admin_refreshes += 1
+            return self._issue_admin("admin")
+
+    # ----------------------------------------------------------------- the User Management API
+
+    def count_management(self, kind: str) -> None:
+        with self._lock:
+            self._counters.management_calls[kind] += 1
+
+    def users_view(self) -> list[UserView]:
+        """A consistent copy of every user (filtering, sorting and paging happen outside the lock)."""
+        with self._lock:
+            return [
+                UserView(
+                    device_token=user.device_token,
+                    instance_id=user.instance_id,
+                    profile=dict(user.profile),
+                    user_fields=dict(user.user_fields),
+                    status=user.status,
+                    created_at=user.created_at,
+                )
+                for user in self._users.values()
+            ]
+
     def update(self, device_token: str, changes: Mapping[str, Any]) -> None:
-        """Apply a validated update body (profile fields, ``Status``, ``UserFields`` merged by key)."""
+        """Apply a validated update body: only the given fields change (``UserFields`` merged by key)."""
         with self._lock:
             user = self._users.get(device_token)
             if user is None:
@@ -387,22 +513,45 @@ class EmulatorState:
                     user.user_fields.update(value)
                 elif name == "Status":
                     user.status = value
-                else:
+                elif name not in {"OldPassword", "NewPassword"}:
                     user.profile[name] = value
             if user.client_id is not None:
                 self._users_by_client[(user.instance_id, user.client_id)] += 1
             self._counters.updates += 1
 
-    def delete(self, instance_id: str, device_token: str) -> None:
-        """Delete a user of instance ``instance_id`` (the caller's token's instance)."""
+    def delete(self, device_token: str) -> None:
+        """Hard delete: the user, its refresh token (then rejected as ``deleted``) and its Login are gone."""
         with self._lock:
             user = self._users.get(device_token)
             if user is None:
                 raise _user_not_found()
-            if user.instance_id.lower() != instance_id.lower():
-                raise ApiError.single(403, "Authorization", "The token's instance does not own this user")
             self._remove(user)
             self._counters.deletes += 1
+
+    def change_instance(self, device_token: str, to_instance_id: str, to_instance_key: str) -> None:
+        """Move a user to another instance of the company, whose key the caller must know.
+
+        The user keeps its DeviceToken and its refresh token (the vendor is silent; its tokens are the user's, not
+        the instance's); from now on Login takes the new instance's id and key, and new tokens carry its id.
+        Moving a user to the instance it is in changes nothing and succeeds.
+        """
+        target = self.instance(to_instance_id)
+        if target is None:
+            raise ApiError.single(422, "ToInstanceId", "No such instance in this company")
+        if not target.key_matches(to_instance_key):
+            raise ApiError.single(422, "ToInstanceKey", "The key does not match the target instance")
+        with self._lock:
+            user = self._users.get(device_token)
+            if user is None:
+                raise _user_not_found()
+            if user.instance_id != target.instance_id:
+                self._users_by_instance[user.instance_id] -= 1
+                self._users_by_instance[target.instance_id] += 1
+                if user.client_id is not None:
+                    self._users_by_client[(user.instance_id, user.client_id)] -= 1
+                    self._users_by_client[(target.instance_id, user.client_id)] += 1
+                user.instance_id = target.instance_id
+            self._counters.instance_changes += 1
 
     # ----------------------------------------------------------------- admin
 

@@ -12,6 +12,10 @@ Example
 
 Each call starts a fresh process (``sys.executable -m local.emulator`` on a free port); nothing is shared
 between two emulators, so tests may run them side by side (pytest-xdist included).
+
+The Login limit is the vendor's unless the caller relaxes it, and then it must say why
+(``login_limit_reason`` / :meth:`EmulatorHandle.relax_login_limit`): every relaxation is recorded in
+:func:`login_limit_relaxations`, which the test suite prints in its summary and the scripts print in their output.
 """
 
 from __future__ import annotations
@@ -32,12 +36,42 @@ from typing import Any
 
 import requests
 
+from local.emulator.login_limit import VENDOR_BLOCK_S, VENDOR_LIMIT_PER_MINUTE
 from local.emulator.tokens import new_jwt_secret
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LISTENING = "listening on "
 INSTANCES = "instances: "
+ADMIN = "admin: "
+LOGIN_LIMIT = "login limit: "
 InstancesJson = dict[str, dict[str, str]]
+
+_relaxations: list[str] = []
+_relaxations_lock = threading.Lock()
+
+
+def is_laxer_than_the_vendor(per_minute: int | None, block_s: int | None) -> bool:
+    """Whether a Login limit lets through what the vendor's (5 a minute, then an hour's block) would refuse."""
+    limit = VENDOR_LIMIT_PER_MINUTE if per_minute is None else per_minute
+    block = VENDOR_BLOCK_S if block_s is None else block_s
+    return limit == 0 or limit > VENDOR_LIMIT_PER_MINUTE or block < VENDOR_BLOCK_S
+
+
+def _record_relaxation(per_minute: int | None, block_s: int | None, reason: str | None) -> None:
+    if not is_laxer_than_the_vendor(per_minute, block_s):
+        return
+    if not reason or not reason.strip():
+        raise ValueError("relaxing the emulator's Login limit below the vendor's needs a reason (it is reported)")
+    limit = "off" if per_minute == 0 else f"{per_minute if per_minute is not None else VENDOR_LIMIT_PER_MINUTE}/min"
+    block = f", block {block_s} s" if block_s is not None else ""
+    with _relaxations_lock:
+        _relaxations.append(f"Login limit {limit}{block}: {reason.strip()}")
+
+
+def login_limit_relaxations() -> list[str]:
+    """Every relaxation of the Login limit made in this process so far (what and why), oldest first."""
+    with _relaxations_lock:
+        return list(_relaxations)
 
 
 class EmulatorError(RuntimeError):
@@ -50,6 +84,10 @@ class EmulatorHandle:
 
     url: str
     instances: InstancesJson
+    admin_account: dict[str, str] | None = None
+    """The admin account ``{"Email", "Password"}`` (given at start, or the one the emulator generated)."""
+    login_limit_line: str = ""
+    """The emulator's own statement of its Login limit against the vendor's (printed at start)."""
     jwt_secret: str | None = None
     """The HS256 secret (set when started by :func:`running_emulator`), to verify tokens in tests."""
     process: subprocess.Popen[str] | None = None
@@ -79,6 +117,15 @@ class EmulatorHandle:
     def headers(self, alias: str = "default") -> dict[str, str]:
         """The ``InstanceId`` + ``InstanceKey`` headers of instance ``alias``."""
         return {"InstanceId": self.instance_id(alias), "InstanceKey": self.instance_key(alias)}
+
+    def admin_login_body(self) -> dict[str, str]:
+        """The documented admin Login body: ``LoginFields`` a JSON string of ``{"email"}``, ``Password``."""
+        if self.admin_account is None:
+            raise EmulatorError("the admin account of this emulator is not known")
+        return {
+            "LoginFields": json.dumps({"email": self.admin_account["Email"]}),
+            "Password": self.admin_account["Password"],
+        }
 
     def output(self) -> list[str]:
         """The last lines the process printed (stdout and stderr), for diagnosing a failure."""
@@ -139,8 +186,21 @@ class EmulatorHandle:
         return result
 
     def set_config(self, **config: Any) -> dict[str, Any]:
-        """Patch ``token_lifetime_s``, ``create_many_enabled``, ``refresh_paths``; returns the config."""
+        """Patch ``token_lifetime_s``, ``create_many_enabled``, ``refresh_paths``, ``login_limit_per_minute``,
+        ``login_block_s``; returns the config. A Login limit laxer than the vendor's goes through
+        :meth:`relax_login_limit`, which says why."""
+        if is_laxer_than_the_vendor(config.get("login_limit_per_minute"), config.get("login_block_s")):
+            raise ValueError("use relax_login_limit(..., why=...) to make the Login limit laxer than the vendor's")
         result: dict[str, Any] = self.admin("PUT", "/config", config)
+        return result
+
+    def relax_login_limit(self, per_minute: int, *, why: str, block_s: int | None = None) -> dict[str, Any]:
+        """Make the Login limit laxer than the vendor's (0: off) until the next :meth:`reset`, and record why."""
+        _record_relaxation(per_minute, block_s, why)
+        body: dict[str, Any] = {"login_limit_per_minute": per_minute}
+        if block_s is not None:
+            body["login_block_s"] = block_s
+        result: dict[str, Any] = self.admin("PUT", "/config", body)
         return result
 
     def revoke(self, device_tokens: list[str] | None = None, fraction: float | None = None) -> list[str]:
@@ -190,6 +250,8 @@ def _child_environment(
     faults: Mapping[str, Any] | None,
     jwt_secret: str,
     extra: Mapping[str, str] | None,
+    admin: Mapping[str, str] | None = None,
+    login_limit: tuple[int | None, int | None] = (None, None),
 ) -> dict[str, str]:
     env = {
         key: value
@@ -209,6 +271,13 @@ def _child_environment(
         env["EMULATOR_TOKEN_LIFETIME"] = str(token_lifetime)
     if faults is not None:
         env["EMULATOR_FAULTS"] = json.dumps(faults)
+    if admin is not None:
+        env["EMULATOR_ADMIN"] = json.dumps(dict(admin))
+    per_minute, block_s = login_limit
+    if per_minute is not None:
+        env["EMULATOR_LOGIN_LIMIT_PER_MINUTE"] = str(per_minute)
+    if block_s is not None:
+        env["EMULATOR_LOGIN_BLOCK_S"] = str(block_s)
     env.update(extra or {})
     return env
 
@@ -251,19 +320,28 @@ def running_emulator(
     env: Mapping[str, str] | None = None,
     verbose: bool = False,
     startup_timeout_s: float = 20.0,
+    admin: Mapping[str, str] | None = None,
+    login_limit_per_minute: int | None = None,
+    login_block_s: int | None = None,
+    login_limit_reason: str | None = None,
 ) -> Iterator[EmulatorHandle]:
     """Start ``python -m local.emulator`` on a free port; yield its handle; stop it on exit.
 
     ``instances`` is the credentials JSON (``{"default": {"InstanceId", "InstanceKey"}, ...}``); when
-    ``None`` the emulator generates a ``default`` instance and the handle reads it from its output.
-    ``token_lifetime`` (s) and ``faults`` (as ``PUT /_emulator/faults``) set the start values.
+    ``None`` the emulator generates a ``default`` instance and the handle reads it from its output; ``admin``
+    (``{"Email", "Password"}``) likewise. ``token_lifetime`` (s; default: the documented lifetimes) and
+    ``faults`` (as ``PUT /_emulator/faults``) set the start values. The Login limit is the vendor's unless
+    ``login_limit_per_minute`` (0: off) / ``login_block_s`` relax it, which needs ``login_limit_reason``.
     """
+    _record_relaxation(login_limit_per_minute, login_block_s, login_limit_reason)
     secret = jwt_secret or new_jwt_secret()
     command = [sys.executable, "-m", "local.emulator", *(["--verbose"] if verbose else [])]
     process = subprocess.Popen(
         command,
         cwd=REPO_ROOT,
-        env=_child_environment(instances, token_lifetime, faults, secret, env),
+        env=_child_environment(
+            instances, token_lifetime, faults, secret, env, admin, (login_limit_per_minute, login_block_s)
+        ),
         stdin=subprocess.PIPE,  # the emulator exits when this closes, even if we die without cleaning up
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -276,11 +354,19 @@ def running_emulator(
     pump.start()
     handle: EmulatorHandle | None = None
     try:
-        url, generated = _wait_for_start(startup, lines, startup_timeout_s)
+        start = _wait_for_start(startup, lines, startup_timeout_s)
         # Without ``instances`` the emulator prints the ones it generated, unless ``env`` gave it some
         # (EMULATOR_INSTANCES / EMULATOR_INSTANCES_FILE): then the caller knows them and may set them here.
-        known = instances if instances is not None else (generated or {})
-        handle = EmulatorHandle(url=url, instances=known, jwt_secret=secret, process=process, _output=lines)
+        known = instances if instances is not None else (start.instances or {})
+        handle = EmulatorHandle(
+            url=start.url,
+            instances=known,
+            admin_account=dict(admin) if admin is not None else start.admin,
+            login_limit_line=start.login_limit_line,
+            jwt_secret=secret,
+            process=process,
+            _output=lines,
+        )
         yield handle
     finally:
         if handle is not None:
@@ -291,12 +377,18 @@ def running_emulator(
             process.stdout.close()
 
 
-def _wait_for_start(
-    startup: queue.Queue[str | None], lines: deque[str], timeout_s: float
-) -> tuple[str, InstancesJson | None]:
-    """Read the child's first lines up to ``listening on <url>``; also pick up a generated instances line."""
+@dataclass
+class _Start:
+    url: str = ""
+    instances: InstancesJson | None = None
+    admin: dict[str, str] | None = None
+    login_limit_line: str = ""
+
+
+def _wait_for_start(startup: queue.Queue[str | None], lines: deque[str], timeout_s: float) -> _Start:
+    """Read the child's first lines up to ``listening on <url>``; also pick up what it generated and its limit."""
     deadline = time.monotonic() + timeout_s
-    generated: InstancesJson | None = None
+    start = _Start()
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -308,6 +400,11 @@ def _wait_for_start(
         if line is None:
             raise EmulatorError(f"the emulator exited during start-up: {list(lines)}")
         if line.startswith(INSTANCES):
-            generated = json.loads(line[len(INSTANCES) :])
+            start.instances = json.loads(line[len(INSTANCES) :])
+        elif line.startswith(ADMIN):
+            start.admin = json.loads(line[len(ADMIN) :])
+        elif line.startswith(LOGIN_LIMIT):
+            start.login_limit_line = line
         elif line.startswith(LISTENING):
-            return line[len(LISTENING) :].strip(), generated
+            start.url = line[len(LISTENING) :].strip()
+            return start

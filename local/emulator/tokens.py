@@ -12,6 +12,7 @@ import jwt
 
 ISSUER = "user-service-emulator"
 ALGORITHM = "HS256"
+ADMIN_ROLE = "Admin"
 
 
 def new_refresh_token() -> str:
@@ -44,11 +45,27 @@ class TokenIssuer:
         }
         return jwt.encode(claims, self._secret, algorithm=ALGORITHM), lifetime_s
 
+    def admin_access_token(self, email: str, lifetime_s: int) -> tuple[str, int]:
+        """A signed JWT for the admin account (``Role: Admin``, no DeviceToken) and its ``ExpiresIn``."""
+        issued_at = int(time.time())
+        claims = {
+            "sub": email.lower(),
+            "jti": str(uuid.uuid4()),
+            "iat": issued_at,
+            "nbf": issued_at,
+            "exp": issued_at + lifetime_s,
+            "Email": email,
+            "Role": ADMIN_ROLE,
+            "iss": ISSUER,
+        }
+        return jwt.encode(claims, self._secret, algorithm=ALGORITHM), lifetime_s
+
     def decode(self, token: str, *, verify_exp: bool) -> dict[str, Any]:
-        """The claims of a token signed by us; raises :class:`jwt.PyJWTError` otherwise.
+        """The claims of a token signed by us (a user's or the admin's); raises :class:`jwt.PyJWTError` otherwise.
 
         ``verify_exp=False`` accepts an expired token (Refresh takes one); signature, issuer and the
-        ``DeviceToken`` claim are always checked.
+        ``DeviceToken`` + ``InstanceId`` claims (a user's) or the ``Role`` + ``Email`` claims (the admin's) are
+        always checked.
         """
         claims: dict[str, Any] = jwt.decode(
             token,
@@ -57,6 +74,15 @@ class TokenIssuer:
             issuer=ISSUER,
             options={"verify_exp": verify_exp, "verify_nbf": verify_exp, "require": ["exp", "iat", "sub"]},
         )
+        if is_admin(claims):
+            if not isinstance(claims.get("Email"), str):
+                raise jwt.InvalidTokenError("admin token lacks the Email claim")
+            return claims
         if not isinstance(claims.get("DeviceToken"), str) or not isinstance(claims.get("InstanceId"), str):
             raise jwt.InvalidTokenError("token lacks the DeviceToken or InstanceId claim")
         return claims
+
+
+def is_admin(claims: dict[str, Any]) -> bool:
+    """Whether decoded ``claims`` are an admin token's (else a user's)."""
+    return claims.get("Role") == ADMIN_ROLE

@@ -12,6 +12,7 @@ from typing import Any
 
 from local.runner import LocalService
 from local.stack import LocalStack
+from telematics_reg.credentials import SecretsManagerDeviceTokenKey
 from telematics_reg.registration import device_token_for
 
 from .conftest import REVOKED, DeadLetters, aws, put_signup, send_registration, user_by_client, wait_for
@@ -33,7 +34,8 @@ def test_a_signup_event_flows_to_a_stored_user(service: LocalService, stack: Loc
         timeout=20,
         what=f"{client_id} stored",
     )
-    assert user["DeviceToken"] == device_token_for(service.emulator.instance_id(), client_id)
+    key = SecretsManagerDeviceTokenKey(stack.outputs["DeviceTokenKeySecretArn"], client=aws(stack, "secretsmanager"))
+    assert user["DeviceToken"] == device_token_for(service.emulator.instance_id(), client_id, key=key.get())
     assert user["AccessExpiresAt"] > time.time()
     assert _upstream_users(service, client_id) == 1
     upstream = service.emulator.user(user["DeviceToken"])

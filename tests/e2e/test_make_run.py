@@ -3,6 +3,7 @@ print a summary in which every check passed (its own moto, emulator and runtime,
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -50,7 +51,22 @@ def test_make_run_demo_exits_0_with_a_readable_summary(tmp_path: Path) -> None:
     assert "redriven after maxReceiveCount 1" in summary
     assert "RetriesExhausted: UnauthorizedError 1" in summary
     assert not (tmp_path / "stack.json").exists()  # removed at shutdown: it named a moto server now gone
-    assert (tmp_path / "run.log").stat().st_size > 0
+    # The log can be followed: one JSON object per line, each handler line with its own function and correlation id.
+    lines = [json.loads(text) for text in (tmp_path / "run.log").read_text(encoding="utf-8").splitlines()]
+    assert lines
+    assert all(isinstance(line, dict) for line in lines)
+    stored = [line for line in lines if line.get("message") == "registration stored"]
+    assert len(stored) >= 9 + 3  # every ClientId, and every duplicate delivery
+    for line in stored:
+        if "Signup" in line["function_name"]:
+            assert line["client_id"].startswith("app-"), line  # signups carry only the app's ClientIds
+            assert line["correlation_id"], line  # the UserSignedUp event's id
+        else:
+            assert line["function_name"].endswith("RegistrationQueueFunction"), line
+            assert line["correlation_id"] == line["message_id"], line
+    refreshes = [line for line in lines if line.get("message") == "tokens committed"]
+    assert refreshes
+    assert all(line["function_name"].endswith("RefreshWorkerFunction") for line in refreshes)
 
 
 def test_serve_saves_the_stack_for_other_tools_takes_input_by_hand_and_stops_cleanly_on_sigterm(

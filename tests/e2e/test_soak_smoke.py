@@ -22,7 +22,7 @@ SMOKE = (
     *("--signups", "20", "--registrations", "20", "--both-paths", "4", "--bulk", "120", "--rate", "5"),
     *("--malformed-rate", "0.1", "--token-lifetime", "70", "--sweep-every", "3", "--cycles", "1"),
     *("--dead-tokens", "1", "--revoke-fraction", "0.05"),
-    *("--claim-seconds", "10", "--lease-seconds", "5", "--orphan-visibility", "12", "--kill-after-refreshes", "0"),
+    *("--claim-seconds", "10", "--lease-seconds", "8", "--orphan-visibility", "12", "--kill-after-refreshes", "0"),
     # About 45 s on an idle 2-CPU machine: the run's own limit leaves twice that for a loaded one.
     *("--failure-visibility", "3", "--async-retry-delay", "2", "--timeout", "100", "--seed", "11"),
 )

@@ -22,6 +22,14 @@ INSTANCES = {
     "default": {"InstanceId": str(uuid.uuid4()), "InstanceKey": str(uuid.uuid4())},
     "fleet-eu": {"InstanceId": str(uuid.uuid4()), "InstanceKey": str(uuid.uuid4())},
 }
+# Credentials as an operator may paste them: keys with a stray character. Given as they are to an emulator and
+# to the stack's secret (tests/functional/test_secrecy.py); the log guard looks for them too.
+MALFORMED_INSTANCES = {
+    "default": INSTANCES["default"],
+    "newline": {"InstanceId": str(uuid.uuid4()), "InstanceKey": str(uuid.uuid4()) + "\n"},
+    "leading-space": {"InstanceId": str(uuid.uuid4()), "InstanceKey": " " + str(uuid.uuid4())},
+    "trailing-space": {"InstanceId": str(uuid.uuid4()), "InstanceKey": str(uuid.uuid4()) + " "},
+}
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +70,7 @@ def stack(moto_endpoint: str, aws_env: None, upstream: EmulatorHandle) -> LocalS
         parameters={"UserServiceUrl": upstream.url, "LogLevel": "DEBUG"},
         stack_name="functional",
         instance_credentials=INSTANCES,
+        admin_credentials=upstream.admin_account,
     )
 
 

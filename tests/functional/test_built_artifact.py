@@ -41,7 +41,12 @@ SAMPLES = {
     ],
     "RefreshSweeperFunction": ["refresh-sweep.json"],
     "RefreshWorkerFunction": ["refresh-jobs.json"],
+    # Malformed changes only: each is dead-lettered with its reason, without the upstream.
+    "LifecycleFunction": ["lifecycle-poison.json"],
+    "ReconcileFunction": ["reconcile.json"],
 }
+#: The queue whose records a function's samples stand for.
+SOURCE_QUEUES = {"RefreshWorkerFunction": "RefreshQueue", "LifecycleFunction": "LifecycleQueue"}
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +117,7 @@ def test_every_function_of_the_build_runs_the_samples_with_only_boto3_beside_it(
     sqs = boto3.client("sqs", endpoint_url=artifact_stack.endpoint_url, region_name=artifact_stack.region)
     reports = {}
     for logical_id, names in SAMPLES.items():
-        queue = "RefreshQueue" if logical_id == "RefreshWorkerFunction" else "RegistrationQueue"
+        queue = SOURCE_QUEUES.get(logical_id, "RegistrationQueue")
         events = [_sample(name, artifact_stack, queue) for name in names]
         reports[logical_id] = built.run(logical_id, runtime_python=runtime_python, stack=artifact_stack, events=events)
         _assert_ran_from_the_build(reports[logical_id], built, logical_id)
@@ -128,6 +133,12 @@ def test_every_function_of_the_build_runs_the_samples_with_only_boto3_beside_it(
     assert {"not_json", "invalid_fields", "unknown_instance"} <= reasons
     assert {"users_due", "queued", "items_read"} <= set(_results(reports["RefreshSweeperFunction"])[0])
     assert _results(reports["RefreshWorkerFunction"]) == [{"batchItemFailures": []}]
+    assert _results(reports["LifecycleFunction"]) == [{"batchItemFailures": []}]
+    changes = drain(sqs, artifact_stack.queue_url("LifecycleDeadLetterQueue"))
+    assert len(changes) == len(_sample("lifecycle-poison.json", artifact_stack)["Records"])
+    (wake_up,) = _results(reports["ReconcileFunction"])
+    assert wake_up["Adoptions"] == []
+    assert wake_up["Audit"]["Status"] != "off"
     assert _files(built.build_dir) == before, "a built function wrote into its read-only code folders"
 
 

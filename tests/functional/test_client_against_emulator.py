@@ -18,6 +18,7 @@ import pytest
 from local.emulator.testing import EmulatorHandle, running_emulator
 from telematics_reg.errors import (
     DeadRefreshTokenError,
+    ForbiddenError,
     InvalidMessageError,
     NotFoundError,
     OutcomeUnknownError,
@@ -25,6 +26,14 @@ from telematics_reg.errors import (
     TransientUpstreamError,
     UnauthorizedError,
     UpstreamValidationError,
+)
+from telematics_reg.management_models import (
+    AdminCredentials,
+    AdminSession,
+    UserPageQuery,
+    UserSort,
+    UserUpdate,
+    UserUpdateFields,
 )
 from telematics_reg.models import (
     CreateManyRequest,
@@ -35,7 +44,7 @@ from telematics_reg.models import (
     UserFields,
     parse_registration_message,
 )
-from telematics_reg.upstream import UserServiceClient
+from telematics_reg.upstream import UserServiceClient, iter_user_pages
 
 INSTANCES = {
     "default": {"InstanceId": str(uuid.uuid4()), "InstanceKey": str(uuid.uuid4())},
@@ -43,11 +52,15 @@ INSTANCES = {
 }
 CREDS = InstanceCredentials.model_validate(INSTANCES["default"])
 INSTANCE_ID = INSTANCES["default"]["InstanceId"]
+OTHER = InstanceCredentials.model_validate(INSTANCES["other"])
+ADMIN = {"Email": "ops@example.com", "Password": "admin-PASSWORD-" + uuid.uuid4().hex}
+ADMIN_CREDS = AdminCredentials(email=ADMIN["Email"], password=ADMIN["Password"])
 
 
 @pytest.fixture(scope="module")
 def emulator() -> Iterator[EmulatorHandle]:
-    with running_emulator(instances=INSTANCES) as handle:
+    # The vendor's Login limit (on by default): each test starts after a reset, so its own Logins are what count.
+    with running_emulator(instances=INSTANCES, admin=ADMIN) as handle:
         yield handle
 
 
@@ -65,7 +78,14 @@ class Recorder:
 class Secrets:
     """Every secret a test saw; checked against the captured logs when the test ends."""
 
-    values: set[str] = field(default_factory=lambda: {i["InstanceKey"] for i in INSTANCES.values()})
+    values: set[str] = field(
+        default_factory=lambda: {i["InstanceKey"] for i in INSTANCES.values()} | {ADMIN["Password"]}
+    )
+
+    def admin(self, session: AdminSession) -> AdminSession:
+        self.values.add(session.access_token.token.get_secret_value())
+        self.values.add(session.refresh_token.get_secret_value())
+        return session
 
     def add(self, result: CreateResult) -> CreateResult:
         if result.access_token is not None:
@@ -125,7 +145,7 @@ def test_create_refresh_login_user_exists(
     assert created.refresh_token is not None
     expires_at = created.expires_at(time.time())
     assert expires_at is not None
-    assert 7100 < expires_at.timestamp() - time.time() <= 7200
+    assert 431_900 < expires_at.timestamp() - time.time() <= 432_000  # Create: 5 days, as documented
 
     refreshed = secrets.add(client.refresh(created.access_token.token, created.refresh_token))
     assert refreshed.device_token == token
@@ -151,7 +171,7 @@ def test_create_without_tokens(client: UserServiceClient) -> None:
 
 
 def test_bad_instance_credentials_are_unauthorized(emulator: EmulatorHandle, client: UserServiceClient) -> None:
-    wrong = InstanceCredentials.model_validate({"InstanceId": INSTANCE_ID, "InstanceKey": "not-the-key"})
+    wrong = InstanceCredentials.model_validate({"InstanceId": INSTANCE_ID, "InstanceKey": str(uuid.uuid4())})
     with pytest.raises(UnauthorizedError) as caught:
         client.create(wrong, CreateUserRequest())
     assert caught.value.status == 401
@@ -471,3 +491,195 @@ def test_case_insensitive_keys_reach_the_upstream_as_pascal_case(
     assert user is not None
     assert "Ada" in str(user)
     assert users_of(emulator, "c-case") == 1
+
+
+# --- the admin session and the User Management API ----------------------------------------------------------------
+
+
+def admin_token(client: UserServiceClient, secrets: Secrets) -> str:
+    return secrets.admin(client.admin_login(ADMIN_CREDS)).access_token.token.get_secret_value()
+
+
+def test_every_management_call_against_the_emulator(
+    emulator: EmulatorHandle, client: UserServiceClient, secrets: Secrets
+) -> None:
+    session = secrets.admin(client.admin_login(ADMIN_CREDS))
+    assert session.access_token.expires_in == 86_400
+    token = session.access_token.token
+    users = [secrets.add(client.create(CREDS, body_for(f"c-{n}", uuid.uuid4()))) for n in range(5)]
+    moved = users[0].device_token
+
+    (found,) = client.find_users(token, client_id="c-0")
+    assert (found.device_token, found.instance_id, found.active) == (moved, CREDS.instance_id, True)
+    assert found.flags.enable_tracking is True
+
+    client.update_user(
+        token,
+        moved,
+        UserUpdate(first_name="Ada", status="Deactivated", user_fields=UserUpdateFields(enable_tracking=False)),
+    )
+    (updated,) = client.find_users(token, device_token=moved)
+    assert updated.user_profile is not None
+    assert (updated.user_profile.first_name, updated.active, updated.flags.enable_tracking) == ("Ada", False, False)
+    assert updated.client_id == "c-0"  # only the given fields changed
+
+    client.change_instance(token, moved, OTHER)
+    (after_move,) = client.find_users(token, device_token=moved)
+    assert after_move.instance_id == OTHER.instance_id
+    with pytest.raises(NotFoundError):
+        client.login(CREDS, moved)  # afterwards it logs in with the new instance only
+    secrets.add(client.login(OTHER, moved))
+
+    query = UserPageQuery(instance_ids=[CREDS.instance_id], page_size=2, sort=UserSort.DATE_CREATED)
+    pages = list(iter_user_pages(client, token, query))
+    assert [page.current_page for page in pages] == [1, 2]
+    assert [user.device_token for page in pages for user in page.users] == [u.device_token for u in users[1:]]
+
+    refreshed = secrets.admin(client.admin_refresh(token, session.refresh_token))
+    with pytest.raises(DeadRefreshTokenError):
+        client.admin_refresh(token, session.refresh_token)  # single-use
+
+    client.delete_user(refreshed.access_token.token, moved)
+    client.delete_user(refreshed.access_token.token, moved)  # already gone: done
+    assert client.find_users(refreshed.access_token.token, device_token=moved) == []
+    counters = emulator.counters()
+    assert (counters["updates"], counters["instance_changes"], counters["deletes"]) == (1, 1, 1)
+    assert counters["management_calls"]["delete"] == 2
+
+
+def test_a_user_jwt_is_forbidden_and_an_expired_admin_jwt_unauthorized(
+    emulator: EmulatorHandle, client: UserServiceClient, secrets: Secrets
+) -> None:
+    user = secrets.add(client.create(CREDS, CreateUserRequest()))
+    assert user.access_token is not None
+    with pytest.raises(ForbiddenError):
+        client.find_users(user.access_token.token, device_token=user.device_token)
+    emulator.set_config(token_lifetime_s=1)
+    session = secrets.admin(client.admin_login(ADMIN_CREDS))
+    time.sleep(2.1)
+
+    with pytest.raises(UnauthorizedError):
+        client.update_user(session.access_token.token, user.device_token, UserUpdate(first_name="x"))
+
+    emulator.set_config(token_lifetime_s=60)
+    fresh = secrets.admin(client.admin_refresh(session.access_token.token, session.refresh_token))
+    client.update_user(fresh.access_token.token, user.device_token, UserUpdate(first_name="x"))
+
+
+def test_wrong_target_key_is_refused_and_nothing_moves(
+    emulator: EmulatorHandle, client: UserServiceClient, secrets: Secrets
+) -> None:
+    user = client.create(CREDS, CreateUserRequest())
+    token = admin_token(client, secrets)
+    wrong = InstanceCredentials(instance_id=OTHER.instance_id, instance_key=str(uuid.uuid4()))
+
+    with pytest.raises(UpstreamValidationError) as caught:
+        client.change_instance(token, user.device_token, wrong)
+
+    assert [error.key for error in caught.value.errors] == ["ToInstanceKey"]
+    assert emulator.counters()["management_calls"]["find"] == 0  # a refusal is an answer: nothing to verify
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {"fault": "error", "status": 500},
+        {"fault": "error", "status": 503},
+        {"fault": "rate_limit", "retry_after_s": 1},
+        {"fault": "drop_after_commit"},
+    ],
+)
+def test_update_is_repeated_after_5xx_429_and_lost_answers(
+    emulator: EmulatorHandle, client: UserServiceClient, secrets: Secrets, fault: dict[str, Any]
+) -> None:
+    user = client.create(CREDS, CreateUserRequest())
+    token = admin_token(client, secrets)
+    emulator.set_faults(script=[{"call": "update", **fault}])
+
+    client.update_user(token, user.device_token, UserUpdate(nickname="twice is fine"))
+
+    counters = emulator.counters()
+    assert counters["management_calls"]["update"] == 2
+    # A lost answer was applied, then applied again: PUT is idempotent, so that is harmless.
+    assert counters["updates"] == (2 if fault["fault"] == "drop_after_commit" else 1)
+    profile = emulator.user(str(user.device_token))
+    assert profile is not None
+    assert profile["Profile"]["Nickname"] == "twice is fine"
+
+
+def test_delete_whose_answer_was_lost_is_repeated_and_the_404_is_done(
+    emulator: EmulatorHandle, client: UserServiceClient, secrets: Secrets
+) -> None:
+    user = client.create(CREDS, CreateUserRequest())
+    token = admin_token(client, secrets)
+    emulator.set_faults(script=[{"call": "delete", "fault": "drop_after_commit"}])
+
+    client.delete_user(token, user.device_token)
+
+    counters = emulator.counters()
+    assert counters["management_calls"]["delete"] == 2
+    assert counters["deletes"] == 1
+    assert emulator.user(str(user.device_token)) is None
+
+
+def test_change_instance_whose_answer_was_lost_is_verified_by_find(
+    emulator: EmulatorHandle, client: UserServiceClient, secrets: Secrets
+) -> None:
+    user = client.create(CREDS, CreateUserRequest())
+    token = admin_token(client, secrets)
+    emulator.set_faults(script=[{"call": "change_instance", "fault": "drop_after_commit"}])
+
+    client.change_instance(token, user.device_token, OTHER)
+
+    counters = emulator.counters()
+    assert counters["management_calls"]["change_instance"] == 1  # not sent again: find saw it done
+    assert counters["management_calls"]["find"] == 1
+    assert counters["instance_changes"] == 1
+
+
+def test_change_instance_that_failed_after_sending_is_sent_again(
+    emulator: EmulatorHandle, client: UserServiceClient, secrets: Secrets
+) -> None:
+    user = client.create(CREDS, CreateUserRequest())
+    token = admin_token(client, secrets)
+    emulator.set_faults(script=[{"call": "change_instance", "fault": "error", "status": 500}])
+
+    client.change_instance(token, user.device_token, OTHER)
+
+    counters = emulator.counters()
+    assert counters["management_calls"]["change_instance"] == 2
+    assert counters["management_calls"]["find"] == 1
+    moved = emulator.user(str(user.device_token))
+    assert moved is not None
+    assert moved["InstanceId"] == str(OTHER.instance_id)
+
+
+# --- the vendor's Login limit -------------------------------------------------------------------------------------
+
+
+def test_the_sixth_login_is_refused_once_and_never_retried(
+    emulator: EmulatorHandle, client: UserServiceClient, recorder: Recorder, secrets: Secrets
+) -> None:
+    user = secrets.add(client.create(CREDS, CreateUserRequest()))
+    for _ in range(3):
+        latest = secrets.add(client.login(CREDS, user.device_token))
+    for _ in range(2):
+        secrets.admin(client.admin_login(ADMIN_CREDS))
+
+    with pytest.raises(RateLimitedError) as caught:
+        client.admin_login(ADMIN_CREDS)
+    assert caught.value.retry_after == 3600
+    # A lost Create's recovery Logins are Logins too: refused at once, not retried.
+    emulator.set_faults(script=[{"call": "create", "fault": "drop_after_commit"}])
+    with pytest.raises(RateLimitedError):
+        client.create(CREDS, body_for("c-lost", uuid.uuid4()))
+
+    counters = emulator.counters()
+    assert counters["logins_refused_by_limit"] == 2  # one request each: nothing was retried
+    assert counters["login_blocks_begun"] == 1
+    assert recorder.sleeps == []
+    # Everything but Login goes on.
+    assert latest.access_token is not None
+    assert latest.refresh_token is not None
+    secrets.add(client.refresh(latest.access_token.token, latest.refresh_token))
+    client.create(CREDS, CreateUserRequest())

@@ -30,7 +30,8 @@ def test_every_sample_is_covered_here() -> None:
         "signup-duplicate.json",
         "refresh-sweep.json",
         "refresh-jobs.json",
-    }
+        "reconcile.json",
+    } | {p.name for p in EVENTS.glob("lifecycle-*.json")}  # through the lifecycle intake: tests/unit/test_lifecycle.py
 
 
 # (A sample's ClientId may already be registered by another test of the session: then it is a duplicate.)
@@ -84,6 +85,14 @@ def test_queue_samples(
         assert reasons == {"not_json", "invalid_fields", "unknown_instance"}
     if name == "queue-mixed.json":
         assert [m["MessageAttributes"]["Reason"]["StringValue"] for m in letters] == ["not_json"]
+
+
+def test_reconcile_sample(stack: LocalStack, functions: Functions, emulator: EmulatorHandle) -> None:
+    # A wake-up of the schedule: no lost chunk to adopt here; the audit starts (its first wake-up) or goes on.
+    report = functions.get("ReconcileFunction").invoke(_load("reconcile.json", stack))
+    print(report)
+    assert report["Adoptions"] == []
+    assert report["Audit"]["Status"] != "off"
 
 
 def test_refresh_samples(stack: LocalStack, functions: Functions, emulator: EmulatorHandle) -> None:

@@ -26,10 +26,8 @@ LOCK = LAYER / "requirements.txt"
 RUNTIME_PYTHON = (3, 12)
 #: Names of test doubles; they live in local/ (fakes.py, fake_store.py), beside the tests and the local stack.
 TEST_DOUBLE = re.compile(r"^(Fake|InMemory|Recording)[A-Z]")
-#: Doubles still in a shipped module, each with why.
-SHIPPED_DOUBLES = {
-    "InMemoryRefreshJobQueue": "telematics_reg/refresh.py: to move out with the next change of that module"
-}
+#: Doubles still in a shipped module, each with why (none).
+SHIPPED_DOUBLES: dict[str, str] = {}
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==([^\s;\\]+)")
 
 

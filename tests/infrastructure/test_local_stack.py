@@ -73,6 +73,18 @@ def resources_of(template: dict[str, Any], kind: str) -> dict[str, dict[str, Any
     return {lid: res.get("Properties", {}) for lid, res in template["Resources"].items() if res["Type"] == kind}
 
 
+def condition_holds(stack: LocalStack, name: str) -> bool:
+    """A condition of the template (only the forms it uses: Equals of a parameter and a string, and Not)."""
+
+    def holds(expression: Any) -> bool:
+        if "Fn::Not" in expression:
+            return not holds(expression["Fn::Not"][0])
+        left, right = expression["Fn::Equals"]
+        return bool(expected_value(stack, left) == expected_value(stack, right))
+
+    return holds(load_template(TEMPLATE_PATH)["Conditions"][name])
+
+
 def expected_value(stack: LocalStack, raw: Any) -> str:
     """What a template value must have become locally (only the forms the template uses for names)."""
     if isinstance(raw, dict) and "Ref" in raw:
@@ -81,6 +93,12 @@ def expected_value(stack: LocalStack, raw: Any) -> str:
     if isinstance(raw, dict) and "Fn::GetAtt" in raw:
         logical_id, attribute = raw["Fn::GetAtt"]
         return stack.attributes[logical_id][attribute]
+    if isinstance(raw, dict) and "Fn::If" in raw:
+        condition, when_true, when_false = raw["Fn::If"]
+        return expected_value(stack, when_true if condition_holds(stack, condition) else when_false)
+    if isinstance(raw, dict) and "Fn::Join" in raw:
+        separator, parts = raw["Fn::Join"]
+        return str(separator).join(expected_value(stack, part) for part in parts)
     assert not isinstance(raw, dict | list), f"extend expected_value() for {raw!r}"
     return "true" if raw is True else "false" if raw is False else str(raw)
 
@@ -94,10 +112,11 @@ def test_every_resource_is_provisioned_or_deliberately_skipped(stack: LocalStack
 
     # Then every resource type is handled, and every resource exists in the local stack
     check_resource_types(translated)
-    # (resources under a condition exist only when it holds: no AlarmEmail given, no subscription)
+    # (resources under a condition exist only when it holds: no AlarmEmail given, no subscription; no existing
+    # DeviceToken key secret given, so the stack makes one)
     conditional = {lid for lid, resource in translated["Resources"].items() if "Condition" in resource}
-    assert conditional == {"AlarmEmailSubscription"}
-    assert set(stack.resource_types) == set(translated["Resources"]) - conditional
+    assert conditional == {"AlarmEmailSubscription", "DeviceTokenKeySecret"}
+    assert set(stack.resource_types) == set(translated["Resources"]) - {"AlarmEmailSubscription"}
     assert all(stack.resource_types[lid] in SKIPPED_TYPES for lid in stack.skipped)
     assert not {kind for kind in stack.resource_types.values() if kind.startswith("AWS::Serverless")}
 
@@ -196,6 +215,25 @@ def test_instance_credentials_secret_is_created_and_passed_as_the_parameter(stac
 
     assert secret["Name"] == f"{STACK}-instance-credentials"
     assert json.loads(secret["SecretString"]) == CREDENTIALS
+
+
+def test_the_device_token_key_secret_is_generated_encrypted_and_given_to_the_registration_functions(
+    stack: LocalStack,
+) -> None:
+    arn = stack.physical["DeviceTokenKeySecret"]
+    secretsmanager = client(stack, "secretsmanager")
+
+    value = secretsmanager.get_secret_value(SecretId=arn)["SecretString"]
+    described = secretsmanager.describe_secret(SecretId=arn)
+
+    assert len(value) == 64
+    assert value.isalnum()  # ExcludePunctuation, no space
+    assert described["KmsKeyId"] == stack.attributes["DataKey"]["Arn"]
+    assert stack.outputs["DeviceTokenKeySecretArn"] == arn
+    for logical_id in ("SignupFunction", "RegistrationQueueFunction"):
+        assert stack.functions[logical_id].environment["DEVICE_TOKEN_KEY_SECRET_ARN"] == arn
+    for logical_id in ("RefreshWorkerFunction", "RefreshSweeperFunction"):
+        assert "DEVICE_TOKEN_KEY_SECRET_ARN" not in stack.functions[logical_id].environment
 
 
 # ------------------------------------------------------------------------------------------------ functions

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 from cfnlint.api import lint
+from pydantic import ValidationError
 
 from local.stack import CODE_PATHS_METADATA, load_template, translate_template
 from telematics_reg.settings import ServiceSettings
@@ -52,7 +53,15 @@ SHARED_SETTINGS = ("REFRESH_SHARDS", "REFRESH_MARGIN_SECONDS", "TOKENS_TABLE_NAM
 #: Deletion policies that keep a resource when the stack is deleted.
 RETAINED = ("Retain", "RetainExceptOnCreate")
 #: Which function may Query which index of the tokens table (everything else reads items by key).
-QUERIES = {"RefreshSweeperFunction": {"RefreshDue"}}
+QUERIES = {
+    "RefreshSweeperFunction": {"RefreshDue"},
+    # A ClientId's stored DeviceToken before one is derived (registration), its items and tombstones (lifecycle),
+    # the user of an upstream ClientId (the drift audit).
+    "SignupFunction": {"ByClient"},
+    "RegistrationQueueFunction": {"ByClient"},
+    "LifecycleFunction": {"ByClient"},
+    "ReconcileFunction": {"ByClient"},
+}
 #: Item attributes the sweeper may touch: it marks a user's job queued, conditioned on the version it saw.
 SWEEPER_ATTRIBUTES = {"pk", "QueuedUntil", "Version"}
 
@@ -415,7 +424,8 @@ def environment_problems(template: Template) -> list[str]:
     for function in resources(template, "AWS::Lambda::Function"):
         variables = environment(template, function)
         used = settings_used(handler_file(template, function))
-        unknown_fields = used - set(fields)
+        derived = {name for name in dir(ServiceSettings) if isinstance(getattr(ServiceSettings, name), property)}
+        unknown_fields = used - set(fields) - derived
         if unknown_fields:
             problems.append(f"{function}: code reads settings the model does not have: {sorted(unknown_fields)}")
         for name in sorted(used & set(fields)):
@@ -460,6 +470,17 @@ def _queue_url_problems(template: Template) -> list[str]:
         jobs = target(environment(template, function).get("REFRESH_QUEUE_URL"))
         if jobs is not None and jobs not in consumers.values():
             problems.append(f"{function} queues refresh jobs on {jobs}, which no function consumes")
+        # A bulk that stopped part-way goes back onto the queue the function reads, which it may write to.
+        own = target(environment(template, function).get("REGISTRATION_QUEUE_URL"))
+        if own is None:
+            continue
+        role = role_of(template, function)
+        if own != consumers.get(function):
+            problems.append(f"{function} sends bulks back to {own}, which is not the queue it reads")
+        elif role is None or not role_allows(template, role, "sqs:SendMessage", own):
+            problems.append(f"{function} may not send to {own}, its REGISTRATION_QUEUE_URL")
+        elif (key := kms_key_of_queue(template, own)) and not role_allows(template, role, "kms:GenerateDataKey", key):
+            problems.append(f"{function}: {own} is encrypted with {key}, which its role may not use")
     return problems
 
 
@@ -707,16 +728,18 @@ def least_privilege_problems(template: Template) -> list[str]:
 def parameter_pattern_problems(template: Template) -> list[str]:
     """Parameters that name a secret or the upstream cannot widen a grant or send secrets in clear text."""
     problems: list[str] = []
+    one_secret = ["arn:aws:secretsmanager:eu-west-1:123456789012:secret:telematics/credentials-AbCdEf"]
+    wildcards = [
+        "arn:aws:secretsmanager:eu-west-1:123456789012:secret:*",
+        "arn:aws:secretsmanager:eu-west-1:123456789012:secret:prod-*",
+        "arn:aws:secretsmanager:*:123456789012:secret:x",
+        "arn:aws:secretsmanager:eu-west-1:123456789012:secret:cred?ntials",
+    ]
     cases = {
-        "InstanceCredentialsSecretArn": (
-            ["arn:aws:secretsmanager:eu-west-1:123456789012:secret:telematics/credentials-AbCdEf"],
-            [
-                "arn:aws:secretsmanager:eu-west-1:123456789012:secret:*",
-                "arn:aws:secretsmanager:eu-west-1:123456789012:secret:prod-*",
-                "arn:aws:secretsmanager:*:123456789012:secret:x",
-                "arn:aws:secretsmanager:eu-west-1:123456789012:secret:cred?ntials",
-            ],
-        ),
+        "InstanceCredentialsSecretArn": (one_secret, wildcards),
+        "AdminCredentialsSecretArn": (one_secret, [*wildcards, ""]),
+        # Empty: the stack creates the key's secret.
+        "DeviceTokenKeySecretArn": (["", *one_secret], wildcards),
         "UserServiceUrl": (
             ["https://user.telematicssdk.com", "http://127.0.0.1:8081", "http://localhost:9000/base", "http://[::1]:1"],
             ["http://user.telematicssdk.com", "http://localhost.example.com", "ftp://user.telematicssdk.com", ""],
@@ -729,6 +752,50 @@ def parameter_pattern_problems(template: Template) -> list[str]:
             continue
         problems += [f"{name}: {value!r} is refused" for value in accepted if not re.fullmatch(pattern, value)]
         problems += [f"{name}: {value!r} is accepted" for value in refused if re.fullmatch(pattern, value)]
+    return problems
+
+
+def _calls_upstream(template: Template, function: str) -> bool:
+    """Whether a function reads the instance credentials: it calls the upstream, under claims or leases."""
+    role = role_of(template, function)
+    return any(
+        owner == role and allows(statement, "secretsmanager:GetSecretValue")
+        for owner, statement in inline_policies(template)
+    )
+
+
+def _default_of(template: Template, value: Any) -> Any:
+    """A literal of the template, or the default of the parameter it refers to."""
+    name = value.get("Ref") if isinstance(value, dict) else None
+    return value if name is None else template["Parameters"][name].get("Default")
+
+
+def timing_problems(template: Template) -> list[str]:
+    """Claims and leases outlive whoever holds them: every function that calls the upstream states its Timeout in
+    FUNCTION_TIMEOUT_SECONDS, truthfully, and its settings (with the parameters' defaults) pass the model's checks
+    of claim and lease lengths against it."""
+    problems: list[str] = []
+    fields = ServiceSettings.model_fields
+    for function, props in resources(template, "AWS::Lambda::Function").items():
+        variables = environment(template, function)
+        declared = variables.get("FUNCTION_TIMEOUT_SECONDS")
+        if declared is None:
+            if _calls_upstream(template, function):
+                problems.append(f"{function}: calls the upstream but does not set FUNCTION_TIMEOUT_SECONDS")
+            continue
+        if int(declared) != int(props.get("Timeout", 3)):
+            problems.append(
+                f"{function}: FUNCTION_TIMEOUT_SECONDS={declared} but its Timeout is {props.get('Timeout')}"
+            )
+        numbers = {
+            name.lower(): _default_of(template, value)
+            for name, value in variables.items()
+            if name.lower() in fields and fields[name.lower()].annotation in (int, float, "int", "float")
+        }
+        try:
+            ServiceSettings(**numbers)
+        except ValidationError as exc:
+            problems += [f"{function}: {error['msg']}" for error in exc.errors()]
     return problems
 
 
@@ -747,6 +814,7 @@ RULES: dict[str, Callable[[Template], list[str]]] = {
     "shards": shard_problems,
     "least privilege": least_privilege_problems,
     "parameter patterns": parameter_pattern_problems,
+    "timing": timing_problems,
 }
 
 
@@ -811,11 +879,46 @@ def test_the_tokens_table_uses_the_template_key_and_pitr(cfn: Template) -> None:
     assert table["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"] is True
 
 
+def test_the_device_token_key_is_a_kept_encrypted_secret_that_only_the_functions_deriving_tokens_read(
+    cfn: Template,
+) -> None:
+    secret = cfn["Resources"]["DeviceTokenKeySecret"]
+    # Created unless an existing secret is given; kept through stack deletion and replacement like the table (not
+    # after a failed first create, when no DeviceToken was derived with it yet).
+    assert secret["Condition"] == "CreateDeviceTokenKey"
+    assert cfn["Conditions"]["CreateDeviceTokenKey"] == {"Fn::Equals": [{"Ref": "DeviceTokenKeySecretArn"}, ""]}
+    assert secret["DeletionPolicy"] == "RetainExceptOnCreate"
+    assert secret["UpdateReplacePolicy"] == "Retain"
+    props = secret["Properties"]
+    assert target(props["KmsKeyId"]) == "DataKey"
+    generated = props["GenerateSecretString"]
+    assert int(generated["PasswordLength"]) >= 32
+    assert generated["IncludeSpace"] is False
+    assert "RotationSchedule" not in json.dumps(cfn["Resources"])
+
+    secret_ref = {
+        "Fn::If": ["CreateDeviceTokenKey", {"Ref": "DeviceTokenKeySecret"}, {"Ref": "DeviceTokenKeySecretArn"}]
+    }
+    readers = {
+        owner
+        for owner, statement in inline_policies(cfn)
+        if allows(statement, "secretsmanager:GetSecretValue") and secret_ref in as_list(statement.get("Resource"))
+    }
+    functions = resources(cfn, "AWS::Lambda::Function")
+    # The lifecycle function derives the slot a never-registered user's deletion tombstones; the drift audit derives
+    # too: an unstored upstream user whose DeviceToken is ours for its ClientId is ours.
+    deriving = {"SignupFunction", "RegistrationQueueFunction", "LifecycleFunction", "ReconcileFunction"}
+    assert readers == {role_of(cfn, function) for function in deriving}
+    for function in functions:
+        variable = environment(cfn, function).get("DEVICE_TOKEN_KEY_SECRET_ARN")
+        assert variable == (secret_ref if function in deriving else None), function
+
+
 def test_each_function_needs_at_least_the_core_settings(cfn: Template) -> None:
     core = {"USER_SERVICE_URL", "CREDENTIALS_SECRET_ARN", "TOKENS_TABLE_NAME", "EVENT_BUS_NAME"}
     specific = {
         "SignupFunction": core | {"DEAD_LETTER_QUEUE_URL"},
-        "RegistrationQueueFunction": core | {"DEAD_LETTER_QUEUE_URL"},
+        "RegistrationQueueFunction": core | {"DEAD_LETTER_QUEUE_URL", "REGISTRATION_QUEUE_URL"},
         "RefreshWorkerFunction": core,
         "RefreshSweeperFunction": {"TOKENS_TABLE_NAME", "REFRESH_QUEUE_URL"},
     }
@@ -910,6 +1013,17 @@ BREAKAGES: dict[str, tuple[Callable[[Template], Any], str, str]] = {
         "environment",
         "DEAD_LETTER_QUEUE_URL",
     ),
+    "bulk continuations not allowed": (
+        lambda t: _props(t, "RegistrationQueueFunction")["Policies"][0].update(
+            Statement=[
+                s
+                for s in _props(t, "RegistrationQueueFunction")["Policies"][0]["Statement"]
+                if s.get("Sid") != "BulkContinuations"
+            ]
+        ),
+        "environment",
+        "may not send to RegistrationQueue",
+    ),
     "misspelt variable": (
         lambda t: _props(t, "RefreshWorkerFunction")["Environment"]["Variables"].update(REFRESH_MARGIN_SECOND="60"),
         "environment",
@@ -924,6 +1038,16 @@ BREAKAGES: dict[str, tuple[Callable[[Template], Any], str, str]] = {
         lambda t: _event(t, "RefreshSweeperFunction", "Sweep").pop("RetryPolicy"),
         "retries and dead letters",
         "RetryPolicy",
+    ),
+    "timeout raised without its claims": (
+        lambda t: _props(t, "RegistrationQueueFunction").update(Timeout=300),
+        "timing",
+        "FUNCTION_TIMEOUT_SECONDS=60 but its Timeout is 300",
+    ),
+    "lease shorter than its calls": (
+        lambda t: _props(t, "RefreshWorkerFunction")["Environment"]["Variables"].update(REFRESH_LEASE_SECONDS="60"),
+        "timing",
+        "REFRESH_LEASE_SECONDS=60 is too short",
     ),
     "schedule without a DLQ": (
         lambda t: _event(t, "RefreshSweeperFunction", "Sweep").pop("DeadLetterConfig"),
@@ -975,16 +1099,16 @@ BREAKAGES: dict[str, tuple[Callable[[Template], Any], str, str]] = {
         "least privilege",
         "kms:Encrypt",
     ),
-    "Query on ByClient granted to signup": (
+    "Query on RefreshDue granted to signup": (
         lambda t: _props(t, "SignupFunction")["Policies"][0]["Statement"].append(
             {
                 "Effect": "Allow",
                 "Action": "dynamodb:Query",
-                "Resource": {"Fn::Sub": "${TokensTable.Arn}/index/ByClient"},
+                "Resource": {"Fn::Sub": "${TokensTable.Arn}/index/RefreshDue"},
             }
         ),
         "least privilege",
-        "may Query ['ByClient']",
+        "may Query ['RefreshDue']",
     ),
     "sweeper may update any attribute": (
         lambda t: _props(t, "RefreshSweeperFunction")["Policies"][0]["Statement"][1].pop("Condition"),

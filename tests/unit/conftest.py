@@ -6,12 +6,25 @@ from dataclasses import dataclass
 import pytest
 
 from local.fake_store import InMemoryTokenStore
-from local.fakes import FakeUserService, InMemoryLoginBudget, RecordingDeadLetters, RecordingPublisher
+from local.fakes import (
+    FakeUserService,
+    InMemoryLoginBudget,
+    RecordingDeadLetters,
+    RecordingPublisher,
+    StaticDeviceTokenKey,
+)
 from telematics_reg.credentials import StaticCredentials
 from telematics_reg.intake import RegistrationIntake
 from telematics_reg.models import InstanceCredentials
 from telematics_reg.refresh import TokenRefresher
 from telematics_reg.registration import RegistrationService
+from telematics_reg.timing import LeaseTiming
+
+#: The production defaults: a 180 s lease, calls up to 142.2 s (4 attempts, Retry-After up to 30 s), 10 s skew.
+TIMING = LeaseTiming(lease_seconds=180, call_seconds=142.2, clock_skew_seconds=10)
+
+# The DeviceToken key of every unit test's RegistrationService.
+DEVICE_TOKEN_KEY = StaticDeviceTokenKey("unit-tests-device-token-key-0123456789abcdef")
 
 
 class FakeClock:
@@ -48,16 +61,17 @@ class World:
 def world() -> World:
     clock = FakeClock()
     creds = InstanceCredentials.model_validate({"InstanceId": str(uuid.uuid4()), "InstanceKey": str(uuid.uuid4())})
-    upstream = FakeUserService(instances=[creds], token_lifetime=3600, clock=clock)
+    budget = InMemoryLoginBudget(per_minute=5, clock=clock)
+    upstream = FakeUserService(instances=[creds], token_lifetime=3600, clock=clock, login_budget=budget)
     store = InMemoryTokenStore(shards=4)
     credentials = StaticCredentials({"default": creds})
     publisher = RecordingPublisher()
     dead_letters = RecordingDeadLetters()
-    budget = InMemoryLoginBudget(per_minute=5)
     service = RegistrationService(
         upstream=upstream,
         store=store,
         credentials=credentials,
+        device_token_key=DEVICE_TOKEN_KEY,
         publisher=publisher,
         clock=clock,
         sleep=clock.sleep,
@@ -67,8 +81,8 @@ def world() -> World:
         store=store,
         credentials=credentials,
         publisher=publisher,
-        budget=budget,
         margin_seconds=600,
+        timing=TIMING,
         clock=clock,
         sleep=clock.sleep,
     )

@@ -39,6 +39,7 @@ from telematics_reg.models import (
 
 TOKEN = UUID("3fa85f64-5717-4562-b3fc-2c963f66afa6")
 INSTANCE_ID = "3c1c8fd7-4133-404a-82e9-93a015d85362"
+INSTANCE_KEY = "1b7cc25f-329e-4482-9dd1-0bb07c0c794b"
 
 
 def _jwt(claims: dict[str, Any]) -> str:
@@ -399,21 +400,67 @@ def test_to_upstream_round_trip() -> None:
 def test_refresh_and_login_bodies() -> None:
     refresh = RefreshRequest.model_validate({"accessToken": "jwt-value", "refreshToken": "rt-value"})
     assert refresh.to_upstream() == {"AccessToken": "jwt-value", "RefreshToken": "rt-value"}
-    creds = InstanceCredentials.model_validate({"InstanceId": INSTANCE_ID, "InstanceKey": "the-key"})
+    creds = InstanceCredentials.model_validate({"InstanceId": INSTANCE_ID, "InstanceKey": INSTANCE_KEY})
     login = LoginRequest.for_device(creds, TOKEN)
     assert login.to_upstream() == {
         "LoginFields": json.dumps({"Devicetoken": str(TOKEN)}, separators=(",", ":")),
-        "Password": "the-key",
+        "Password": INSTANCE_KEY,
     }
     # LoginFields may come as a JSON string (the docs) or an object (some clients).
     assert LoginRequest.model_validate(login.to_upstream()) == login
 
 
 def test_instance_credentials_give_the_headers() -> None:
-    creds = InstanceCredentials.model_validate({"instanceid": INSTANCE_ID, "INSTANCEKEY": "the-key"})
-    assert creds.headers() == {"InstanceId": INSTANCE_ID, "InstanceKey": "the-key"}
+    creds = InstanceCredentials.model_validate({"instanceid": INSTANCE_ID, "INSTANCEKEY": INSTANCE_KEY})
+    assert creds.headers() == {"InstanceId": INSTANCE_ID, "InstanceKey": INSTANCE_KEY}
     with pytest.raises(ValidationError):
-        InstanceCredentials.model_validate({"InstanceId": "nope", "InstanceKey": "k"})
+        InstanceCredentials.model_validate({"InstanceId": "nope", "InstanceKey": INSTANCE_KEY})
+
+
+@pytest.mark.parametrize(
+    "malformed",
+    [
+        INSTANCE_KEY + "\n",
+        INSTANCE_KEY + "\r\n",
+        INSTANCE_KEY + " ",
+        " " + INSTANCE_KEY,
+        INSTANCE_KEY + "\t",
+        INSTANCE_KEY[:8] + "\x00" + INSTANCE_KEY[9:],
+        INSTANCE_KEY.replace("-", ""),
+        "{" + INSTANCE_KEY + "}",
+        "urn:uuid:" + INSTANCE_KEY,
+        INSTANCE_KEY[:-1] + "\u00e9",
+        "the-key",
+        "",
+    ],
+    ids=[
+        "newline",
+        "crlf",
+        "trailing-space",
+        "leading-space",
+        "tab",
+        "nul",
+        "no-hyphens",
+        "braces",
+        "urn",
+        "non-ascii",
+        "not-a-uuid",
+        "empty",
+    ],
+)
+def test_a_malformed_instance_key_is_refused_without_quoting_it(malformed: str) -> None:
+    # The vendor's InstanceKeys are UUIDs; anything else would go into an HTTP header, where requests and
+    # http.client refuse it with the whole value in their exception text.
+    with pytest.raises(ValidationError) as caught:
+        InstanceCredentials.model_validate({"InstanceId": INSTANCE_ID, "InstanceKey": malformed})
+    assert [error["loc"] for error in caught.value.errors()] == [("InstanceKey",)]
+    for text in (
+        str(caught.value),
+        repr(caught.value),
+        json.dumps(caught.value.errors(include_url=False, include_input=False)),
+    ):
+        assert INSTANCE_KEY[9:] not in text
+        assert INSTANCE_KEY.replace("-", "")[12:] not in text
 
 
 # --- answers -------------------------------------------------------------------------------------------
@@ -496,11 +543,12 @@ def test_secrets_never_show_in_repr_or_dumps() -> None:
     result = CreateResult.model_validate(
         {"DeviceToken": str(TOKEN), "AccessToken": {"Token": "jwt-SECRET", "ExpiresIn": 1}, "RefreshToken": "rt-SECRET"}
     )
-    creds = InstanceCredentials.model_validate({"InstanceId": INSTANCE_ID, "InstanceKey": "key-SECRET"})
+    creds = InstanceCredentials.model_validate({"InstanceId": INSTANCE_ID, "InstanceKey": INSTANCE_KEY})
     refresh = RefreshRequest(access_token="jwt-SECRET", refresh_token="rt-SECRET")  # type: ignore[arg-type]
     for model in (result, creds, refresh):
         for text in (repr(model), str(model), model.model_dump_json(), str(model.model_dump())):
             assert "SECRET" not in text
+            assert INSTANCE_KEY not in text
 
 
 def test_secret_validation_errors_do_not_echo_the_secret() -> None:

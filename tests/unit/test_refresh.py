@@ -7,12 +7,13 @@ import uuid
 
 import pytest
 
+from local.fakes import InMemoryRefreshJobQueue
 from telematics_reg.errors import OutcomeUnknownError, RateLimitedError, RetryableUpstreamError, UnauthorizedError
 from telematics_reg.outcomes import TokenRefreshFailed
-from telematics_reg.refresh import InMemoryRefreshJobQueue, RefreshJob, RefreshOutcome, Sweeper, TokenUnavailableError
+from telematics_reg.refresh import RefreshJob, RefreshOutcome, Sweeper, TokenUnavailableError
 from telematics_reg.store import StoreError, UserRecord, UserStatus
 
-from .conftest import World
+from .conftest import TIMING, World
 
 
 def _register(world: World, client_id: str) -> UserRecord:
@@ -120,7 +121,7 @@ def test_given_the_commit_never_lands_then_it_raises_and_login_recovers_next_tim
     with pytest.raises(StoreError):
         world.refresher.refresh_job(RefreshJob(record.device_token, record.version))
     world.store.fail_next_commits = 0
-    _age(world, 120)  # the lease lapses
+    _age(world, TIMING.lease_seconds + 1)  # the lease lapses
 
     outcome = world.refresher.refresh_job(RefreshJob(record.device_token, record.version))
 

@@ -11,14 +11,14 @@ from telematics_reg.outcomes import RegistrationFailed, UserRegistered
 from telematics_reg.registration import RegistrationInProgressError, device_token_for
 from telematics_reg.store import ChunkState, UserStatus
 
-from .conftest import World
+from .conftest import DEVICE_TOKEN_KEY, World
 
 
 def test_given_a_new_client_id_when_registered_then_one_user_is_stored_with_tokens(world: World) -> None:
     result = world.intake.handle({"ClientId": "c-1", "FirstName": "Ada"}, message_id="m-1", source="queue")
 
     assert result.status == "registered"
-    expected = device_token_for(str(world.creds.instance_id), "c-1")
+    expected = device_token_for(str(world.creds.instance_id), "c-1", key=DEVICE_TOKEN_KEY.get())
     assert result.device_token == expected
     record = world.store.get_user(expected)
     assert record is not None
@@ -93,7 +93,9 @@ def test_given_a_permanent_upstream_rejection_then_dead_lettered_with_its_errors
     assert result.status == "dead_lettered"
     assert world.dead_letters.letters[0].reason == "upstream_rejected"
     assert world.dead_letters.letters[0].errors == [FieldError("Email", "invalid")]
-    assert world.store.get_user(device_token_for(str(world.creds.instance_id), "c-4")) is None
+    assert (
+        world.store.get_user(device_token_for(str(world.creds.instance_id), "c-4", key=DEVICE_TOKEN_KEY.get())) is None
+    )
 
 
 def test_given_a_transient_failure_then_it_raises_for_a_retry_and_the_retry_registers_once(world: World) -> None:
@@ -122,7 +124,7 @@ def test_given_a_lost_answer_then_the_retry_recovers_the_same_user_instead_of_a_
 
 
 def test_given_a_live_claim_elsewhere_then_it_waits_and_reports_in_progress(world: World) -> None:
-    device_token = device_token_for(str(world.creds.instance_id), "c-7")
+    device_token = device_token_for(str(world.creds.instance_id), "c-7", key=DEVICE_TOKEN_KEY.get())
     world.store.claim_registration(
         device_token=device_token,
         instance="default",
@@ -139,7 +141,7 @@ def test_given_a_live_claim_elsewhere_then_it_waits_and_reports_in_progress(worl
 
 
 def test_given_an_expired_claim_then_it_is_taken_over(world: World) -> None:
-    device_token = device_token_for(str(world.creds.instance_id), "c-8")
+    device_token = device_token_for(str(world.creds.instance_id), "c-8", key=DEVICE_TOKEN_KEY.get())
     world.store.claim_registration(
         device_token=device_token,
         instance="default",

@@ -1,15 +1,20 @@
-"""Instance credentials: aliases mapped to ``InstanceId`` + ``InstanceKey``, from one Secrets Manager secret.
+"""The service's secrets, each from one Secrets Manager secret, cached by Powertools for ``max_age`` seconds.
 
-The secret's value is JSON: ``{"default": {"InstanceId": "...", "InstanceKey": "..."}, "fleet-eu": {...}}``.
-It is fetched through Powertools parameters, which caches it for ``max_age`` seconds across invocations.
+* Instance credentials: aliases mapped to ``InstanceId`` + ``InstanceKey``; the secret's value is JSON:
+  ``{"default": {"InstanceId": "...", "InstanceKey": "..."}, "fleet-eu": {...}}``.
+* The DeviceToken key: the HMAC key our deterministic DeviceTokens are derived with (see
+  :func:`telematics_reg.registration.device_token_for`); the secret's value is the key itself, a string.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import re
 import threading
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from aws_lambda_powertools.utilities import parameters
 from pydantic import ValidationError
@@ -34,33 +39,39 @@ class CredentialsProvider(Protocol):
         ...
 
 
-def parse_credentials(document: Mapping[str, Any]) -> dict[str, InstanceCredentials]:
-    """Validate the secret's JSON; the error names the alias and field at fault, never a value.
+def parse_credentials(document: Mapping[str, Any]) -> dict[str, InstanceCredentials | CredentialsConfigError]:
+    """Validate the secret's JSON alias by alias; errors name the alias and field at fault, never a value.
+
+    An invalid entry (e.g. an InstanceKey pasted with a trailing newline) becomes the error that its own
+    messages get; the other aliases keep working.
 
     Example
     -------
     >>> creds = parse_credentials({"default": {"InstanceId": "3c1c8fd7-4133-404a-82e9-93a015d85362",
-    ...                                        "InstanceKey": "1b7cc25f-329e-4482-9dd1-0bb07c0c794b"}})
+    ...                                        "InstanceKey": "1b7cc25f-329e-4482-9dd1-0bb07c0c794b"},
+    ...                            "broken": {"InstanceId": "3c1c8fd7-4133-404a-82e9-93a015d85362",
+    ...                                       "InstanceKey": "1b7cc25f-329e-4482-9dd1-0bb07c0c794b\\n"}})
     >>> str(creds["default"].instance_id)
     '3c1c8fd7-4133-404a-82e9-93a015d85362'
+    >>> str(creds["broken"])
+    "credentials secret: instance 'broken' is invalid (InstanceKey)"
     """
     if not isinstance(document, Mapping) or not document:
         raise CredentialsConfigError("credentials secret must be a non-empty JSON object of instance aliases")
-    parsed: dict[str, InstanceCredentials] = {}
+    parsed: dict[str, InstanceCredentials | CredentialsConfigError] = {}
     for alias, value in document.items():
         try:
             parsed[str(alias)] = InstanceCredentials.model_validate(value)
         except ValidationError as exc:
             fields = ", ".join(".".join(str(p) for p in err["loc"]) or "value" for err in exc.errors())
-            raise CredentialsConfigError(f"credentials secret: instance {alias!r} is invalid ({fields})") from None
+            parsed[str(alias)] = CredentialsConfigError(f"credentials secret: instance {alias!r} is invalid ({fields})")
     return parsed
 
 
-def _unknown(alias: str, known: Mapping[str, object]) -> UnknownInstanceError:
-    return UnknownInstanceError(
-        "unknown_instance",
-        [FieldError("Instance", f"no credentials for instance {alias!r}; known: {', '.join(sorted(known))}")],
-    )
+def _unknown(alias: str) -> UnknownInstanceError:
+    # Names only the alias the message itself gave: this text is published (TelematicsRegistrationFailed) and
+    # stored (dead letters), so it must never list the other instances the secret holds.
+    return UnknownInstanceError("unknown_instance", [FieldError("Instance", f"no credentials for instance {alias!r}")])
 
 
 class SecretsManagerCredentials:
@@ -78,10 +89,10 @@ class SecretsManagerCredentials:
         self._max_age = max_age
         self._provider = parameters.SecretsProvider(boto3_client=client) if client is not None else None
         self._force_fetch = False
-        self._parsed: tuple[str, dict[str, InstanceCredentials]] | None = None
+        self._parsed: tuple[str, dict[str, InstanceCredentials | CredentialsConfigError]] | None = None
         self._lock = threading.Lock()
 
-    def _load(self) -> dict[str, InstanceCredentials]:
+    def _load(self) -> dict[str, InstanceCredentials | CredentialsConfigError]:
         with self._lock:
             if self._provider is None:
                 self._provider = parameters.SecretsProvider()
@@ -102,14 +113,20 @@ class SecretsManagerCredentials:
             return parsed
 
     def get(self, alias: str) -> InstanceCredentials:
-        known = self._load()
-        if alias not in known:
-            raise _unknown(alias, known)
-        return known[alias]
+        found = self._load().get(alias)
+        if found is None:
+            raise _unknown(alias)
+        if isinstance(found, CredentialsConfigError):
+            raise CredentialsConfigError(str(found))  # a fresh exception: the cached one must not gather tracebacks
+        return found
 
     def invalidate(self) -> None:
         with self._lock:
             self._force_fetch = True
+
+    def aliases(self) -> list[str]:
+        """Every alias of the secret (the reconcile flow audits each instance)."""
+        return sorted(self._load())
 
 
 class StaticCredentials:
@@ -124,8 +141,93 @@ class StaticCredentials:
 
     def get(self, alias: str) -> InstanceCredentials:
         if alias not in self._known:
-            raise _unknown(alias, self._known)
+            raise _unknown(alias)
         return self._known[alias]
 
     def invalidate(self) -> None:
         self.invalidations += 1
+
+    def aliases(self) -> list[str]:
+        return sorted(self._known)
+
+
+# --- the DeviceToken key -----------------------------------------------------------------------------------
+
+# Visible ASCII only: a key pasted with a trailing newline must be refused, not silently become another key
+# (which would give every new user a DeviceToken nobody can recompute).
+_KEY_TEXT: Final = re.compile(r"[\x21-\x7e]{32,4096}")
+
+
+class DeviceTokenKey:
+    """The HMAC-SHA256 key DeviceTokens are derived with; its value never shows in ``repr`` or ``str``.
+
+    Parameters
+    ----------
+    material
+        32 to 4096 visible ASCII characters (the stack generates 64 letters and digits: about 380 bits).
+
+    Example
+    -------
+    >>> key = DeviceTokenKey("k" * 32)
+    >>> key
+    DeviceTokenKey(***)
+    >>> len(key.digest(b"message"))
+    32
+    """
+
+    __slots__ = ("_material",)
+
+    def __init__(self, material: str) -> None:
+        if not isinstance(material, str) or _KEY_TEXT.fullmatch(material) is None:
+            raise CredentialsConfigError(
+                "DeviceToken key secret must be 32 to 4096 visible ASCII characters (no spaces or line breaks)"
+            )
+        self._material = material.encode("ascii")
+
+    def digest(self, message: bytes) -> bytes:
+        """HMAC-SHA256 of ``message`` under this key."""
+        return hmac.new(self._material, message, hashlib.sha256).digest()
+
+    def __repr__(self) -> str:
+        return "DeviceTokenKey(***)"
+
+    __str__ = __repr__
+
+
+class DeviceTokenKeyProvider(Protocol):
+    """Finds the DeviceToken key."""
+
+    def get(self) -> DeviceTokenKey:
+        """The key; raises :class:`CredentialsConfigError` when its secret is missing or malformed."""
+        ...
+
+
+class SecretsManagerDeviceTokenKey:
+    """The DeviceToken key from the Secrets Manager secret ``secret_id``, cached by Powertools for ``max_age`` s.
+
+    Like :class:`SecretsManagerCredentials`: one boto3 client, and a lock so that the queue function's threads
+    do not each fetch the secret on a cold start.
+    """
+
+    def __init__(self, secret_id: str, *, max_age: int = 300, client: Any = None) -> None:
+        if not secret_id:
+            raise CredentialsConfigError("DEVICE_TOKEN_KEY_SECRET_ARN is not set")
+        self._secret_id = secret_id
+        self._max_age = max_age
+        self._provider = parameters.SecretsProvider(boto3_client=client) if client is not None else None
+        self._parsed: tuple[str, DeviceTokenKey] | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> DeviceTokenKey:
+        with self._lock:
+            if self._provider is None:
+                self._provider = parameters.SecretsProvider()
+            try:
+                raw = self._provider.get(self._secret_id, max_age=self._max_age)
+            except parameters.exceptions.GetParameterError as exc:
+                raise CredentialsConfigError(f"cannot read DeviceToken key secret: {type(exc).__name__}") from None
+            if not isinstance(raw, str):
+                raise CredentialsConfigError("DeviceToken key secret must be a SecretString, not binary")
+            if self._parsed is None or self._parsed[0] != raw:
+                self._parsed = (raw, DeviceTokenKey(raw))
+            return self._parsed[1]

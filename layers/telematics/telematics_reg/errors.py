@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,42 @@ class FieldError:
 
 
 class TelematicsError(Exception):
-    """Base class of every error this library raises on purpose."""
+    """Base class of every error this library raises on purpose.
+
+    Their texts are written never to carry a token, a refresh token or an InstanceKey, so they may be logged,
+    returned to Lambda, and put in dead letters. Foreign exceptions (requests, botocore, ...) make no such
+    promise: see :func:`describe_error`.
+    """
+
+
+class RetryLaterError(TelematicsError):
+    """A failure from outside this library while handling a message, re-raised under a text that is safe to show
+    (the message is retried as before). The original is not chained: its text may quote what it was given."""
+
+
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def describe_error(exc: BaseException, *, limit: int = 500) -> str:
+    """A one-line description of ``exc`` that is safe to log, publish or store.
+
+    This library's own errors keep their text. A foreign exception keeps only its type, plus the AWS error code
+    when it is a botocore ``ClientError``: its text may quote a header, a parameter or an item.
+
+    Example
+    -------
+    >>> describe_error(TelematicsError("registration of c-1 is in progress"))
+    'TelematicsError: registration of c-1 is in progress'
+    >>> describe_error(ValueError("Invalid header value b'1b7cc25f-329e-4482-9dd1-0bb07c0c794b\\\\n'"))
+    'ValueError'
+    """
+    kind = type(exc).__name__
+    if isinstance(exc, TelematicsError):
+        text = _CONTROL.sub(" ", str(exc)).strip()
+        return f"{kind}: {text[:limit]}" if text else kind
+    response = getattr(exc, "response", None)
+    code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+    return f"{kind} ({code})" if isinstance(code, str) and code.isidentifier() else kind
 
 
 # --- input -------------------------------------------------------------------------------------------------
@@ -74,11 +110,26 @@ class TransientUpstreamError(RetryableUpstreamError):
     """5xx, connection failure or timeout where the request provably did nothing (or was safe to repeat)."""
 
 
+class RequestNotSentError(RetryableUpstreamError):
+    """The client refused to build or send a request (say, a header value HTTP cannot carry): nothing reached the
+    User Service, so trying again is safe, and it succeeds once the input or configuration is fixed. The text
+    names the header or the kind of problem, never a value: the values are credentials."""
+
+
 @dataclass
 class RateLimitedError(RetryableUpstreamError):
     """HTTP 429. ``retry_after`` is the server's ``Retry-After`` in seconds, when it sent one."""
 
     retry_after: float | None = None
+
+
+@dataclass
+class LoginDeferredError(RetryableUpstreamError):
+    """No Login may be made now: the fleet's Login budget for the sliding minute is spent, or a 429 on a Login opened
+    a fleet-wide block (``blocked``). Nothing was sent. ``retry_at`` (epoch seconds) is when one may be possible."""
+
+    retry_at: float = 0.0
+    blocked: bool = False
 
 
 class OutcomeUnknownError(UpstreamError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
@@ -75,6 +76,8 @@ MAX_MESSAGE_BYTES: Final = 64 * 1024
 """Largest registration message body accepted (UTF-8 bytes)."""
 
 _REVEAL_SECRETS: Final = "reveal_secrets"
+# fullmatch only: ``$`` would let a trailing newline through.
+_CANONICAL_UUID: Final = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
 _MAX_TEXT: Final = 256
 _MAX_URL: Final = 2048
 
@@ -387,9 +390,10 @@ class LoginRequest(_Model):
         Example
         -------
         >>> from uuid import uuid4
-        >>> creds = InstanceCredentials(instance_id=uuid4(), instance_key="k")
-        >>> LoginRequest.for_device(creds, uuid4()).to_upstream()["Password"]
-        'k'
+        >>> key = "1b7cc25f-329e-4482-9dd1-0bb07c0c794b"
+        >>> creds = InstanceCredentials(instance_id=uuid4(), instance_key=key)
+        >>> LoginRequest.for_device(creds, uuid4()).to_upstream()["Password"] == key
+        True
         """
         return cls(login_fields=LoginFields(device_token=device_token), password=creds.instance_key)
 
@@ -415,14 +419,26 @@ class InstanceCredentials(_Model):
     Example
     -------
     >>> creds = InstanceCredentials.model_validate(
-    ...     {"instanceId": "3c1c8fd7-4133-404a-82e9-93a015d85362", "instanceKey": "secret"}
+    ...     {"instanceId": "3c1c8fd7-4133-404a-82e9-93a015d85362",
+    ...      "instanceKey": "1b7cc25f-329e-4482-9dd1-0bb07c0c794b"}
     ... )
-    >>> "secret" in repr(creds)
+    >>> "1b7cc25f" in repr(creds)
     False
     """
 
     instance_id: LaxUUID
-    instance_key: Secret = Field(min_length=1, max_length=_MAX_TEXT)
+    instance_key: Secret
+
+    @field_validator("instance_key", mode="before")
+    @classmethod
+    def _instance_key_is_a_uuid(cls, value: Any) -> Any:
+        # The vendor issues InstanceKeys as UUIDs. Anything else (a trailing newline or space pasted into the
+        # secret, a control character) ends up in an HTTP header, where requests and http.client refuse it
+        # with the whole value in their exception text: refuse it here, never echoing it.
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if not isinstance(raw, str) or _CANONICAL_UUID.fullmatch(raw) is None:
+            raise PydanticCustomError("instance_key", "InstanceKey should be a UUID (8-4-4-4-12 hex digits only)")
+        return value
 
     def headers(self) -> dict[str, str]:
         """The request headers that authenticate a call for this instance (the key in clear text)."""
@@ -583,6 +599,16 @@ class RegistrationRequest(_Profile):
 
     client_id: ClientId
     instance: InstanceAlias = "default"
+    #: When the registration occurred (ISO 8601, ms; not forwarded). Without it, the intake sets the event's
+    #: ``time`` or the message's ``SentTimestamp``. Orders it against a deletion of the same ClientId.
+    occurred_at: Annotated[datetime, Field(strict=False)] | None = None
+
+    @property
+    def occurred_at_ms(self) -> int | None:
+        if self.occurred_at is None:
+            return None
+        moment = self.occurred_at if self.occurred_at.tzinfo else self.occurred_at.replace(tzinfo=UTC)
+        return int(moment.timestamp() * 1000)
 
     @classmethod
     def _prepare(cls, data: dict[Any, Any]) -> dict[Any, Any]:

@@ -12,6 +12,8 @@ from typing import Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from telematics_reg.observability import logger
+
 Source = Literal["signup", "queue", "bulk", "refresh"]
 
 
@@ -101,9 +103,11 @@ class EventBridgePublisher:
                 }
                 for event in events[start : start + 10]
             ]
+            batch = events[start : start + 10]
             for _ in range(3):
                 response = self._client.put_events(Entries=entries)
                 if not response.get("FailedEntryCount"):
+                    _log_published(batch)
                     break
                 results = response.get("Entries", [])
                 failed = [entry for entry, result in zip(entries, results, strict=False) if result.get("ErrorCode")]
@@ -111,3 +115,28 @@ class EventBridgePublisher:
                 entries = failed or entries
             else:
                 raise PublishError(f"EventBridge refused {len(entries)} events: {', '.join(codes)}")
+
+
+def _log_published(events: Sequence[OutcomeEvent]) -> None:
+    # One line per event, with its ids (an event holds nothing else): the outcomes `telematics-reg trace` shows.
+    for event in events:
+        detail = event.detail()
+        logger.info(
+            "outcome event published",
+            extra={
+                "detail_type": event.detail_type,
+                **{_LOG_KEYS[key]: value for key, value in detail.items() if key in _LOG_KEYS},
+            },
+        )
+
+
+_LOG_KEYS = {
+    "DeviceToken": "device_token",
+    "ClientId": "client_id",
+    "Instance": "instance",
+    "BulkRequestId": "bulk_request_id",
+    "MessageId": "message_id",
+    "Reason": "reason",
+    "Duplicate": "duplicate",
+    "Source": "source",
+}

@@ -11,7 +11,17 @@ Item shape (see README "Token store") -- partition key ``pk``:
     stored refresh token was rejected or may be spent: the next attempt logs in instead), ``BulkRequestId``,
     ``CreatedAt``, ``UpdatedAt``.
 ``BULK#<Instance>#<RequestId>``
-    progress of one bulk request: ``Quantity``, ``ChunkSize``, ``ChunkCount`` and per chunk ``Chunk<n>`` state.
+    progress of one bulk request: ``Quantity``, ``ChunkSize``, ``ChunkCount`` and per chunk ``Chunk<n>`` state,
+    ``Stored<n>`` (users stored once DONE), ``Owner<n>``/``Since<n>`` (who is calling it, since when: epoch s) and,
+    for a chunk made one Create per user, ``Made<n>`` (how many of its users are made and stored, in order). An
+    UNKNOWN chunk keeps ``Owner<n>``/``Since<n>`` and gets ``Ended<n>``: the window of the call whose outcome is
+    unknown, which adoption (:mod:`telematics_reg.reconcile`) lists the upstream's users in.
+``CHUNKCALLS#<Instance>#<minute>``
+    one attribute ``<RequestId>#<n>`` (the claim's epoch s) per chunk claimed in that minute, and ``ExpiresAt``
+    (TTL): every CreateMany call of the instance, so that adoption can tell when another chunk's call overlapped.
+``ADOPTIONS#PENDING``
+    one attribute ``<Instance>#<RequestId>#<n>`` (epoch s) per chunk moved to UNKNOWN: what the reconcile function
+    tries to adopt.
 
 Every write that can race is conditional; the conditions are spelled out above each write.
 """
@@ -20,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -38,13 +49,23 @@ class UserStatus(StrEnum):
     ACTIVE = "ACTIVE"  # tokens stored and kept fresh
     TOKENLESS = "TOKENLESS"  # registered with CreateAccessToken=false: tokens come by Login when first needed
     NEEDS_RELOGIN = "NEEDS_RELOGIN"  # refresh and Login both failed; announced, out of the refresh index
+    GONE = "GONE"  # the drift audit found it no longer upstream (telematics_reg.reconcile): announced, out of the index
+
+    # Lifecycle (telematics_reg.lifecycle): a deletion in progress, then its tombstone. Neither holds a token or a
+    # profile field; neither is in the refresh index; a registration that occurred before it never replaces it.
+    DELETING = "DELETING"  # tokens gone here; the upstream delete may still be due
+    DELETED = "DELETED"  # the tombstone: ids and the deletion time, expired by TTL (``ExpiresAt``)
+
+    @property
+    def erased(self) -> bool:
+        return self in (UserStatus.DELETING, UserStatus.DELETED)
 
 
 class ChunkState(StrEnum):
-    TODO = "TODO"
-    CALLING = "CALLING"  # a CreateMany call is (or was) in flight: its outcome is unknown until DONE
+    TODO = "TODO"  # nothing in flight (with ``Made<n>``: that many of its users made and stored, the rest to do)
+    CALLING = "CALLING"  # ``Owner<n>`` is calling it (since ``Since<n>``): its outcome is unknown until DONE
     DONE = "DONE"
-    UNKNOWN = "UNKNOWN"  # the answer was lost: never called again, reported
+    UNKNOWN = "UNKNOWN"  # the answer was lost: never called again, reported; its call window kept for adoption
     FAILED = "FAILED"  # the upstream rejected it permanently
 
 
@@ -93,6 +114,12 @@ class UserRecord:
     bulk_request_id: str | None = None
     created_at: str = ""
     updated_at: str = ""
+    #: Lifecycle: when the last change applied to this user occurred (epoch ms), the per-user order marker.
+    last_change_at: int | None = None
+    #: Lifecycle: the user is deactivated upstream (its tokens are still kept fresh: see README "User lifecycle").
+    deactivated: bool = False
+    #: Lifecycle: when the deletion occurred (epoch ms), on DELETING / DELETED items.
+    deleted_at: int | None = None
 
     @property
     def tokens(self) -> Tokens | None:
@@ -114,6 +141,14 @@ class NewUser:
 
 
 @dataclass(frozen=True)
+class ChunkClaim:
+    """Who is calling a bulk chunk, and since when (epoch seconds, by the caller's clock)."""
+
+    owner: str
+    since: int
+
+
+@dataclass(frozen=True)
 class BulkProgress:
     instance: str
     request_id: str
@@ -121,6 +156,12 @@ class BulkProgress:
     chunk_size: int
     chunks: dict[int, ChunkState]
     stored: dict[int, int]
+    #: The claim of each CALLING chunk.
+    claims: dict[int, ChunkClaim] = field(default_factory=dict)
+    #: Chunks made one Create per user (CreateMany not offered): how many of their users are made and stored.
+    made: dict[int, int] = field(default_factory=dict)
+    #: UNKNOWN chunks: when they were judged so (epoch s); with their claim's ``since``, the call's window.
+    ended: dict[int, int] = field(default_factory=dict)
 
     @property
     def chunk_count(self) -> int:
@@ -145,6 +186,27 @@ def bulk_pk(instance: str, request_id: str) -> str:
     return f"BULK#{instance}#{request_id}"
 
 
+#: Chunks moved to UNKNOWN, waiting for adoption (one attribute per chunk).
+ADOPTIONS_PK = "ADOPTIONS#PENDING"
+#: How long the record of a chunk's call is kept (the table's TTL removes it).
+CHUNK_CALL_RETENTION_SECONDS = 14 * 86400
+
+
+def chunk_calls_pk(instance: str, minute: int) -> str:
+    """The item recording the chunk calls of ``instance`` claimed in epoch minute ``minute``."""
+    return f"CHUNKCALLS#{instance}#{minute}"
+
+
+def chunk_key(request_id: str, index: int) -> str:
+    return f"{request_id}#{index}"
+
+
+def pending_key(instance: str, request_id: str, index: int) -> str:
+    """The attribute of :data:`ADOPTIONS_PK` naming one chunk waiting for adoption (JSON: aliases and request ids
+    may hold any character)."""
+    return json.dumps([instance, request_id, index], separators=(",", ":"))
+
+
 def client_key(instance: str, client_id: str) -> str:
     return f"{instance}#{client_id}"
 
@@ -153,6 +215,14 @@ def shard_of(device_token: str, shards: int) -> str:
     """Stable shard of the refresh index for a user (spreads the hot 'due soon' range over partitions)."""
     digest = hashlib.sha256(device_token.encode()).digest()
     return f"{int.from_bytes(digest[:4], 'big') % shards:03d}"
+
+
+def prefer_live(records: Sequence[UserRecord]) -> UserRecord | None:
+    """The live record among ``records``, else the most recent tombstone (``None`` for none)."""
+    live = [r for r in records if not r.status.erased]
+    if live:
+        return live[0]
+    return max(records, key=lambda r: r.deleted_at or 0, default=None)
 
 
 def iso(now: float) -> str:
@@ -195,6 +265,21 @@ class TokenStore(Protocol):
         new: ChunkState,
         stored: int | None = None,
         now: float,
+        owner: str | None = None,
+    ) -> None: ...
+    def claim_chunk(
+        self,
+        *,
+        instance: str,
+        request_id: str,
+        index: int,
+        owner: str,
+        now: float,
+        abandoned: ChunkClaim | None = None,
+    ) -> None: ...
+    def make_chunk_per_user(self, *, instance: str, request_id: str, index: int, owner: str) -> int: ...
+    def store_chunk_user(
+        self, *, instance: str, request_id: str, index: int, owner: str, position: int, user: NewUser, now: float
     ) -> None: ...
     def query_due(
         self, *, shard: str, horizon: int, limit: int, start_key: dict[str, Any] | None = None
@@ -211,7 +296,11 @@ class TokenStore(Protocol):
         reactivate: bool = False,
         due_by: int | None = None,
     ) -> UserRecord | None: ...
-    def commit_tokens(self, *, device_token: str, expected_version: int, tokens: Tokens, now: float) -> UserRecord: ...
+    def renew_lease(self, *, device_token: str, version: int, owner: str, now: float, ttl: int) -> int | None: ...
+    def commit_tokens(
+        self, *, device_token: str, expected_version: int, owner: str, tokens: Tokens, now: float
+    ) -> UserRecord: ...
+    def mark_refresh_token_dead(self, *, device_token: str, version: int, reason: str, now: float) -> bool: ...
     def release_lease(
         self,
         *,
@@ -222,7 +311,9 @@ class TokenStore(Protocol):
         now: float,
         refresh_token_dead: bool = False,
     ) -> None: ...
-    def mark_needs_relogin(self, *, device_token: str, expected_version: int, reason: str, now: float) -> None: ...
+    def mark_needs_relogin(
+        self, *, device_token: str, expected_version: int, owner: str, reason: str, now: float
+    ) -> None: ...
 
 
 # ------------------------------------------------------------------------------------------------- DynamoDB
@@ -252,8 +343,19 @@ _USER_ATTRS = {
     "BulkRequestId": "bulk_request_id",
     "CreatedAt": "created_at",
     "UpdatedAt": "updated_at",
+    "LastChangeAt": "last_change_at",
+    "Deactivated": "deactivated",
+    "DeletedAt": "deleted_at",
 }
-_INT_FIELDS = {"version", "access_expires_at", "claim_expires_at", "lease_expires_at", "retry_after"}
+_INT_FIELDS = {
+    "version",
+    "access_expires_at",
+    "claim_expires_at",
+    "lease_expires_at",
+    "retry_after",
+    "last_change_at",
+    "deleted_at",
+}
 
 
 def _to_item(values: dict[str, Any]) -> dict[str, Any]:
@@ -329,6 +431,21 @@ class DynamoTokenStore:
         response = self._call("update_item", **kwargs)
         return _from_item(response["Attributes"]) if return_new or return_old else None
 
+    @staticmethod
+    def _record_of(values: dict[str, Any]) -> UserRecord:
+        """A user item (deserialized) as a :class:`UserRecord` (for the lifecycle's writes on the same items)."""
+        return _record(values)
+
+    def _note(self, pk: str, expression: str, values: dict[str, Any], names: dict[str, str]) -> None:
+        """An unconditional update of a bookkeeping item (created if missing)."""
+        self._call(
+            "update_item",
+            Key={"pk": {"S": pk}},
+            UpdateExpression=expression,
+            ExpressionAttributeValues=_to_item(values),
+            ExpressionAttributeNames=names,
+        )
+
     # -- reads
 
     def get_user(self, device_token: str) -> UserRecord | None:
@@ -337,18 +454,22 @@ class DynamoTokenStore:
         return _record(_from_item(item)) if item else None
 
     def find_by_client(self, instance: str, client_id: str) -> UserRecord | None:
+        """The user of (Instance, ClientId): the live one if any, else its latest tombstone (a ClientId deleted
+        and registered again has both)."""
+        return prefer_live(self.find_all_by_client(instance, client_id))
+
+    def find_all_by_client(self, instance: str, client_id: str) -> list[UserRecord]:
+        """Every item of (Instance, ClientId): at most one live user, and the tombstones of deleted ones."""
         response = self._call(
             "query",
             IndexName="ByClient",
             KeyConditionExpression="ClientKey = :k",
             ExpressionAttributeValues={":k": {"S": client_key(instance, client_id)}},
-            Limit=2,
+            Limit=50,
         )
-        items = response.get("Items", [])
-        if not items:
-            return None
-        # The index is eventually consistent: re-read the item itself.
-        return self.get_user(str(_from_item(items[0])["DeviceToken"]))
+        # The index is eventually consistent: re-read each item itself.
+        found = (self.get_user(str(_from_item(item)["DeviceToken"])) for item in response.get("Items", []))
+        return [record for record in found if record is not None]
 
     # -- registration
 
@@ -521,22 +642,185 @@ class DynamoTokenStore:
         new: ChunkState,
         stored: int | None = None,
         now: float,
+        owner: str | None = None,
     ) -> None:
-        """Move one chunk between states; the condition on its current state makes each move happen once."""
+        """Move one chunk between states; the condition on its current state makes each move happen once.
+
+        With ``owner``, a chunk that is CALLING moves only if ``owner`` is the one calling it: a delivery whose
+        chunk was taken over after it was judged abandoned never moves it. Leaving CALLING removes the claim.
+        """
         expected_states = list(expected)
         placeholders = {f":e{i}": s.value for i, s in enumerate(expected_states)}
         values: dict[str, Any] = {":new": new.value, ":now": iso(now), **placeholders}
+        names = {"#c": f"Chunk{index}"}
         expression = "SET #c = :new, UpdatedAt = :now"
+        condition = f"#c IN ({', '.join(placeholders)})"
         if stored is not None:
             values[":stored"] = stored
+            names["#n"] = f"Stored{index}"
             expression += ", #n = :stored"
+        if owner is not None:
+            values |= {":calling": ChunkState.CALLING.value, ":owner": owner}
+            names["#o"] = f"Owner{index}"
+            condition += " AND (#c <> :calling OR #o = :owner)"
+        if new is ChunkState.UNKNOWN:
+            # The claim stays: Since<n> and Ended<n> bound the call whose users adoption looks for. Pending adoption
+            # is recorded first, so that no UNKNOWN chunk is ever missing from it (an entry for a chunk that did not
+            # move is dropped by the reconcile function when it reads the chunk).
+            names["#e"] = f"Ended{index}"
+            values[":end"] = int(now)
+            expression += ", #e = :end"
+            self._note(
+                ADOPTIONS_PK,
+                "SET #a = if_not_exists(#a, :end)",
+                {":end": int(now)},
+                {"#a": pending_key(instance, request_id, index)},
+            )
+        elif new is not ChunkState.CALLING:
+            names |= {"#o": f"Owner{index}", "#t": f"Since{index}"}
+            expression += " REMOVE #o, #t"
+        self._update(bulk_pk(instance, request_id), expression, condition, values, names)
+
+    def claim_chunk(
+        self,
+        *,
+        instance: str,
+        request_id: str,
+        index: int,
+        owner: str,
+        now: float,
+        abandoned: ChunkClaim | None = None,
+    ) -> None:
+        """Become the one calling a chunk: from TODO, or (``abandoned``) from a claim whose holder's time ran out.
+
+        Condition: the chunk is TODO, or still CALLING under exactly the claim that was judged abandoned (same
+        owner, same start), so of two deliveries taking over the same dead claim only one succeeds::
+
+            D1: claim (owner D1, since t0) ... cut off at its timeout
+            D2: reads CALLING (D1, t0); t0 + claim_seconds < now   -> take over if still (D1, t0)   ok
+            D3: reads CALLING (D1, t0) as well                      -> take over if still (D1, t0)   fails
+        """
+        values: dict[str, Any] = {
+            ":calling": ChunkState.CALLING.value,
+            ":me": owner,
+            ":since": int(now),
+            ":now": iso(now),
+        }
+        if abandoned is None:
+            condition = "#c = :todo"
+            values[":todo"] = ChunkState.TODO.value
+        else:
+            condition = "#c = :calling AND #o = :old AND #t = :oldsince"
+            values |= {":old": abandoned.owner, ":oldsince": abandoned.since}
+        # Recorded before the claim, so every call is on record (a record whose claim then failed is harmless: the
+        # reader checks the chunk's state). Adoption reads it to tell when another chunk's call overlapped a lost one.
+        minute = int(now) // 60
+        self._note(
+            chunk_calls_pk(instance, minute),
+            "SET #k = :since, ExpiresAt = if_not_exists(ExpiresAt, :expires)",
+            {":since": int(now), ":expires": minute * 60 + CHUNK_CALL_RETENTION_SECONDS},
+            {"#k": chunk_key(request_id, index)},
+        )
         self._update(
             bulk_pk(instance, request_id),
-            expression,
-            f"#c IN ({', '.join(placeholders)})",
+            "SET #c = :calling, #o = :me, #t = :since, UpdatedAt = :now",
+            condition,
             values,
-            {"#c": f"Chunk{index}", "#n": f"Stored{index}"} if stored is not None else {"#c": f"Chunk{index}"},
+            {"#c": f"Chunk{index}", "#o": f"Owner{index}", "#t": f"Since{index}"},
         )
+
+    def make_chunk_per_user(self, *, instance: str, request_id: str, index: int, owner: str) -> int:
+        """Record, before its first Create, that a chunk is made one Create per user; returns how many are made.
+
+        Condition: we are calling it. From now on no delivery calls CreateMany for it: each resumes the Creates.
+        """
+        attrs = self._update(
+            bulk_pk(instance, request_id),
+            "SET #m = if_not_exists(#m, :zero)",
+            "#c = :calling AND #o = :me",
+            {":zero": 0, ":calling": ChunkState.CALLING.value, ":me": owner},
+            {"#c": f"Chunk{index}", "#o": f"Owner{index}", "#m": f"Made{index}"},
+            return_new=True,
+        )
+        assert attrs is not None
+        return int(attrs[f"Made{index}"])
+
+    def store_chunk_user(
+        self, *, instance: str, request_id: str, index: int, owner: str, position: int, user: NewUser, now: float
+    ) -> None:
+        """Store the user made at ``position`` of a per-user chunk and count it, in one transaction.
+
+        Conditions: we still call the chunk and exactly ``position`` users are counted (so a delivery that lost
+        the chunk to a takeover stores nothing), and the user is new. A delivery cut off after its Create and
+        before this write leaves ``Made<n> = position``: the next one repeats the Create with the same
+        CustomToken, which cannot make a second user (it answers "exists").
+        """
+        try:
+            self._client.transact_write_items(
+                TransactItems=[
+                    {
+                        "Put": {
+                            "TableName": self._table,
+                            "Item": _to_item(self._new_user_values(user, now)),
+                            "ConditionExpression": "attribute_not_exists(pk)",
+                        }
+                    },
+                    {
+                        "Update": {
+                            "TableName": self._table,
+                            "Key": {"pk": {"S": bulk_pk(instance, request_id)}},
+                            "UpdateExpression": "SET #m = :next, UpdatedAt = :now",
+                            "ConditionExpression": "#c = :calling AND #o = :me AND #m = :position",
+                            "ExpressionAttributeNames": {
+                                "#c": f"Chunk{index}",
+                                "#o": f"Owner{index}",
+                                "#m": f"Made{index}",
+                            },
+                            "ExpressionAttributeValues": _to_item(
+                                {
+                                    ":next": position + 1,
+                                    ":now": iso(now),
+                                    ":calling": ChunkState.CALLING.value,
+                                    ":me": owner,
+                                    ":position": position,
+                                }
+                            ),
+                        }
+                    },
+                ]
+            )
+        except ClientError as exc:
+            reasons = exc.response.get("CancellationReasons") or []
+            if any(r.get("Code") == "ConditionalCheckFailed" for r in reasons) or (
+                exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
+            ):
+                if self._chunk_user_already_stored(owner, instance, request_id, index, position, user):
+                    return
+                raise ConditionFailedError("store_chunk_user: chunk taken over or user stored") from None
+            code = exc.response.get("Error", {}).get("Code", "Unknown")
+            raise StoreError(f"DynamoDB transact_write_items failed: {code}") from exc
+
+    def _chunk_user_already_stored(
+        self, owner: str, instance: str, request_id: str, index: int, position: int, user: NewUser
+    ) -> bool:
+        """Whether what the failed write was to do is done: we still hold the claim, ``Made<n>`` is one past
+        ``position``, and the user is stored.
+
+        The client retries a transaction whose answer it did not get (a read timeout). If the first attempt
+        committed, the retry fails its condition; without this it would be read as a takeover, and the chunk
+        left CALLING until its claim lapsed::
+
+            attempt 1: Made=p -> p+1, put user p ... answer lost (read timeout)
+            attempt 2 (botocore's retry): Made = p? no -> ConditionalCheckFailed
+            read: Owner = us, Made = p+1, user p stored -> done by attempt 1: success
+
+        A delivery that lost its claim, or one at a position already counted with another user, still fails.
+        """
+        response = self._call("get_item", Key={"pk": {"S": bulk_pk(instance, request_id)}}, ConsistentRead=True)
+        values = _from_item(response.get("Item") or {})
+        if values.get(f"Owner{index}") != owner or values.get(f"Made{index}") != position + 1:
+            return False
+        return self.get_user(user.device_token) is not None
 
     # -- token maintenance
 
@@ -588,6 +872,13 @@ class DynamoTokenStore:
         or NEEDS_RELOGIN when an operator ``reactivate``s it), and no live lease exists. With ``due_by``, also
         that an ACTIVE user is due (its access token expires by then, and no ``RetryAfter`` is pending), so a
         queued job can lease without reading the user first.
+
+        "No live lease" is judged by the taker's clock, which may run ahead of the holder's: the holder keeps its
+        calls and commit inside ``LeaseExpiresAt - skew`` (see :class:`telematics_reg.timing.LeaseTiming`), so a
+        takeover never overlaps a call still in flight::
+
+            W1 (holder)  lease -> expires at t+L; calls only while now + call + commit + skew <= t+L
+            W2 (ahead S) sees it lapsed from real time t+L-S on, S <= skew: W1's call and commit are over
         """
         condition = (
             "Version = :v AND #s IN (:active, :tokenless, :third) "
@@ -625,21 +916,55 @@ class DynamoTokenStore:
         leased = _record({**old, "LeaseOwner": owner, "LeaseExpiresAt": int(now) + ttl})
         return replace(leased, lease_lapsed="LeaseOwner" in old)
 
-    def commit_tokens(self, *, device_token: str, expected_version: int, tokens: Tokens, now: float) -> UserRecord:
-        """Store a rotated pair. Condition: the version, not the lease (a lease can expire under a slow
-        worker; the version cannot change unless someone else committed)."""
+    def renew_lease(self, *, device_token: str, version: int, owner: str, now: float, ttl: int) -> int | None:
+        """Extend our lease to ``now + ttl`` before a further rotating call; the new expiry, or ``None`` if we lost it.
+
+        Condition: we still hold the lease (``LeaseOwner``) and the version is the one we leased. A worker whose
+        lease was taken over after it lapsed (another worker's clock saw it expire) therefore never starts a call
+        that would spend the token pair the new holder is about to rotate::
+
+            W1 lease(v) ... slow ... lapsed          renew(W1, v) -> refused: no call
+            W2                       lease(v) (takes over, logs in) -> commit(W2, v)
+        """
+        until = int(now) + ttl
+        try:
+            self._update(
+                user_pk(device_token),
+                "SET LeaseExpiresAt = :until",
+                "LeaseOwner = :me AND Version = :v",
+                {":until": until, ":me": owner, ":v": version},
+            )
+        except ConditionFailedError:
+            return None
+        return until
+
+    def commit_tokens(
+        self, *, device_token: str, expected_version: int, owner: str, tokens: Tokens, now: float
+    ) -> UserRecord:
+        """Store a rotated pair. Condition: the version we leased AND that we still hold the lease.
+
+        The owner is what makes a late commit safe. A worker can only lose its lease by letting it lapse, and the
+        worker that took it over goes to Login (a lapsed lease means the stored refresh token may be spent), which
+        kills every pair issued before. So a pair from a worker that lost its lease is dead or about to be:
+        storing it (as a version-only condition did) would replace the new holder's live pair or be overwritten by
+        a pair that never gets stored::
+
+            W1 lease(v) -- Refresh ....slow.... -> P1              commit(W1, v): refused (owner), P1 not stored
+            W2 (clock ahead)     lease(v) lapsed -- Login -> P2 (P1 dies) -- commit(W2, v) -> v+1 holds P2
+        """
         attrs = self._update(
             user_pk(device_token),
             "SET AccessToken = :at, RefreshToken = :rt, AccessExpiresAt = :exp, Version = :next, #s = :active, "
             "DueShard = :shard, UpdatedAt = :now "
             "REMOVE LeaseOwner, LeaseExpiresAt, RetryAfter, LastError, QueuedUntil, RefreshTokenDead",
-            "Version = :v",
+            "Version = :v AND LeaseOwner = :me",
             {
                 ":at": tokens.access_token,
                 ":rt": tokens.refresh_token,
                 ":exp": tokens.expires_at,
                 ":next": expected_version + 1,
                 ":v": expected_version,
+                ":me": owner,
                 ":active": UserStatus.ACTIVE.value,
                 ":shard": shard_of(device_token, self.shards),
                 ":now": iso(now),
@@ -649,6 +974,24 @@ class DynamoTokenStore:
         )
         assert attrs is not None
         return _record(attrs)
+
+    def mark_refresh_token_dead(self, *, device_token: str, version: int, reason: str, now: float) -> bool:
+        """Note that the refresh token stored at ``version`` is spent (a worker rotated it and could not store the
+        result). False when the version moved on (a newer pair is stored: nothing to note).
+
+        Condition: the version only, not the lease: whoever holds the lease, the fact is true of that version's
+        token, and it only ever sends the next attempt to Login instead of presenting a spent token.
+        """
+        try:
+            self._update(
+                user_pk(device_token),
+                "SET RefreshTokenDead = :dead, LastError = :err, UpdatedAt = :now",
+                "Version = :v",
+                {":dead": True, ":err": reason[:500], ":now": iso(now), ":v": version},
+            )
+        except ConditionFailedError:
+            return False
+        return True
 
     def release_lease(
         self,
@@ -681,18 +1024,28 @@ class DynamoTokenStore:
                 values,
             )
 
-    def mark_needs_relogin(self, *, device_token: str, expected_version: int, reason: str, now: float) -> None:
-        """Take the user out of the refresh index for good (removing ``DueShard``) and record why."""
+    def mark_needs_relogin(
+        self, *, device_token: str, expected_version: int, owner: str, reason: str, now: float
+    ) -> None:
+        """Take the user out of the refresh index for good (removing ``DueShard``) and record why.
+
+        Condition: the version AND our lease. A worker whose lease lapsed and was taken over must not mark the
+        user: that would bump the version under the new holder, whose commit of a live pair would then fail::
+
+            W1 lease(v) -- Login ....slow.... -> 401       mark(W1, v): refused (owner), the user stays ACTIVE
+            W2                lease(v) lapsed -- Login -> P2 -- commit(W2, v) -> v+1 holds P2
+        """
         self._update(
             user_pk(device_token),
             "SET #s = :s, LastError = :err, UpdatedAt = :now, Version = :next "
             "REMOVE DueShard, LeaseOwner, LeaseExpiresAt, RetryAfter, QueuedUntil",
-            "Version = :v",
+            "Version = :v AND LeaseOwner = :me",
             {
                 ":s": UserStatus.NEEDS_RELOGIN.value,
                 ":err": reason[:500],
                 ":now": iso(now),
                 ":v": expected_version,
+                ":me": owner,
                 ":next": expected_version + 1,
             },
             {"#s": "Status"},
@@ -708,4 +1061,11 @@ def _bulk(values: dict[str, Any]) -> BulkProgress:
         chunk_size=int(values["ChunkSize"]),
         chunks={i: ChunkState(values[f"Chunk{i}"]) for i in range(count)},
         stored={i: int(values[f"Stored{i}"]) for i in range(count) if f"Stored{i}" in values},
+        claims={
+            i: ChunkClaim(str(values[f"Owner{i}"]), int(values[f"Since{i}"]))
+            for i in range(count)
+            if f"Owner{i}" in values and f"Since{i}" in values
+        },
+        made={i: int(values[f"Made{i}"]) for i in range(count) if f"Made{i}" in values},
+        ended={i: int(values[f"Ended{i}"]) for i in range(count) if f"Ended{i}" in values},
     )

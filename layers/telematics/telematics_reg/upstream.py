@@ -3,24 +3,33 @@
 Every answer is turned into a :class:`CreateResult`/``bool`` or one of the typed errors of
 :mod:`telematics_reg.errors`. What a failure means depends on the call:
 
-============  =====================================  ============================================
-call          retried here (full-jitter backoff)     an answer lost after the request went out
-============  =====================================  ============================================
-Create        never-sent, 429, 503                   OutcomeUnknownError (recovered by Login when
-CreateMany    never-sent, 429, 503                   the body has a CustomToken)
-Refresh       never-sent, 429, 503                   OutcomeUnknownError: the token may be spent
-Login         never-sent, 429, 503                   TransientUpstreamError (rate-limited upstream)
-UserExists    every transient failure                TransientUpstreamError
-============  =====================================  ============================================
+==============  =====================================  ============================================
+call            retried here (full-jitter backoff)     an answer lost after the request went out
+==============  =====================================  ============================================
+Create          never-sent, 429, 503                   OutcomeUnknownError (recovered by Login when
+CreateMany      never-sent, 429, 503                   the body has a CustomToken)
+Refresh         never-sent, 429, 503                   OutcomeUnknownError: the token may be spent
+Login (user,    never-sent only: every Login that      TransientUpstreamError; a 429 is raised at
+admin)          reaches the upstream counts against    once as RateLimitedError (never retried: the
+                its limit (5 a minute per IP)          next Login would only extend the block)
+UserExists      every transient failure                TransientUpstreamError
+find, page      every transient failure                TransientUpstreamError
+update, delete  every transient failure, 429 (PUT      TransientUpstreamError after the last attempt
+                and DELETE are safe to repeat)
+change          never-sent, 429, 503                   verified with find, then repeated if not done
+instance
+==============  =====================================  ============================================
 
 Tokens, refresh tokens and InstanceKeys never appear in logs or exception messages.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -28,12 +37,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from http import HTTPStatus
-from typing import Any, Final, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 from uuid import UUID
 
 import requests
+import urllib3
 from aws_lambda_powertools.metrics import MetricUnit
-from pydantic import SecretStr, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError
 from urllib3.util.retry import Retry
@@ -47,6 +57,7 @@ from telematics_reg.errors import (
     NotFoundError,
     OutcomeUnknownError,
     RateLimitedError,
+    RequestNotSentError,
     RetryableUpstreamError,
     TransientUpstreamError,
     UnauthorizedError,
@@ -70,28 +81,56 @@ from telematics_reg.models import (
 )
 from telematics_reg.observability import logger, metrics
 
-__all__ = ["REFRESH_PATH_OBSERVED", "REFRESH_PATH_SPEC", "UserService", "UserServiceClient", "parse_retry_after"]
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from telematics_reg.budget import LoginBudget
+    from telematics_reg.management_models import (
+        AdminCredentials,
+        AdminSession,
+        ManagedUser,
+        UserPage,
+        UserPageQuery,
+        UserUpdate,
+    )
+
+__all__ = [
+    "REFRESH_PATH_OBSERVED",
+    "REFRESH_PATH_SPEC",
+    "UserService",
+    "UserServiceClient",
+    "iter_user_pages",
+    "parse_retry_after",
+]
 
 REFRESH_PATH_OBSERVED: Final = "/v1/Auth/RefreshToken"
 """Refresh path every official client uses."""
 REFRESH_PATH_SPEC: Final = "/v1/RefreshToken"
 """Refresh path the product spec writes; tried once when the observed one answers 404."""
 
-_ModelT = TypeVar("_ModelT", CreateResult, CreateManyResult, UserExistsResult)
+_ModelT = TypeVar("_ModelT", bound=BaseModel)
 
 
 class UserService(Protocol):
     """What the library needs from the User Service. :class:`UserServiceClient` is the real one;
     :class:`local.fakes.FakeUserService` is an in-memory one for tests."""
 
-    def create(self, creds: InstanceCredentials, body: CreateUserRequest) -> CreateResult:
-        """Register one user. With ``body.custom_token`` a lost answer is recovered, never doubled."""
+    def create(self, creds: InstanceCredentials, body: CreateUserRequest, *, recover: bool = True) -> CreateResult:
+        """Register one user. With ``body.custom_token`` a lost answer is recovered, never doubled (with
+        ``recover=False`` it is raised instead, and "exists" raises :class:`UserAlreadyExistsError`: no Login)."""
         ...
 
     def create_many(
-        self, creds: InstanceCredentials, body: CreateManyRequest, custom_tokens: Sequence[UUID] | None = None
+        self,
+        creds: InstanceCredentials,
+        body: CreateManyRequest,
+        custom_tokens: Sequence[UUID] | None = None,
+        *,
+        fallback: bool = True,
     ) -> list[CreateResult]:
-        """Register ``body.quantity`` (at most 100) anonymous users; ``custom_tokens`` serve the Create fallback."""
+        """Register ``body.quantity`` (at most 100) anonymous users; ``custom_tokens`` serve the Create fallback.
+
+        With ``fallback=False`` a CreateMany that is not offered raises :class:`NotFoundError` instead."""
         ...
 
     def refresh(self, access_token: str, refresh_token: str) -> CreateResult:
@@ -106,6 +145,78 @@ class UserService(Protocol):
         """Whether the instance has a user with this ``UserFields.ClientId``."""
         ...
 
+    # --- the admin session and the User Management API (admin JWT only) ---
+
+    def admin_login(self, admin: AdminCredentials) -> AdminSession:
+        """Start an admin session (rate-limited with every other Login: not the normal path)."""
+        ...
+
+    def admin_refresh(self, access_token: str | SecretStr, refresh_token: str | SecretStr) -> AdminSession:
+        """Exchange the admin JWT and its single-use refresh token for a new pair."""
+        ...
+
+    def find_users(
+        self,
+        admin_token: str | SecretStr,
+        *,
+        device_token: UUID | None = None,
+        email: str | None = None,
+        phone: str | None = None,
+        client_id: str | None = None,
+        first_name: str | None = None,
+        last_name: str | None = None,
+    ) -> list[ManagedUser]:
+        """Users matching every criterion given (at least one), across every instance of the company."""
+        ...
+
+    def users_page(self, admin_token: str | SecretStr, query: UserPageQuery) -> UserPage:
+        """One page of GetFilteredPage (see :func:`iter_user_pages` for all of them)."""
+        ...
+
+    def update_user(self, admin_token: str | SecretStr, device_token: UUID, changes: UserUpdate) -> None:
+        """Change only the fields ``changes`` sets."""
+        ...
+
+    def delete_user(self, admin_token: str | SecretStr, device_token: UUID) -> None:
+        """Delete the user for good; a user already gone is success."""
+        ...
+
+    def change_instance(self, admin_token: str | SecretStr, device_token: UUID, to: InstanceCredentials) -> None:
+        """Move the user to instance ``to`` (whose key the upstream checks)."""
+        ...
+
+
+def iter_user_pages(service: UserService, admin_token: str | SecretStr, query: UserPageQuery) -> Iterator[UserPage]:
+    """Every page of GetFilteredPage from ``query.page_number`` on, while the upstream says there is a next one.
+
+    Parameters
+    ----------
+    service
+        The User Service (any implementation).
+    admin_token
+        An admin JWT.
+    query
+        Filters and page size; ``page_number`` is where to start (to resume a walk).
+
+    Returns
+    -------
+    Iterator[UserPage]
+        Pages in order; stops after the page whose ``HasNextPage`` is false (or that has no users).
+
+    Example
+    -------
+    >>> from telematics_reg.management_models import UserPageQuery
+    >>> client = UserServiceClient("http://127.0.0.1:8081")
+    >>> for page in iter_user_pages(client, "<admin jwt>", UserPageQuery(page_size=500)):  # doctest: +SKIP
+    ...     print(page.current_page, len(page.users))
+    """
+    while True:
+        page = service.users_page(admin_token, query)
+        yield page
+        if not page.has_next_page or not page.users:
+            return
+        query = query.next_page()
+
 
 @dataclass(frozen=True)
 class _Call:
@@ -114,19 +225,37 @@ class _Call:
     repeatable: bool
     # Changes state upstream: an answer lost after sending means "maybe done", never "not done".
     commits: bool
+    # Every attempt that reaches the upstream counts against its Login limit (5 a minute per IP, then an hour's
+    # block): retried only when it provably never left, and a 429 is never retried.
+    login: bool = False
 
 
 _CREATE: Final = _Call("create", repeatable=False, commits=True)
 _CREATE_MANY: Final = _Call("create_many", repeatable=False, commits=True)
 _REFRESH: Final = _Call("refresh", repeatable=False, commits=True)
-_LOGIN: Final = _Call("login", repeatable=False, commits=False)
+_LOGIN: Final = _Call("login", repeatable=False, commits=False, login=True)
 _USER_EXISTS: Final = _Call("user_exists", repeatable=True, commits=False)
+_ADMIN_LOGIN: Final = _Call("admin_login", repeatable=False, commits=False, login=True)
+_ADMIN_REFRESH: Final = _Call("admin_refresh", repeatable=False, commits=True)
+_FIND_USERS: Final = _Call("find_users", repeatable=True, commits=False)
+_USERS_PAGE: Final = _Call("users_page", repeatable=True, commits=False)
+# PUT and DELETE are idempotent (the vendor: "safe to repeat"): a lost answer is simply asked again.
+_UPDATE_USER: Final = _Call("update_user", repeatable=True, commits=False)
+_DELETE_USER: Final = _Call("delete_user", repeatable=True, commits=False)
+_CHANGE_INSTANCE: Final = _Call("change_instance", repeatable=False, commits=True)
 _LATENCY_METRIC: Final = {
     "create": "UpstreamCreateLatency",
     "create_many": "UpstreamCreateManyLatency",
     "refresh": "UpstreamRefreshLatency",
     "login": "UpstreamLoginLatency",
     "user_exists": "UpstreamUserExistsLatency",
+    "admin_login": "UpstreamAdminLoginLatency",
+    "admin_refresh": "UpstreamAdminRefreshLatency",
+    "find_users": "UpstreamFindUsersLatency",
+    "users_page": "UpstreamUsersPageLatency",
+    "update_user": "UpstreamUpdateUserLatency",
+    "delete_user": "UpstreamDeleteUserLatency",
+    "change_instance": "UpstreamChangeInstanceLatency",
 }
 
 
@@ -199,6 +328,51 @@ def _never_sent(exc: requests.RequestException) -> bool:
     )
 
 
+# Raised by requests/urllib3/http.client while a request is prepared, before anything is written to the socket
+# (http.client encodes the request line and headers, and raises UnicodeEncodeError, before it sends them).
+_REFUSED_BEFORE_SENDING: Final = (
+    requests.exceptions.InvalidHeader,
+    requests.exceptions.InvalidURL,
+    requests.exceptions.MissingSchema,
+    requests.exceptions.InvalidSchema,
+    requests.exceptions.URLRequired,
+    requests.exceptions.InvalidJSONError,
+    requests.exceptions.UnrewindableBodyError,
+    urllib3.exceptions.LocationValueError,
+    UnicodeEncodeError,
+)
+# Anything else these libraries may raise mid-call (ValueError included: http.client raises it for a header it
+# will not write). Whether the request went out is not known.
+_FAILED_MID_CALL: Final = (
+    requests.RequestException,
+    urllib3.exceptions.HTTPError,
+    http.client.HTTPException,
+    ValueError,
+)
+# A header name is a token; a value is visible ASCII, inner spaces allowed, nothing around it. Stricter than
+# RFC 9110 on purpose: every header we send carries a UUID, a number or a token.
+_HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEADER_VALUE: Final = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
+
+
+def _unsendable_header(headers: Mapping[str, str]) -> str | None:
+    """The name of the first header that cannot go on the wire as it is (``None`` when all can).
+
+    Example
+    -------
+    >>> _unsendable_header({"InstanceKey": "1b7cc25f-329e-4482-9dd1-0bb07c0c794b"}) is None
+    True
+    >>> _unsendable_header({"InstanceId": "ok", "InstanceKey": "1b7cc25f-329e-4482-9dd1-0bb07c0c794b\\n"})
+    'InstanceKey'
+    """
+    for name, value in headers.items():
+        if not isinstance(name, str) or _HEADER_NAME.fullmatch(name) is None:
+            return "(a header name)"
+        if not isinstance(value, str) or _HEADER_VALUE.fullmatch(value) is None:
+            return name
+    return None
+
+
 def _get_ci(mapping: Mapping[Any, Any], key: str) -> Any:
     return next((v for k, v in mapping.items() if isinstance(k, str) and k.lower() == key.lower()), None)
 
@@ -213,6 +387,10 @@ def _scrub(text: str, secrets: Iterable[str]) -> str:
 
 def _secret(value: str | SecretStr) -> SecretStr:
     return value if isinstance(value, SecretStr) else SecretStr(value)
+
+
+def _bearer(token: SecretStr) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token.get_secret_value()}"}
 
 
 class UserServiceClient:
@@ -237,6 +415,9 @@ class UserServiceClient:
         Login/Create rounds spent recovering a Create with a CustomToken whose outcome is unknown.
     sleep, random_uniform
         Injected for tests.
+    login_budget
+        The fleet's Login budget (:mod:`telematics_reg.budget`): taken before every Login, Create recovery
+        included (``LoginDeferredError`` when spent or blocked, with nothing sent); a 429 on a Login blocks the fleet.
 
     Example
     -------
@@ -259,6 +440,7 @@ class UserServiceClient:
         user_agent: str | None = None,
         sleep: Callable[[float], None] = time.sleep,
         random_uniform: Callable[[float, float], float] = random.uniform,
+        login_budget: LoginBudget | None = None,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError("base_url must start with http:// or https://")
@@ -276,6 +458,8 @@ class UserServiceClient:
         self._lock = threading.Lock()
         self._refresh_path = REFRESH_PATH_OBSERVED
         self._create_many_offered = True
+        # Every Login this client makes (Create recovery included) spends the fleet's budget; a 429 blocks them all.
+        self._login_budget = login_budget
 
         self._session = requests.Session()
         # Proxy settings from the environment are read once here, not on every request (requests would walk
@@ -310,7 +494,7 @@ class UserServiceClient:
 
     # --- calls ----------------------------------------------------------------------------------------
 
-    def create(self, creds: InstanceCredentials, body: CreateUserRequest) -> CreateResult:
+    def create(self, creds: InstanceCredentials, body: CreateUserRequest, *, recover: bool = True) -> CreateResult:
         """Register one user (``POST /v1/Registration/Create``).
 
         A body with a ``CustomToken`` (a DeviceToken we chose) is exactly-once: when the answer is lost, the
@@ -328,6 +512,10 @@ class UserServiceClient:
             The instance to register the user in.
         body
             The Create body; ``to_upstream()`` is sent.
+        recover
+            False: never Login. A lost answer raises :class:`OutcomeUnknownError` and an existing ``CustomToken``
+            :class:`UserAlreadyExistsError`; the caller settles them (the bulk fallback stores such a user
+            without tokens rather than spend the Login budget).
 
         Returns
         -------
@@ -350,14 +538,14 @@ class UserServiceClient:
         -------
         >>> from uuid import uuid4
         >>> client = UserServiceClient("http://127.0.0.1:8081")
-        >>> creds = InstanceCredentials(instance_id=uuid4(), instance_key="key")
+        >>> creds = InstanceCredentials(instance_id=uuid4(), instance_key=str(uuid4()))
         >>> body = CreateUserRequest(custom_token=uuid4(), user_fields=UserFields(client_id="c-1"))
         >>> result = client.create(creds, body)  # doctest: +SKIP
         """
         try:
             return self._create_once(creds, body)
         except (OutcomeUnknownError, UserAlreadyExistsError) as exc:
-            if body.custom_token is None:
+            if body.custom_token is None or not recover:
                 raise
             return self._recover_create(creds, body, body.custom_token, exc)
 
@@ -403,7 +591,12 @@ class UserServiceClient:
         ) from last
 
     def create_many(
-        self, creds: InstanceCredentials, body: CreateManyRequest, custom_tokens: Sequence[UUID] | None = None
+        self,
+        creds: InstanceCredentials,
+        body: CreateManyRequest,
+        custom_tokens: Sequence[UUID] | None = None,
+        *,
+        fallback: bool = True,
     ) -> list[CreateResult]:
         """Register ``body.quantity`` anonymous users (``POST /v1/Registration/CreateMany``).
 
@@ -419,6 +612,9 @@ class UserServiceClient:
             At most ``MAX_CREATE_MANY_PER_CALL`` (100) users: chunking is the caller's job.
         custom_tokens
             ``body.quantity`` DeviceTokens for the fallback, or None.
+        fallback
+            False: when CreateMany is not offered, raise :class:`NotFoundError` instead of creating one by one
+            (a caller that stores each user as it is made runs the Creates itself).
 
         Returns
         -------
@@ -429,6 +625,8 @@ class UserServiceClient:
         ------
         ValueError
             Quantity above 100, or ``custom_tokens`` of the wrong length.
+        NotFoundError
+            CreateMany is not offered and ``fallback`` is False.
         CreateManyIncompleteError
             The fallback stopped part-way; ``completed`` holds the users made so far.
 
@@ -436,7 +634,7 @@ class UserServiceClient:
         -------
         >>> from uuid import uuid4
         >>> client = UserServiceClient("http://127.0.0.1:8081")
-        >>> creds = InstanceCredentials(instance_id=uuid4(), instance_key="key")
+        >>> creds = InstanceCredentials(instance_id=uuid4(), instance_key=str(uuid4()))
         >>> users = client.create_many(creds, CreateManyRequest(quantity=3))  # doctest: +SKIP
         """
         if body.quantity > MAX_CREATE_MANY_PER_CALL:
@@ -459,8 +657,12 @@ class UserServiceClient:
                 with self._lock:
                     self._create_many_offered = False
                 logger.info("user service create_many not offered: one create per user", extra={"call": "create_many"})
+                if not fallback:
+                    raise
             else:
                 return self._result(_CREATE_MANY, envelope, CreateManyResult).results
+        elif not fallback:
+            raise NotFoundError("User Service create_many: not offered", status=404, call=_CREATE_MANY.name)
         return self._create_each(creds, body, custom_tokens)
 
     def _create_each(
@@ -528,13 +730,18 @@ class UserServiceClient:
         >>> new_pair = client.refresh("<jwt>", "<refresh token>")  # doctest: +SKIP
         """
         body = RefreshRequest(access_token=_secret(access_token), refresh_token=_secret(refresh_token))
+        envelope = self._post_refresh(_REFRESH, body)
+        return self._refresh_result(envelope, body.access_token.get_secret_value())
+
+    def _post_refresh(self, call: _Call, body: RefreshRequest) -> Envelope:
+        """POST a Refresh body on the path that answers (user and admin sessions share both paths)."""
         secrets = [body.access_token.get_secret_value(), body.refresh_token.get_secret_value()]
         with self._lock:
             first = self._refresh_path
         paths = [first, REFRESH_PATH_SPEC if first == REFRESH_PATH_OBSERVED else REFRESH_PATH_OBSERVED]
         for index, path in enumerate(paths):
             try:
-                envelope = self._send(_REFRESH, "POST", path, body=body.to_upstream(), secrets=secrets)
+                envelope = self._send(call, "POST", path, body=body.to_upstream(), secrets=secrets)
             except NotFoundError:
                 # A 404 means no such route: the token was not looked at, so the other path may use it.
                 if index + 1 < len(paths):
@@ -545,7 +752,7 @@ class UserServiceClient:
                     self._remember_refresh_path(path)
                 raise
             self._remember_refresh_path(path)
-            return self._refresh_result(envelope, secrets[0])
+            return envelope
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _remember_refresh_path(self, path: str) -> None:
@@ -598,18 +805,31 @@ class UserServiceClient:
         -------
         >>> from uuid import uuid4
         >>> client = UserServiceClient("http://127.0.0.1:8081")
-        >>> creds = InstanceCredentials(instance_id=uuid4(), instance_key="key")
+        >>> creds = InstanceCredentials(instance_id=uuid4(), instance_key=str(uuid4()))
         >>> pair = client.login(creds, uuid4())  # doctest: +SKIP
         """
-        envelope = self._send(
+        envelope = self._send_login(
             _LOGIN,
-            "POST",
-            "/v1/Auth/Login",
             headers={"InstanceId": str(creds.instance_id)},
             body=LoginRequest.for_device(creds, device_token).to_upstream(),
             secrets=[creds.instance_key.get_secret_value()],
         )
         return self._result(_LOGIN, envelope, CreateResult)
+
+    def _send_login(
+        self, call: _Call, *, body: dict[str, Any], secrets: list[str], headers: dict[str, str] | None = None
+    ) -> Envelope:
+        """Send one Login, user or admin, within the fleet's budget: the budget is taken first (raising
+        ``LoginDeferredError`` with nothing sent when it is spent or a block is open), and a 429 opens the
+        fleet-wide block before it is raised."""
+        if self._login_budget is not None:
+            self._login_budget.acquire()
+        try:
+            return self._send(call, "POST", "/v1/Auth/Login", headers=headers, body=body, secrets=secrets)
+        except RateLimitedError as exc:
+            if self._login_budget is not None:
+                self._login_budget.block(exc.retry_after)
+            raise
 
     def user_exists(self, creds: InstanceCredentials, client_id: str) -> bool:
         """Whether the instance has a user whose ``UserFields.ClientId`` is ``client_id``.
@@ -630,7 +850,7 @@ class UserServiceClient:
         -------
         >>> from uuid import uuid4
         >>> client = UserServiceClient("http://127.0.0.1:8081")
-        >>> creds = InstanceCredentials(instance_id=uuid4(), instance_key="key")
+        >>> creds = InstanceCredentials(instance_id=uuid4(), instance_key=str(uuid4()))
         >>> client.user_exists(creds, "customer-42")  # doctest: +SKIP
         False
         """
@@ -645,6 +865,305 @@ class UserServiceClient:
             secrets=[creds.instance_key.get_secret_value()],
         )
         return self._result(_USER_EXISTS, envelope, UserExistsResult).user_exists
+
+    # --- the admin session ----------------------------------------------------------------------------
+
+    def admin_login(self, admin: AdminCredentials) -> AdminSession:
+        """Start an admin session (``POST /v1/Auth/Login`` with the admin's e-mail and password).
+
+        Login, user and admin together, is limited upstream to 5 calls a minute per IP, then an hour's block:
+        a 429 is raised at once (:class:`RateLimitedError`, with the block's ``retry_after``), never retried;
+        keep the session and refresh it instead of logging in again.
+
+        Parameters
+        ----------
+        admin
+            The company's admin API credentials.
+
+        Returns
+        -------
+        AdminSession
+            The admin JWT (``ExpiresIn`` 86400 s at the vendor) and its refresh token.
+
+        Raises
+        ------
+        UnauthorizedError
+            Wrong e-mail or password.
+        RateLimitedError
+            The Login limit: do not log in again before ``retry_after`` (an hour without one).
+
+        Example
+        -------
+        >>> from telematics_reg.management_models import AdminCredentials
+        >>> client = UserServiceClient("http://127.0.0.1:8081")
+        >>> session = client.admin_login(AdminCredentials(email="ops@example.com", password="pw"))  # doctest: +SKIP
+        """
+        from telematics_reg.management_models import AdminSession  # noqa: PLC0415 - see management_models
+
+        envelope = self._send_login(_ADMIN_LOGIN, body=admin.login_body(), secrets=[admin.password.get_secret_value()])
+        return self._result(_ADMIN_LOGIN, envelope, AdminSession)
+
+    def admin_refresh(self, access_token: str | SecretStr, refresh_token: str | SecretStr) -> AdminSession:
+        """Exchange the admin JWT (possibly expired) and its single-use refresh token for a new pair.
+
+        The same paths as a user's Refresh; once the request went out it is never repeated here.
+
+        Raises
+        ------
+        DeadRefreshTokenError
+            HTTP 400: the refresh token is used or expired (only an admin Login starts a new session).
+        OutcomeUnknownError
+            The answer was lost: the refresh token may be spent.
+
+        Example
+        -------
+        >>> client = UserServiceClient("http://127.0.0.1:8081")
+        >>> session = client.admin_refresh("<admin jwt>", "<refresh token>")  # doctest: +SKIP
+        """
+        from telematics_reg.management_models import AdminSession  # noqa: PLC0415 - see management_models
+
+        body = RefreshRequest(access_token=_secret(access_token), refresh_token=_secret(refresh_token))
+        return self._result(_ADMIN_REFRESH, self._post_refresh(_ADMIN_REFRESH, body), AdminSession)
+
+    # --- the User Management API ----------------------------------------------------------------------
+
+    def find_users(
+        self,
+        admin_token: str | SecretStr,
+        *,
+        device_token: UUID | None = None,
+        email: str | None = None,
+        phone: str | None = None,
+        client_id: str | None = None,
+        first_name: str | None = None,
+        last_name: str | None = None,
+    ) -> list[ManagedUser]:
+        """Users matching every criterion given (``GET /v1/Management/users/find``), in every instance.
+
+        Parameters
+        ----------
+        admin_token
+            An admin JWT.
+        device_token, email, phone, client_id, first_name, last_name
+            Criteria, ANDed; at least one.
+
+        Returns
+        -------
+        list[ManagedUser]
+            Possibly empty (the upstream's ``Result`` is always an array).
+
+        Raises
+        ------
+        ValueError
+            No criterion given.
+        UnauthorizedError
+            The admin JWT is missing, bad or expired (refresh the admin session).
+        ForbiddenError
+            Not an admin JWT.
+
+        Example
+        -------
+        >>> client = UserServiceClient("http://127.0.0.1:8081")
+        >>> client.find_users("<admin jwt>", client_id="customer-42")  # doctest: +SKIP
+        []
+        """
+        from telematics_reg.management_models import ManagedUser  # noqa: PLC0415 - see management_models
+
+        criteria = {
+            "DeviceToken": str(device_token) if device_token is not None else None,
+            "Email": email,
+            "Phone": phone,
+            "ClientId": client_id,
+            "FirstName": first_name,
+            "LastName": last_name,
+        }
+        params = {name: value for name, value in criteria.items() if value}
+        if not params:
+            raise ValueError("find_users needs at least one criterion")
+        token = _secret(admin_token)
+        envelope = self._send(
+            _FIND_USERS,
+            "GET",
+            "/v1/Management/users/find",
+            headers=_bearer(token),
+            params=params,
+            secrets=[token.get_secret_value()],
+        )
+        if not isinstance(envelope.result, list):
+            raise UpstreamError(
+                "User Service find_users: answer has an unexpected shape (Result: not an array)",
+                status=envelope.status,
+                call=_FIND_USERS.name,
+            )
+        return [self._parse(_FIND_USERS, item, ManagedUser, envelope.status) for item in envelope.result]
+
+    def users_page(self, admin_token: str | SecretStr, query: UserPageQuery) -> UserPage:
+        """One page of users (``POST /v1/Management/users/GetFilteredPage``); :func:`iter_user_pages` walks them.
+
+        Example
+        -------
+        >>> from telematics_reg.management_models import UserPageQuery
+        >>> client = UserServiceClient("http://127.0.0.1:8081")
+        >>> page = client.users_page("<admin jwt>", UserPageQuery(page_size=500))  # doctest: +SKIP
+        """
+        from telematics_reg.management_models import UserPage  # noqa: PLC0415 - see management_models
+
+        token = _secret(admin_token)
+        envelope = self._send(
+            _USERS_PAGE,
+            "POST",
+            "/v1/Management/users/GetFilteredPage",
+            headers=_bearer(token),
+            body=query.to_upstream(),
+            secrets=[token.get_secret_value()],
+        )
+        return self._result(_USERS_PAGE, envelope, UserPage)
+
+    def update_user(self, admin_token: str | SecretStr, device_token: UUID, changes: UserUpdate) -> None:
+        """Change the fields ``changes`` sets, and only those (``PUT /v1/Management/users``).
+
+        PUT is idempotent: a 5xx, a 429 or a lost answer is asked again (bounded, full-jitter backoff).
+
+        Raises
+        ------
+        ValueError
+            ``changes`` sets nothing.
+        NotFoundError
+            No such user.
+        UpstreamValidationError
+            Rejected (422); ``errors`` names the fields.
+        TransientUpstreamError, RateLimitedError
+            Still failing after the last attempt: try again later (it is safe).
+
+        Example
+        -------
+        >>> from uuid import uuid4
+        >>> from telematics_reg.management_models import UserUpdate
+        >>> client = UserServiceClient("http://127.0.0.1:8081")
+        >>> client.update_user("<admin jwt>", uuid4(), UserUpdate(status="Deactivated"))  # doctest: +SKIP
+        """
+        body = changes.to_upstream()
+        if not body:
+            raise ValueError("update_user: the update sets no field")
+        token = _secret(admin_token)
+        self._send(
+            _UPDATE_USER,
+            "PUT",
+            "/v1/Management/users",
+            headers={**_bearer(token), "UserDeviceToken": str(device_token)},
+            body=body,
+            secrets=[token.get_secret_value()],
+        )
+
+    def delete_user(self, admin_token: str | SecretStr, device_token: UUID) -> None:
+        """Delete the user and all its data, for good (``DELETE /v1/Management/users/{DeviceToken}``).
+
+        Idempotent: a lost answer is asked again, and a user already gone is success. The vendor answers 404
+        *or 403* for a deleted user; a 403 is also "not an admin token", so a 403 counts as done only when find,
+        with the same token, confirms that the user is gone (else :class:`ForbiddenError`).
+
+        Raises
+        ------
+        ForbiddenError
+            The token may not delete (find answered 403 too, or still finds the user).
+        TransientUpstreamError, RateLimitedError
+            Still failing after the last attempt: try again later (it is safe).
+
+        Example
+        -------
+        >>> from uuid import uuid4
+        >>> client = UserServiceClient("http://127.0.0.1:8081")
+        >>> client.delete_user("<admin jwt>", uuid4())  # doctest: +SKIP
+        """
+        token = _secret(admin_token)
+        try:
+            self._send(
+                _DELETE_USER,
+                "DELETE",
+                f"/v1/Management/users/{device_token}",
+                headers=_bearer(token),
+                secrets=[token.get_secret_value()],
+            )
+        except NotFoundError:
+            logger.info("user service delete: already gone", extra={"call": _DELETE_USER.name, "status": 404})
+        except ForbiddenError as forbidden:
+            if self.find_users(token, device_token=device_token):
+                raise
+            logger.info(
+                "user service delete: already gone", extra={"call": _DELETE_USER.name, "status": forbidden.status}
+            )
+
+    def change_instance(self, admin_token: str | SecretStr, device_token: UUID, to: InstanceCredentials) -> None:
+        """Move the user to instance ``to`` (``POST /v1/Management/users/instances/change``).
+
+        The user keeps its DeviceToken; from then on its Login takes ``to``'s id and key. The vendor does not
+        say the call is safe to repeat, so an answer lost after sending is first verified with find::
+
+            change(T -> B) --x answer lost (timeout, dropped connection, 5xx)
+            find(T) --> instance B ........... done
+                    --> instance A ........... change(T -> B) again (bounded)
+                    --> no user .............. NotFoundError
+
+        Raises
+        ------
+        NotFoundError
+            No such user.
+        UpstreamValidationError
+            Rejected (422), e.g. a wrong ``ToInstanceKey``.
+        OutcomeUnknownError
+            Still unknown after the bounded rounds, or find could not tell.
+
+        Example
+        -------
+        >>> from uuid import uuid4
+        >>> client = UserServiceClient("http://127.0.0.1:8081")
+        >>> target = InstanceCredentials(instance_id=uuid4(), instance_key="key")
+        >>> client.change_instance("<admin jwt>", uuid4(), target)  # doctest: +SKIP
+        """
+        token = _secret(admin_token)
+        body = {
+            "DeviceToken": str(device_token),
+            "ToInstanceId": str(to.instance_id),
+            "ToInstanceKey": to.instance_key.get_secret_value(),
+        }
+        secrets = [token.get_secret_value(), to.instance_key.get_secret_value()]
+        rounds = 1 + self._max_create_recoveries
+        for round_number in range(rounds):
+            try:
+                self._send(
+                    _CHANGE_INSTANCE,
+                    "POST",
+                    "/v1/Management/users/instances/change",
+                    headers=_bearer(token),
+                    body=body,
+                    secrets=secrets,
+                )
+            except OutcomeUnknownError as lost:
+                try:
+                    users = self.find_users(token, device_token=device_token)
+                except UpstreamError as exc:
+                    raise OutcomeUnknownError(
+                        f"User Service change_instance: outcome unknown and find could not tell ({type(exc).__name__})",
+                        status=exc.status,
+                        call=_CHANGE_INSTANCE.name,
+                    ) from exc
+                if not users:
+                    raise NotFoundError(
+                        "User Service change_instance failed: the user is not found",
+                        status=404,
+                        call=_CHANGE_INSTANCE.name,
+                    ) from lost
+                if any(user.instance_id == to.instance_id for user in users):
+                    logger.info("user service change_instance verified by find", extra={"call": _CHANGE_INSTANCE.name})
+                    return
+                if round_number + 1 >= rounds:
+                    raise
+                logger.warning(
+                    "user service change_instance not applied after a lost answer: sent again",
+                    extra={"call": _CHANGE_INSTANCE.name, "attempt": round_number + 2},
+                )
+            else:
+                return
 
     # --- transport ------------------------------------------------------------------------------------
 
@@ -684,6 +1203,8 @@ class UserServiceClient:
     def _retry_delay(self, call: _Call, failed: _Failed, attempt: int) -> float | None:
         """Seconds to wait before the next attempt, or None when this failure must not be retried."""
         error = failed.error
+        if call.login and not (failed.not_processed and error.status is None):
+            return None  # only a Login that never reached the upstream is tried again (see _Call.login)
         retryable = isinstance(error, RateLimitedError) or (
             isinstance(error, TransientUpstreamError) and (failed.not_processed or call.repeatable)
         )
@@ -708,7 +1229,16 @@ class UserServiceClient:
         params: Mapping[str, str] | None,
         secrets: Sequence[str],
     ) -> Envelope:
+        # Checked before requests sees them: requests and http.client refuse a bad header value with the value in
+        # the exception text, and the X-Ray requests patcher records that text even when we catch it.
+        unsendable = _unsendable_header(headers or {})
+        if unsendable is not None:
+            problem = f"header {unsendable} has a value HTTP cannot carry"
+            raise _Failed(self._not_sent(call, problem), not_processed=True)
         started = time.monotonic()
+        # Set by the last two handlers below, and raised after the try: no exception chain carries the original.
+        refused: str | None = None
+        lost: str | None = None
         try:
             response = self._session.request(
                 method,
@@ -737,6 +1267,21 @@ class UserServiceClient:
                 },
             )
             raise _Failed(self._transport_error(call, exc, never_sent), not_processed=never_sent, cause=exc) from exc
+        except _REFUSED_BEFORE_SENDING as exc:
+            # Raised while the request was being built (InvalidHeader, InvalidURL, a body that is not JSON): no byte
+            # went out. Its text may quote a header value (an InstanceKey): keep the type only.
+            refused = type(exc).__name__
+        except _FAILED_MID_CALL as exc:
+            # Anything else the stack may raise mid-call: whether the request went out is unknown, as for a lost
+            # answer. The type only, for the same reason.
+            lost = type(exc).__name__
+        if refused is not None or lost is not None:
+            logger.warning(
+                "user service call failed", extra={"call": call.name, "error": refused or lost, "attempt": attempt + 1}
+            )
+            if refused is not None:
+                raise _Failed(self._not_sent(call, f"the request could not be built ({refused})"), not_processed=True)
+            raise _Failed(self._transport_error_of(call, str(lost), never_sent=False), not_processed=False)
 
         latency_ms = (time.monotonic() - started) * 1000
         # One metric per call (e.g. UpstreamCreateLatency): the dashboard shows p50/p99 of each.
@@ -767,8 +1312,15 @@ class UserServiceClient:
         raise _Failed(error, not_processed=effective in (429, 503))
 
     @staticmethod
-    def _transport_error(call: _Call, exc: requests.RequestException, never_sent: bool) -> UpstreamError:
-        kind = type(exc).__name__
+    def _not_sent(call: _Call, problem: str) -> RequestNotSentError:
+        return RequestNotSentError(f"User Service {call.name}: not sent: {problem}", call=call.name)
+
+    @classmethod
+    def _transport_error(cls, call: _Call, exc: requests.RequestException, never_sent: bool) -> UpstreamError:
+        return cls._transport_error_of(call, type(exc).__name__, never_sent=never_sent)
+
+    @staticmethod
+    def _transport_error_of(call: _Call, kind: str, *, never_sent: bool) -> UpstreamError:
         if never_sent:
             return TransientUpstreamError(f"User Service {call.name}: could not connect ({kind})", call=call.name)
         if call.commits:
@@ -780,12 +1332,16 @@ class UserServiceClient:
 
     @staticmethod
     def _result(call: _Call, envelope: Envelope, model: type[_ModelT]) -> _ModelT:
+        return UserServiceClient._parse(call, envelope.result, model, envelope.status)
+
+    @staticmethod
+    def _parse(call: _Call, value: Any, model: type[_ModelT], status: int | None) -> _ModelT:
         try:
-            return model.model_validate(envelope.result)
+            return model.model_validate(value)
         except ValidationError as exc:
             message = f"User Service {call.name}: answer has an unexpected shape ({_shape_problems(exc)})"
             error_type = OutcomeUnknownError if call.commits else UpstreamError
-            raise error_type(message, status=envelope.status, call=call.name) from None
+            raise error_type(message, status=status, call=call.name) from None
 
 
 def _shape_problems(exc: ValidationError) -> str:
@@ -838,7 +1394,7 @@ def _error_for_status(
     error_type: type[UpstreamError]
     if status in _BY_STATUS:
         error_type = _BY_STATUS[status]
-    elif status == 400 and call is _REFRESH:
+    elif status == 400 and call in (_REFRESH, _ADMIN_REFRESH):
         error_type = DeadRefreshTokenError
     elif status == 422 and any(e.key.lower() == "customtoken" for e in errors):
         error_type = UserAlreadyExistsError

@@ -70,20 +70,51 @@ class Api:
             timeout=TIMEOUT_S,
         )
 
-    def update(self, access_token: str, body: Any) -> Any:
-        return self.session.put(
-            self.emulator.url + "/v1/Management/users",
-            json=body,
-            headers={"Authorization": f"Bearer {access_token}"},
+    # --- the admin account and the User Management API (user-management-api.md, admin-auth.md) ---
+
+    def admin_login(self, **kw: Any) -> dict[str, Any]:
+        """Log the admin in with the documented body and return the Result (asserting 200)."""
+        response = self.post("/v1/Auth/Login", self.emulator.admin_login_body(), **kw)
+        assert response.status_code == 200, response.text
+        result: dict[str, Any] = response.json()["Result"]
+        return result
+
+    def admin_token(self) -> str:
+        token: str = self.admin_login()["AccessToken"]["Token"]
+        return token
+
+    @staticmethod
+    def bearer(token: str | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"} if token is not None else {}
+
+    def find(self, token: str | None, **params: str) -> Any:
+        return self.session.get(
+            self.emulator.url + "/v1/Management/users/find",
+            params=params,
+            headers=self.bearer(token),
             timeout=TIMEOUT_S,
         )
 
-    def delete(self, access_token: str, device_token: str) -> Any:
+    def page(self, token: str | None, body: Any) -> Any:
+        return self.post("/v1/Management/users/GetFilteredPage", body, self.bearer(token))
+
+    def update(self, token: str | None, device_token: str | None, body: Any) -> Any:
+        headers = {**self.bearer(token), "Content-Type": "application/json-patch+json"}
+        if device_token is not None:
+            headers["UserDeviceToken"] = device_token
+        return self.session.put(
+            self.emulator.url + "/v1/Management/users", data=json.dumps(body), headers=headers, timeout=TIMEOUT_S
+        )
+
+    def delete(self, token: str | None, device_token: str) -> Any:
         return self.session.delete(
             f"{self.emulator.url}/v1/Management/users/{device_token}",
-            headers={"Authorization": f"Bearer {access_token}"},
+            headers=self.bearer(token),
             timeout=TIMEOUT_S,
         )
+
+    def change_instance(self, token: str | None, body: Any) -> Any:
+        return self.post("/v1/Management/users/instances/change", body, self.bearer(token))
 
 
 def json_type(value: Any) -> str:

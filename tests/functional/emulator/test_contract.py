@@ -38,7 +38,7 @@ def test_create_with_the_seed_body_answers_the_seed_shape(emulator: EmulatorHand
     assert_same_shape(body, seeds.CREATE_RESPONSE)
     assert body["Title"] == ""
     claims = assert_token_pair(emulator, body["Result"])
-    assert body["Result"]["AccessToken"]["ExpiresIn"] == 7200
+    assert body["Result"]["AccessToken"]["ExpiresIn"] == 432_000  # 5 days, as registration-api.md documents
     seed_claims = jwt.decode(seeds.SEED_JWT, options={"verify_signature": False})
     for claim in JWT_CLAIMS:
         assert type(claims[claim]) is type(seed_claims[claim]), claim
@@ -376,16 +376,17 @@ def test_refresh_rejects_a_foreign_or_forged_access_token(emulator: EmulatorHand
 
 def test_an_expired_access_token_still_refreshes_but_no_longer_authorizes(emulator: EmulatorHandle, api: Api) -> None:
     emulator.set_config(token_lifetime_s=1)
-    created = api.created()
-    assert created["AccessToken"]["ExpiresIn"] == 1
+    session = api.admin_login()
+    assert session["AccessToken"]["ExpiresIn"] == 1
     time.sleep(2.1)
 
-    assert_envelope(api.update(created["AccessToken"]["Token"], {"FirstName": "x"}), 401, "Authorization")
+    assert_envelope(api.find(session["AccessToken"]["Token"], ClientId="x"), 401, "Authorization")
     # A lifetime long enough that the refreshed token cannot expire on a loaded machine before it is used.
     emulator.set_config(token_lifetime_s=60)
-    refreshed = assert_envelope(api.refresh(created["AccessToken"]["Token"], created["RefreshToken"]), 200)["Result"]
+    response = api.refresh(session["AccessToken"]["Token"], session["RefreshToken"])
+    refreshed = assert_envelope(response, 200)["Result"]
     assert refreshed["AccessToken"]["ExpiresIn"] == 60
-    assert_envelope(api.update(refreshed["AccessToken"]["Token"], {"FirstName": "x"}), 200)
+    assert_envelope(api.find(refreshed["AccessToken"]["Token"], ClientId="x"), 200)
 
 
 @pytest.mark.parametrize(("enabled", "disabled"), [("spec", "observed"), ("observed", "spec")])
@@ -444,21 +445,37 @@ def test_login_keys_are_case_insensitive(emulator: EmulatorHandle, api: Api) -> 
     assert assert_envelope(response, 200)["Result"]["DeviceToken"] == created["DeviceToken"]
 
 
-def test_login_failures(emulator: EmulatorHandle, api: Api) -> None:
+@pytest.mark.parametrize(
+    ("how", "status", "key"),
+    [
+        ("wrong password", 401, "Password"),
+        ("unknown instance", 401, "Password"),
+        ("another instance's key", 401, "Password"),
+        ("unknown user", 404, "DeviceToken"),
+        ("user of another instance", 404, "DeviceToken"),
+        ("no LoginFields", 400, "LoginFields"),
+    ],
+)
+def test_login_failures(emulator: EmulatorHandle, api: Api, how: str, status: int, key: str) -> None:
     created = api.created()
     other = api.created(alias="fleet-eu")
+    attempts = {
+        "wrong password": lambda: api.login(created["DeviceToken"], password=str(uuid.uuid4())),
+        "unknown instance": lambda: api.login(created["DeviceToken"], instance_id=str(uuid.uuid4())),
+        "another instance's key": lambda: api.login(created["DeviceToken"], password=emulator.instance_key("fleet-eu")),
+        "unknown user": lambda: api.login(str(uuid.uuid4())),
+        "user of another instance": lambda: api.login(other["DeviceToken"]),
+        "no LoginFields": lambda: api.post("/v1/Auth/Login", {"Password": emulator.instance_key()}),
+    }
 
-    assert_envelope(api.login(created["DeviceToken"], password=str(uuid.uuid4())), 401, "Password")
-    assert_envelope(api.login(created["DeviceToken"], instance_id=str(uuid.uuid4())), 401, "Password")
-    assert_envelope(api.login(created["DeviceToken"], password=emulator.instance_key("fleet-eu")), 401, "Password")
-    not_found = assert_envelope(api.login(str(uuid.uuid4())), 404, "DeviceToken")
-    assert not_found["Errors"] == [{"Key": "DeviceToken", "Message": "User not found"}]
-    assert_envelope(api.login(other["DeviceToken"]), 404, "DeviceToken")
-    assert_envelope(api.post("/v1/Auth/Login", {"Password": emulator.instance_key()}), 400, "LoginFields")
+    body = assert_envelope(attempts[how](), status, key)
+
+    if how == "unknown user":
+        assert body["Errors"] == [{"Key": "DeviceToken", "Message": "User not found"}]
     counters = emulator.counters()
-    assert counters["failed_logins"] == 6
+    assert counters["failed_logins"] == 1
     assert counters["logins"] == 0
-    # The user's refresh token survived all of it.
+    # The user's refresh token survived it.
     assert_envelope(api.refresh(created["AccessToken"]["Token"], created["RefreshToken"]), 200)
 
 
@@ -494,57 +511,6 @@ def test_user_exists_by_client_id_email_and_phone(emulator: EmulatorHandle, api:
     assert_envelope(api.user_exists(), 400, "ClientId")
     response = requests.get(f"{emulator.url}/v1/Check/UserExists", params={"ClientId": "c-1"}, timeout=10)
     assert_envelope(response, 401, "InstanceKey")
-
-
-def test_update_user_changes_profile_fields_and_client_id(emulator: EmulatorHandle, api: Api) -> None:
-    created = api.created({"FirstName": "Ann", "UserFields": {"ClientId": "old", "EnableLogging": True}})
-    token = created["AccessToken"]["Token"]
-
-    response = api.update(token, {"lastName": "Lee", "status": "Deactivated", "UserFields": {"ClientId": "new"}})
-
-    body = assert_envelope(response, 200)
-    assert body["Result"] is None
-    user = emulator.user(created["DeviceToken"])
-    assert user is not None
-    assert user["Profile"] == {"FirstName": "Ann", "LastName": "Lee"}
-    assert user["Status"] == "Deactivated"
-    assert user["UserFields"]["ClientId"] == "new"
-    assert user["UserFields"]["EnableLogging"] is True
-    counters = emulator.counters()
-    assert counters["users_by_client_id"] == {f"{emulator.instance_id()}/new": 1}
-    assert counters["updates"] == 1
-
-
-def test_update_user_validates_and_authorizes(emulator: EmulatorHandle, api: Api) -> None:
-    created = api.created()
-    token = created["AccessToken"]["Token"]
-
-    assert_envelope(api.update(token, {"Gender": "robot"}), 422, "Gender")
-    assert_envelope(api.update("not-a-jwt", {}), 401, "Authorization")
-    assert_envelope(api.update(seeds.SEED_JWT, {}), 401, "Authorization")
-    response = requests.put(f"{emulator.url}/v1/Management/users", json={}, timeout=10)
-    assert_envelope(response, 401, "Authorization")
-    assert emulator.counters()["updates"] == 0
-
-
-def test_delete_user_is_irreversible(emulator: EmulatorHandle, api: Api) -> None:
-    created = api.created({"UserFields": {"ClientId": "c-1"}})
-    token = created["AccessToken"]["Token"]
-    other = api.created(alias="fleet-eu")
-
-    assert_envelope(api.delete(other["AccessToken"]["Token"], created["DeviceToken"]), 403, "Authorization")
-    body = assert_envelope(api.delete(token, created["DeviceToken"]), 200)
-
-    assert body["Result"] is None
-    assert emulator.user(created["DeviceToken"]) is None
-    assert_envelope(api.delete(token, created["DeviceToken"]), 404, "DeviceToken")
-    assert_envelope(api.refresh(token, created["RefreshToken"]), 400, "RefreshToken")
-    assert_envelope(api.login(created["DeviceToken"]), 404, "DeviceToken")
-    counters = emulator.counters()
-    assert counters["users_total"] == 1
-    assert counters["deletes"] == 1
-    assert counters["users_by_client_id"] == {}
-    assert counters["users_by_instance"][emulator.instance_id()] == 0
 
 
 # ---------------------------------------------------------------------------------------------- envelope, HTTP
@@ -621,6 +587,8 @@ def test_counters_count_what_happened(emulator: EmulatorHandle, api: Api) -> Non
     api.refresh(first["AccessToken"]["Token"], first["RefreshToken"])  # rejected: already used
     api.login(first["DeviceToken"])
     api.login(first["DeviceToken"], password="wrong")
+    admin_token = api.admin_login()["AccessToken"]["Token"]
+    api.find(admin_token, ClientId="c-1")
     api.create({"Gender": "?"})  # 422
     emulator.health()
 
@@ -636,13 +604,21 @@ def test_counters_count_what_happened(emulator: EmulatorHandle, api: Api) -> Non
         "refreshes": 1,
         "logins": 1,
         "failed_logins": 1,
+        "admin_logins": 1,
+        "failed_admin_logins": 0,
+        "admin_refreshes": 0,
+        "logins_refused_by_limit": 0,
+        "login_blocks_begun": 0,
+        "login_blocked_addresses": [],
         "rejected_refresh_tokens": 1,
-        "rejected_refresh_tokens_by_cause": {"revoked": 0, "spent": 1, "unknown": 0},
+        "rejected_refresh_tokens_by_cause": {"revoked": 0, "spent": 1, "deleted": 0, "unknown": 0},
         "in_flight_peak": 1,
+        "management_calls": {"find": 1, "get_filtered_page": 0, "update": 0, "delete": 0, "change_instance": 0},
         "updates": 0,
         "deletes": 0,
+        "instance_changes": 0,
         "faults_served": {"error": 0, "rate_limit": 0, "hang": 0, "drop_after_commit": 0},
-        "requests_total": 9,
+        "requests_total": 11,
     }
     assert refreshed["DeviceToken"] == first["DeviceToken"]
     users = emulator.users(client_id="c-1")
@@ -654,7 +630,7 @@ def test_counters_count_what_happened(emulator: EmulatorHandle, api: Api) -> Non
 def test_reset_clears_users_tokens_counters_faults_and_config(emulator: EmulatorHandle, api: Api) -> None:
     created = api.created()
     emulator.set_faults(latency_ms=[1, 2], error_rate=0.5, script=[{"call": "login", "fault": "error"}])
-    emulator.set_config(token_lifetime_s=5, create_many_enabled=False, refresh_paths=["spec"])
+    emulator.set_config(token_lifetime_s=5, create_many_enabled=False, refresh_paths=["spec"], login_block_s=7200)
 
     emulator.reset()
 
@@ -666,9 +642,12 @@ def test_reset_clears_users_tokens_counters_faults_and_config(emulator: Emulator
     assert faults["error_rate"] == 0
     assert faults["script"] == []
     assert emulator.config() == {
-        "token_lifetime_s": 7200,
+        "token_lifetime_s": None,
+        "token_lifetimes_s": {"create": 432_000, "login": 86_400, "refresh": 86_400, "admin": 86_400},
         "create_many_enabled": True,
         "refresh_paths": ["observed", "spec"],
+        "login_limit_per_minute": 5,
+        "login_block_s": 3600,
     }
     assert emulator.user(created["DeviceToken"]) is None
     assert_envelope(api.refresh(created["AccessToken"]["Token"], created["RefreshToken"]), 400, "RefreshToken")
@@ -702,7 +681,7 @@ def test_a_rejected_refresh_token_is_counted_by_cause_and_by_user(emulator: Emul
     counters = emulator.counters()
 
     assert counters["rejected_refresh_tokens"] == 3
-    assert counters["rejected_refresh_tokens_by_cause"] == {"revoked": 1, "spent": 1, "unknown": 1}
+    assert counters["rejected_refresh_tokens_by_cause"] == {"revoked": 1, "spent": 1, "deleted": 0, "unknown": 1}
     assert emulator.user(revoked["DeviceToken"])["RejectedRefreshTokens"] == {"revoked": 1}
     assert emulator.user(spent["DeviceToken"])["RejectedRefreshTokens"] == {"spent": 1}
 
@@ -713,7 +692,7 @@ def test_admin_rejects_bad_settings_and_keeps_the_old_ones(emulator: EmulatorHan
     bad_faults: list[dict[str, Any]] = [
         {"error_rate": 2},
         {"latency_ms": [10, 5]},
-        {"calls": ["delete"]},
+        {"calls": ["remove"]},
         {"error_status": 200},
         {"script": [{"call": "create", "fault": "explode"}]},
         {"unknown": 1},
@@ -725,13 +704,15 @@ def test_admin_rejects_bad_settings_and_keeps_the_old_ones(emulator: EmulatorHan
         {"token_lifetime_s": 0},
         {"refresh_paths": ["nope"]},
         {"create_many_enabled": "yes"},
+        {"login_limit_per_minute": -1},
+        {"login_block_s": 0},
     ]
     for bad in bad_config:
         with pytest.raises(EmulatorError, match="400"):
-            emulator.set_config(**bad)
+            emulator.admin("PUT", "/config", bad)
 
     assert emulator.faults()["error_rate"] == 0.25
-    assert emulator.config()["token_lifetime_s"] == 7200
+    assert emulator.config()["token_lifetime_s"] is None
     with pytest.raises(ValueError, match="exactly one"):
         emulator.revoke()
 
@@ -762,6 +743,28 @@ def test_generated_default_instance_is_printed_and_usable() -> None:
             f"{emulator.url}/v1/Registration/Create", headers=emulator.headers(), json={}, timeout=10
         )
         assert_token_pair(emulator, assert_envelope(response, 200)["Result"])
+
+
+def test_generated_admin_account_is_printed_and_usable() -> None:
+    with running_emulator() as emulator:
+        assert emulator.admin_account is not None
+        assert any(line.startswith("admin: ") for line in emulator.output())
+        response = requests.post(f"{emulator.url}/v1/Auth/Login", json=emulator.admin_login_body(), timeout=10)
+        assert assert_envelope(response, 200)["Result"]["AccessToken"]["ExpiresIn"] == 86_400
+
+
+@pytest.mark.parametrize("how", ["argument", "EMULATOR_ADMIN=@file"])
+def test_admin_account_from_the_environment_or_a_file(tmp_path: Any, how: str) -> None:
+    admin = {"Email": "ops@example.com", "Password": "correct horse"}
+    path = tmp_path / "admin.json"
+    path.write_text(json.dumps(admin), encoding="utf-8")
+    options: dict[str, Any] = {"admin": admin} if how == "argument" else {"env": {"EMULATOR_ADMIN": f"@{path}"}}
+
+    with running_emulator(**options) as emulator:
+        assert not any(line.startswith("admin: ") for line in emulator.output())  # given, so not printed
+        emulator.admin_account = admin
+        response = requests.post(f"{emulator.url}/v1/Auth/Login", json=emulator.admin_login_body(), timeout=10)
+        assert_envelope(response, 200)
 
 
 @pytest.mark.parametrize("how", ["EMULATOR_INSTANCES=@file", "EMULATOR_INSTANCES_FILE"])
@@ -800,6 +803,8 @@ def test_bad_start_configuration_fails_fast() -> None:
     ):
         pass
     with pytest.raises(EmulatorError, match="error_rate"), running_emulator(faults={"error_rate": 3}):
+        pass
+    with pytest.raises(EmulatorError, match="admin: Email"), running_emulator(admin={"Email": "nobody"}):
         pass
 
 

@@ -257,13 +257,47 @@ def test_calls_filter_limits_rate_faults(emulator: EmulatorHandle, api: Api) -> 
 
 def test_faults_never_touch_the_admin_api_or_other_calls(emulator: EmulatorHandle, api: Api) -> None:
     created = api.created()
-    emulator.set_faults(error_rate=1.0, drop_after_commit_rate=0.0)
+    admin_token = api.admin_token()
+    emulator.set_faults(error_rate=1.0, drop_after_commit_rate=0.0, calls=["create", "login", "find"])
 
     assert emulator.health()
     assert emulator.counters()["users_total"] == 1
     assert_envelope(api.user_exists(ClientId="x"), 200)
-    assert_envelope(api.update(created["AccessToken"]["Token"], {"FirstName": "A"}), 200)
+    assert_envelope(api.update(admin_token, created["DeviceToken"], {"FirstName": "A"}), 200)
     assert served(emulator)["error"] == 0
+    assert_envelope(api.find(admin_token, DeviceToken=created["DeviceToken"]), 503, "Fault")
+    assert served(emulator)["error"] == 1
+
+
+@pytest.mark.parametrize("call", ["update", "delete", "change_instance"])
+def test_a_management_write_can_commit_and_lose_its_answer(emulator: EmulatorHandle, api: Api, call: str) -> None:
+    created = api.created()
+    token = api.admin_token()
+    emulator.set_faults(script=[{"call": call, "fault": "drop_after_commit"}])
+    writes = {
+        "update": lambda: api.update(token, created["DeviceToken"], {"FirstName": "Dropped"}),
+        "delete": lambda: api.delete(token, created["DeviceToken"]),
+        "change_instance": lambda: api.change_instance(
+            token,
+            {
+                "DeviceToken": created["DeviceToken"],
+                "ToInstanceId": emulator.instance_id("fleet-eu"),
+                "ToInstanceKey": emulator.instance_key("fleet-eu"),
+            },
+        ),
+    }
+
+    with pytest.raises(requests.ConnectionError):
+        writes[call]()
+
+    user = emulator.user(created["DeviceToken"])
+    committed = {
+        "update": lambda: user is not None and user["Profile"]["FirstName"] == "Dropped",
+        "delete": lambda: user is None,
+        "change_instance": lambda: user is not None and user["InstanceId"] == emulator.instance_id("fleet-eu"),
+    }
+    assert committed[call]()
+    assert served(emulator)["drop_after_commit"] == 1
 
 
 def test_faults_patch_keeps_unset_keys_and_reset_clears_them(emulator: EmulatorHandle) -> None:
@@ -275,7 +309,17 @@ def test_faults_patch_keeps_unset_keys_and_reset_clears_them(emulator: EmulatorH
     assert faults["error_rate"] == 0.1
     assert faults["retry_after_s"] == 4
     assert faults["error_status"] == 504
-    assert faults["calls"] == ["create", "create_many", "refresh", "login"]
+    assert faults["calls"] == [
+        "create",
+        "create_many",
+        "refresh",
+        "login",
+        "find",
+        "get_filtered_page",
+        "update",
+        "delete",
+        "change_instance",
+    ]
     emulator.reset()
     assert emulator.faults()["error_rate"] == 0
     assert emulator.faults()["error_status"] == 503

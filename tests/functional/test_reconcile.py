@@ -1,0 +1,477 @@
+"""Reconciliation against moto and the emulator: adoption of a lost CreateMany chunk (exact, fewer, overlapping
+windows, dry run) and the drift audit (each class, resume across invocations, exclusivity, deletions mid-walk).
+
+Each test of the audit gets a table of its own (the schema of the stack's tokens table), so the users other tests
+leave behind are not judged; the emulator is reset for each test.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import boto3
+import pytest
+from boto3.dynamodb.types import TypeDeserializer
+
+from local.emulator.testing import EmulatorHandle
+from local.fake_lifecycle import StaticAdminCredentials
+from local.fakes import RecordingPublisher, StaticDeviceTokenKey
+from local.stack import LocalStack
+from telematics_cli import main
+from telematics_reg.credentials import StaticCredentials
+from telematics_reg.lifecycle.admin import DynamoAdminSessionStore, FleetAdminSession
+from telematics_reg.management_models import AdminCredentials, UserUpdate, UserUpdateFields
+from telematics_reg.models import (
+    BulkRegistrationRequest,
+    CreateManyRequest,
+    CreateUserRequest,
+    InstanceCredentials,
+    UserFields,
+)
+from telematics_reg.outcomes import UserRegistered
+from telematics_reg.reconcile.adoption import ChunkAdopter
+from telematics_reg.reconcile.audit import DriftAudit
+from telematics_reg.reconcile.events import UserGone
+from telematics_reg.reconcile.records import DynamoReconcileRecords
+from telematics_reg.refresh import RefreshJob, TokenRefresher
+from telematics_reg.registration import BulkIncompleteError, RegistrationService, device_token_for
+from telematics_reg.store import ChunkState, DynamoTokenStore, NewUser, Tokens, UserStatus, pending_key
+from telematics_reg.timing import LeaseTiming
+from telematics_reg.upstream import UserServiceClient
+
+from .conftest import INSTANCES
+
+KEY = "reconcile-test-device-token-key-0123456789"
+_deserialize = TypeDeserializer().deserialize
+
+
+@dataclass
+class Env:
+    store: DynamoTokenStore
+    records: DynamoReconcileRecords
+    upstream: UserServiceClient
+    admin: FleetAdminSession
+    credentials: StaticCredentials
+    publisher: RecordingPublisher
+    emulator: EmulatorHandle
+
+    def creds(self, alias: str = "default") -> InstanceCredentials:
+        return self.credentials.get(alias)
+
+    def adopter(self, *, ahead: float = 1000.0, margin: int = 5) -> ChunkAdopter:
+        # The clock runs ahead so that the wait for overlapping calls is over (the window itself is real time).
+        return ChunkAdopter(
+            upstream=self.upstream,
+            admin=self.admin,
+            records=self.records,
+            credentials=self.credentials,
+            publisher=self.publisher,
+            claim_seconds=120,
+            clock_skew_seconds=10,
+            window_margin_seconds=margin,
+            refresh_margin_seconds=900,
+            login_interval_seconds=20.0,
+            clock=lambda: time.time() + ahead,
+        )
+
+    def audit(self, *, page_size: int = 1000, ahead: float = 5.0, lease: int = 180) -> DriftAudit:
+        return DriftAudit(
+            upstream=self.upstream,
+            admin=self.admin,
+            records=self.records,
+            credentials=self.credentials,
+            device_token_key=StaticDeviceTokenKey(KEY),
+            publisher=self.publisher,
+            interval_seconds=86_400,
+            lease_seconds=lease,
+            created_margin_seconds=0,
+            page_size=page_size,
+            scan_page_size=25,
+            clock=lambda: time.time() + ahead,
+        )
+
+
+def _table_like(dynamodb: Any, source: str) -> str:
+    """A new, empty table with the schema of ``source`` (its key and indexes)."""
+    described = dynamodb.describe_table(TableName=source)["Table"]
+    name = f"reconcile-{uuid.uuid4().hex[:10]}"
+    indexes = [
+        {"IndexName": i["IndexName"], "KeySchema": i["KeySchema"], "Projection": i["Projection"]}
+        for i in described.get("GlobalSecondaryIndexes", [])
+    ]
+    dynamodb.create_table(
+        TableName=name,
+        AttributeDefinitions=described["AttributeDefinitions"],
+        KeySchema=described["KeySchema"],
+        BillingMode="PAY_PER_REQUEST",
+        GlobalSecondaryIndexes=indexes,
+    )
+    return name
+
+
+def _env(table: str, dynamodb: Any, emulator: EmulatorHandle) -> Env:
+    store = DynamoTokenStore(dynamodb, table_name=table, shards=8)
+    upstream = UserServiceClient(emulator.url, max_attempts=2)
+    assert emulator.admin_account is not None
+    admin = FleetAdminSession(
+        upstream=upstream,
+        store=DynamoAdminSessionStore(store),
+        credentials=StaticAdminCredentials(
+            AdminCredentials(email=emulator.admin_account["Email"], password=emulator.admin_account["Password"])
+        ),
+    )
+    return Env(
+        store,
+        DynamoReconcileRecords(store),
+        upstream,
+        admin,
+        StaticCredentials(INSTANCES),
+        RecordingPublisher(),
+        emulator,
+    )
+
+
+@pytest.fixture
+def fresh(stack: LocalStack, dynamodb: Any, emulator: EmulatorHandle) -> Iterator[Env]:
+    """A table of its own and a reset emulator."""
+    table = _table_like(dynamodb, stack.outputs["TokensTableName"])
+    yield _env(table, dynamodb, emulator)
+    dynamodb.delete_table(TableName=table)
+
+
+# ----------------------------------------------------------------------------------------------------- adoption
+
+
+def _lose_a_chunk(env: Env, quantity: int, lost: int = 1) -> str:
+    """A bulk registered by the service whose first ``lost`` CreateMany answers are dropped after the commit."""
+    env.emulator.set_faults(script=[{"call": "create_many", "fault": "drop_after_commit"}] * lost)
+    service = RegistrationService(
+        upstream=env.upstream,
+        bulk_upstream=UserServiceClient(env.emulator.url, max_attempts=1),
+        store=env.store,
+        credentials=env.credentials,
+        device_token_key=StaticDeviceTokenKey(KEY),
+        publisher=RecordingPublisher(),
+    )
+    request_id = f"lost-{uuid.uuid4().hex[:8]}"
+    request = BulkRegistrationRequest.model_validate({"Quantity": quantity, "RequestId": request_id})
+    with pytest.raises(BulkIncompleteError) as lost_chunk:  # dead-lettered bulk_incomplete by the intake
+        service.register_bulk(request, source="queue", message_id=str(uuid.uuid4()))
+    assert lost_chunk.value.errors[0].key == "Chunk0"
+    env.emulator.clear_faults()
+    return request_id
+
+
+def _bulk_users(dynamodb: Any, table: str, request_id: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    kwargs: dict[str, Any] = {
+        "TableName": table,
+        "FilterExpression": "BulkRequestId = :r",
+        "ExpressionAttributeValues": {":r": {"S": request_id}},
+    }
+    while True:
+        page = dynamodb.scan(**kwargs)
+        items += [{k: _deserialize(v) for k, v in item.items()} for item in page["Items"]]
+        if "LastEvaluatedKey" not in page:
+            return items
+        kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+
+def test_a_lost_create_many_answer_is_adopted_and_its_users_logged_in_within_the_budget(
+    fresh: Env, dynamodb: Any
+) -> None:
+    shared = fresh
+    request_id = _lose_a_chunk(shared, quantity=150)
+    table = shared.store._table
+    assert len(_bulk_users(dynamodb, table, request_id)) == 50
+    key = pending_key("default", request_id, 0)
+    assert key in shared.records.pending_adoptions()
+    progress = shared.records.get_bulk("default", request_id)
+    assert progress is not None
+    assert progress.chunks[0] is ChunkState.UNKNOWN
+    assert progress.ended[0] >= progress.claims[0].since  # the call's window is kept
+
+    # Too early: a call overlapping the window may still be storing its users.
+    (early,) = shared.adopter(ahead=0).adopt_pending()
+    assert early.outcome == "waiting"
+    assert key in shared.records.pending_adoptions()
+
+    (adopted,) = shared.adopter().adopt_pending()
+
+    assert (adopted.outcome, adopted.adopted, len(adopted.candidates)) == ("adopted", 100, 100)
+    users = _bulk_users(dynamodb, table, request_id)
+    assert len(users) == 150 == len({u["DeviceToken"] for u in users})
+    tokenless = sorted((u for u in users if u["Status"] == "TOKENLESS"), key=lambda u: int(u["AccessExpiresAt"]))
+    assert len(tokenless) == 100
+    assert all(u["AdoptedFrom"] == f"{request_id}#0" and "DueShard" in u for u in tokenless)
+    due = [int(u["AccessExpiresAt"]) for u in tokenless]
+    assert due[-1] - due[0] == 99 * 20  # due at the fleet's Login pace, not all at once
+    final = shared.records.get_bulk("default", request_id)
+    assert final is not None
+    assert (final.chunks[0], final.stored[0]) == (ChunkState.DONE, 100)
+    assert key not in shared.records.pending_adoptions()
+    events = [e for e in shared.publisher.of_type(UserRegistered) if isinstance(e, UserRegistered)]
+    assert len(events) == 100
+    assert all(e.bulk_request_id == request_id and not e.has_tokens for e in events)
+    assert shared.emulator.counters()["users_total"] == 150
+
+    # Adopting again finds nothing to do, and the refresh path logs an adopted user in (one Login of the budget).
+    assert shared.adopter().adopt_request("default", request_id) == []
+    refresher = TokenRefresher(
+        upstream=shared.upstream,
+        store=shared.store,
+        credentials=shared.credentials,
+        publisher=shared.publisher,
+        margin_seconds=900,
+        timing=LeaseTiming(lease_seconds=180, call_seconds=30, clock_skew_seconds=10, commit_seconds=10),
+    )
+    first = tokenless[0]
+    outcome = refresher.refresh_job(RefreshJob(first["DeviceToken"], int(first["Version"])))
+    assert outcome.value == "logged_in"
+    stored = shared.store.get_user(first["DeviceToken"])
+    assert stored is not None
+    assert stored.status is UserStatus.ACTIVE
+    assert stored.tokens is not None
+
+
+def test_fewer_users_than_the_chunk_are_reported_with_the_candidates_and_nothing_is_stored(
+    fresh: Env, dynamodb: Any
+) -> None:
+    shared = fresh
+    table = shared.store._table
+    request_id = _lose_a_chunk(shared, quantity=100)
+    adopter = shared.adopter()
+    (judged,) = adopter.adopt_request("default", request_id, dry_run=True)
+    assert judged.outcome == "would_adopt"
+    victim = judged.candidates[0]
+    shared.admin.call(lambda token: shared.upstream.delete_user(token, UUID(victim)))
+
+    (reported,) = adopter.adopt_pending()
+
+    assert reported.outcome == "needs_operator"
+    assert "99 users" in reported.reason
+    assert "fewer" in reported.reason
+    assert sorted(reported.candidates) == sorted(set(judged.candidates) - {victim})
+    assert _bulk_users(dynamodb, table, request_id) == []
+    progress = shared.records.get_bulk("default", request_id)
+    assert progress is not None
+    assert progress.chunks[0] is ChunkState.UNKNOWN
+    item = dynamodb.get_item(TableName=table, Key={"pk": {"S": f"BULK#default#{request_id}"}})
+    note = json.loads(item["Item"]["Adoption0"]["S"])
+    assert note["Outcome"] == "needs_operator"
+    assert len(note["Candidates"]) == 99
+    assert pending_key("default", request_id, 0) not in shared.records.pending_adoptions()
+
+
+def test_two_lost_chunks_whose_calls_overlap_are_never_guessed(fresh: Env, dynamodb: Any) -> None:
+    shared = fresh
+    first = _lose_a_chunk(shared, quantity=100)
+    second = _lose_a_chunk(shared, quantity=100)
+    adopter = shared.adopter(margin=60)  # the two calls are seconds apart: their windows overlap
+
+    results = {r.request_id: r for r in adopter.adopt_pending() if r.request_id in (first, second)}
+
+    assert {r.outcome for r in results.values()} == {"needs_operator"}
+    assert second in results[first].reason
+    assert first in results[second].reason
+    table = shared.store._table
+    assert _bulk_users(dynamodb, table, first) == _bulk_users(dynamodb, table, second) == []
+
+
+def test_more_users_than_the_chunk_in_its_window_are_reported(fresh: Env, dynamodb: Any) -> None:
+    shared = fresh
+    request_id = _lose_a_chunk(shared, quantity=100)
+    # Made by someone else in the same instance, in the window, anonymous and not ours to store.
+    shared.upstream.create_many(shared.creds(), CreateManyRequest(quantity=3))
+    adopter = shared.adopter(margin=60)
+
+    (reported,) = adopter.adopt_request("default", request_id)
+
+    assert reported.outcome == "needs_operator"
+    assert "103 users" in reported.reason
+    assert "more" in reported.reason
+    assert _bulk_users(dynamodb, shared.store._table, request_id) == []
+
+
+# -------------------------------------------------------------------------------------------------------- audit
+
+
+def _registered(env: Env, client_id: str, alias: str = "default") -> str:
+    """A user made upstream the way the service makes it (derived CustomToken, ClientId) and stored."""
+    creds = env.creds(alias)
+    token = device_token_for(str(creds.instance_id), client_id, key=StaticDeviceTokenKey(KEY).get())
+    body = CreateUserRequest(custom_token=UUID(token), user_fields=UserFields(client_id=client_id))
+    result = env.upstream.create(creds, body)
+    assert str(result.device_token) == token
+    tokens = Tokens("at", "rt", int(time.time()) + 3600)
+    env.store.put_new_users(
+        [NewUser(token, alias, str(creds.instance_id), tokens, client_id=client_id)], now=time.time() - 60
+    )
+    return token
+
+
+def _update(env: Env, token: str, changes: UserUpdate) -> None:
+    env.admin.call(lambda admin: env.upstream.update_user(admin, UUID(token), changes))
+
+
+def test_the_audit_finds_each_class_of_drift_and_stops_refreshing_a_user_gone(fresh: Env) -> None:
+    ok = _registered(fresh, "ok-1")
+    gone = _registered(fresh, "gone-1")
+    deactivated = _registered(fresh, "deactivated-1")
+    reflagged = _registered(fresh, "reflagged-1")
+    moved = _registered(fresh, "moved-1")
+    creds = fresh.creds()
+    orphan = device_token_for(str(creds.instance_id), "orphan-1", key=StaticDeviceTokenKey(KEY).get())
+    fresh.upstream.create(
+        creds, CreateUserRequest(custom_token=UUID(orphan), user_fields=UserFields(client_id="orphan-1"))
+    )
+    fresh.upstream.create_many(creds, CreateManyRequest(quantity=2))  # a lost chunk's: counted, left to adoption
+    fresh.upstream.create(creds, CreateUserRequest(user_fields=UserFields(client_id="not-ours")))  # another system's
+    fresh.admin.call(lambda t: fresh.upstream.delete_user(t, UUID(gone)))
+    _update(fresh, deactivated, UserUpdate(status="Deactivated"))
+    _update(fresh, reflagged, UserUpdate(user_fields=UserUpdateFields(client_id="renamed-1")))
+    fresh.admin.call(lambda t: fresh.upstream.change_instance(t, UUID(moved), fresh.creds("fleet-eu")))
+
+    step = fresh.audit().run(force=True)
+
+    assert step.status == "finished"
+    report = step.report
+    assert report is not None
+    assert report.counts == {"gone": 1, "deactivated": 1, "reflagged": 1, "moved": 1, "unstored": 1}
+    assert report.samples["gone"] == [gone]
+    assert report.samples["deactivated"] == [deactivated]
+    assert report.samples["reflagged"] == [reflagged]
+    assert report.samples["moved"] == [moved]
+    assert report.samples["unstored"] == [orphan]
+    assert report.anonymous_unstored == 2
+    assert report.audited == 4
+    record = fresh.store.get_user(gone)
+    assert record is not None
+    assert record.status is UserStatus.GONE
+    assert (record.due_shard, record.tokens) == (None, None)  # out of the refresh index: no refresh, no token kept
+    assert [e.device_token for e in fresh.publisher.events if isinstance(e, UserGone)] == [gone]
+    still = fresh.store.get_user(ok)
+    assert still is not None
+    assert still.status is UserStatus.ACTIVE
+    assert still.due_shard is not None
+    last = fresh.audit().last_report()
+    assert last is not None
+    assert last["Counts"]["gone"] == 1
+
+    # A change of flags after this audit read them is found by the next; a user gone is not judged again.
+    _update(fresh, ok, UserUpdate(user_fields=UserUpdateFields(enable_tracking=False)))
+    again = fresh.audit().run(force=True).report
+    assert again is not None
+    assert again.counts["gone"] == 0
+    assert ok in again.samples["reflagged"]
+    assert len(fresh.publisher.events) == 1
+
+
+def test_a_dry_run_changes_no_user(fresh: Env) -> None:
+    gone = _registered(fresh, "gone-dry")
+    fresh.admin.call(lambda t: fresh.upstream.delete_user(t, UUID(gone)))
+
+    report = fresh.audit().run(force=True, dry_run=True).report
+
+    assert report is not None
+    assert report.counts["gone"] == 1
+    record = fresh.store.get_user(gone)
+    assert record is not None
+    assert record.status is UserStatus.ACTIVE
+    assert fresh.publisher.events == []
+
+
+def test_the_audit_resumes_across_invocations_and_a_deletion_mid_walk_skips_nobody(fresh: Env) -> None:
+    tokens = [_registered(fresh, f"resume-{n:02d}") for n in range(35)]
+    gone = tokens[30]
+    fresh.admin.call(lambda t: fresh.upstream.delete_user(t, UUID(gone)))
+    audit = fresh.audit(page_size=10)
+
+    first = audit.run(force=True, time_left=lambda: 0.0)  # one page, then a checkpoint
+    assert first.status == "in_progress"
+    assert first.report is not None
+    assert first.report.pages == 1
+    # Users already walked are deleted now: with page numbers, the next page would skip as many users.
+    for token in tokens[:3]:
+        fresh.admin.call(lambda t, tok=token: fresh.upstream.delete_user(t, UUID(tok)))
+    steps = [first]
+    while steps[-1].status != "finished":
+        steps.append(fresh.audit(page_size=10).run(time_left=lambda: 0.0))
+        assert len(steps) < 20
+
+    report = steps[-1].report
+    assert report is not None
+    assert report.counts["gone"] == 1
+    assert report.samples["gone"] == [gone]
+    assert report.audited == 34
+    assert report.invocations == len(steps)
+    assert report.pages == 4  # 34 users at 10 a page: upstream calls bounded by pages
+    assert fresh.audit().run().status == "not_due"  # the next run waits for the interval
+
+
+def test_two_audits_never_run_at_once_and_a_dead_holder_is_taken_over_after_its_lease(fresh: Env) -> None:
+    for n in range(12):
+        _registered(fresh, f"lease-{n:02d}")
+    audit = fresh.audit(page_size=10, lease=30)
+    assert audit.run(force=True, time_left=lambda: 0.0).status == "in_progress"
+    # Another invocation holds the lease (alive): a second audit does nothing.
+    assert fresh.records.take_audit_lease("other", now=time.time(), ttl=30) is not None
+    assert audit.run(time_left=lambda: 0.0).status == "busy"
+    # That invocation died: once its lease lapsed (by this clock), the run resumes from its last checkpoint.
+    later = fresh.audit(page_size=10, lease=30, ahead=60)
+    step = later.run()
+    assert step.status == "finished"
+    assert step.report is not None
+    assert step.report.audited == 12
+    assert step.report.drift == 0
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+
+
+def test_the_cli_judges_a_lost_chunk_and_runs_the_audit(
+    stack: LocalStack,
+    emulator: EmulatorHandle,
+    dynamodb: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    env = _env(stack.outputs["TokensTableName"], dynamodb, emulator)
+    request_id = _lose_a_chunk(env, quantity=100)
+    secrets = boto3.client("secretsmanager", endpoint_url=stack.endpoint_url, region_name=stack.region)
+    assert emulator.admin_account is not None
+    arn = secrets.create_secret(Name=f"admin-{uuid.uuid4().hex[:8]}", SecretString=json.dumps(emulator.admin_account))[
+        "ARN"
+    ]
+    stack_file = stack.save(tmp_path / "stack.json")
+
+    def cli(*args: str) -> tuple[int, str]:
+        capsys.readouterr()
+        code = main(["--local-stack", str(stack_file), *args, "--admin-credentials-secret-arn", arn, "--json"])
+        return code, capsys.readouterr().out
+
+    # Just lost: a call overlapping its window may still be storing users, so it waits (exit 1), nothing stored.
+    code, out = cli("bulk", "adopt", request_id, "--dry-run")
+    assert code == 1
+    (chunk,) = json.loads(out)["Chunks"]
+    assert (chunk["Chunk"], chunk["Outcome"]) == (0, "waiting")
+
+    code, out = cli("bulk", "adopt", "no-such-bulk")
+    assert code == 1
+
+    code, out = cli("reconcile", "--dry-run", "--instance", "fleet-eu")
+    report = json.loads(out)
+    assert report["DryRun"] is True
+    assert report["Instances"] == ["fleet-eu"]
+    assert set(report["Counts"]) == {"gone", "deactivated", "reflagged", "moved", "unstored"}
+    assert code == (1 if report["Drift"] else 0)
+    code, out = cli("reconcile", "--report")
+    assert code == (1 if report["Drift"] else 0)
+    assert json.loads(out)["RunId"] == report["RunId"]
