@@ -77,6 +77,7 @@ def artifact_stack(moto_endpoint: str, aws_env: None, upstream: EmulatorHandle) 
         parameters={"UserServiceUrl": upstream.url, "LogLevel": "DEBUG"},
         stack_name="artifact",
         instance_credentials=INSTANCES,
+        admin_credentials=upstream.admin_account,
     )
 
 
