@@ -42,6 +42,7 @@ __all__ = [
     "MAX_BULK_QUANTITY",
     "MAX_CREATE_MANY_PER_CALL",
     "MAX_MESSAGE_BYTES",
+    "MAX_TOKEN_LIFETIME_SECONDS",
     "AccessToken",
     "BulkRegistrationRequest",
     "CreateManyRequest",
@@ -73,6 +74,8 @@ MAX_BULK_QUANTITY: Final = 10_000
 """Most users one bulk registration message may ask for."""
 MAX_MESSAGE_BYTES: Final = 64 * 1024
 """Largest registration message body accepted (UTF-8 bytes)."""
+MAX_TOKEN_LIFETIME_SECONDS: Final = 10 * 366 * 86_400
+"""Largest ``ExpiresIn`` of an access token taken from the upstream (ten years)."""
 
 _REVEAL_SECRETS: Final = "reveal_secrets"
 _MAX_TEXT: Final = 256
@@ -432,7 +435,7 @@ def read_jwt_claims(token: str) -> dict[str, Any] | None:
     payload = parts[1] + "=" * (-len(parts[1]) % 4)
     try:
         claims = json.loads(base64.urlsafe_b64decode(payload))
-    except (binascii.Error, ValueError):
+    except (binascii.Error, ValueError, RecursionError):  # a payload nested deeper than the parser recurses
         return None
     return claims if isinstance(claims, dict) else None
 
@@ -459,7 +462,8 @@ class AccessToken(_ResponseModel):
     """A user's JWT and its lifetime in seconds."""
 
     token: Secret = Field(min_length=1, max_length=16_384)
-    expires_in: int = Field(ge=0)
+    # No access token lives for decades: a bigger ExpiresIn is a broken answer (and overflows a datetime).
+    expires_in: int = Field(ge=0, le=MAX_TOKEN_LIFETIME_SECONDS)
 
 
 class CreateResult(_ResponseModel):
