@@ -176,8 +176,8 @@ def _jsonl_rows(lines: _Lines, sha256: str) -> Iterator[Row]:
         bulk = False
         try:
             data = json.loads(stripped)
-        except ValueError:
-            data = None  # the parser reports where the JSON breaks
+        except (ValueError, RecursionError):
+            data = None  # the parser reports where the JSON breaks (or that it nests too deep)
         if isinstance(data, dict) and _has_key(data, "quantity"):
             bulk = True
             if not _has_key(data, "requestid"):
@@ -246,7 +246,7 @@ def _cell_value(kind: _FieldType, cell: str) -> Any:
     elif kind.kind == "model" and value.startswith("{"):
         try:
             return json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser recurses
             return cell
     return cell
 
