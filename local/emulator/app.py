@@ -218,3 +218,5 @@ def _parse_json(body: bytes) -> Any:
         raise ValueError("The request body is not UTF-8") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"The request body is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    except RecursionError:  # nested deeper than the parser (or fold_keys) recurses: a client error, not ours
+        raise ValueError("The request body is nested too deeply") from None
