@@ -457,13 +457,13 @@ def run(options: LoadOptions, target_factory: Any) -> int:
 def _print_problems(options: LoadOptions, checked: Validation) -> None:
     if options.as_json:
         return
-    table = Table(title=f"Invalid rows of {options.path.name}", title_justify="left")
+    table = Table(title=f"Invalid rows of {output.escape(options.path.name)}", title_justify="left")
     table.add_column("Line", justify="right")
     table.add_column("Field")
     table.add_column("Problem")
     for row in checked.problems:
         for error in row.errors:
-            table.add_row(str(row.line), error.key or "-", output.escape(error.message))
+            table.add_row(str(row.line), output.escape(error.key) or "-", output.escape(error.message))
     console = output.stdout()
     console.print(table)
     hidden = checked.invalid - len(checked.problems)
@@ -483,7 +483,9 @@ def _print_report(options: LoadOptions, summary: dict[str, Any], report: SendRep
         output.print_json(summary)
         return
     console = output.stdout()
-    table = Table(title=f"Loaded {options.path.name} → registration queue", title_justify="left", show_header=False)
+    table = Table(
+        title=f"Loaded {output.escape(options.path.name)} → registration queue", title_justify="left", show_header=False
+    )
     table.add_column("what")
     table.add_column("count", justify="right")
     table.add_row("rows in file", f"{summary['rows']:,}")
@@ -502,4 +504,4 @@ def _print_report(options: LoadOptions, summary: dict[str, Any], report: SendRep
             failed.add_row(str(failure.line), failure.code, output.escape(failure.message))
         console.print(failed)
         console.print("Run the same command again to send them: rows already sent are not sent again.")
-    console.print(f"checkpoint: {summary['checkpoint']}")
+    console.print(f"checkpoint: {output.escape(summary['checkpoint'])}")

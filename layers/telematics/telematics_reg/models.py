@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
@@ -20,6 +21,7 @@ from typing import Annotated, Any, Final, Literal
 from uuid import UUID
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -94,7 +96,19 @@ def _serialize_secret(value: SecretStr, handler: SerializerFunctionWrapHandler, 
 
 Secret = Annotated[SecretStr, WrapSerializer(_serialize_secret)]
 Text = Annotated[str, Field(max_length=_MAX_TEXT)]
-ClientId = Annotated[str, Field(min_length=1, max_length=128)]
+_CONTROL_CHARACTERS: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _no_control_characters(value: str) -> str:
+    # An id is shown to operators (show, dlq list, logs): a C0/C1 control in it could drive their terminal.
+    if _CONTROL_CHARACTERS.search(value):
+        raise PydanticCustomError(
+            "control_characters", "ClientId must not contain control characters (C0, DEL or C1: U+0000-U+001F, U+007F-U+009F)"
+        )
+    return value
+
+
+ClientId = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_no_control_characters)]
 InstanceAlias = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 # strict mode would only take UUID objects; JSON carries UUIDs as strings.
 LaxUUID = Annotated[UUID, Field(strict=False)]
