@@ -104,9 +104,9 @@ message_bodies = st.one_of(
 
 def client_ids(prefix: str = "") -> st.SearchStrategy[str]:
     """Valid ClientIds: printable text of 1 to 128 characters."""
-    return st.text(
-        alphabet=st.characters(blacklist_categories=["Cc", "Cs"]), min_size=1, max_size=40
-    ).map(lambda text: (prefix + text)[:128])
+    return st.text(alphabet=st.characters(blacklist_categories=["Cc", "Cs"]), min_size=1, max_size=40).map(
+        lambda text: (prefix + text)[:128]
+    )
 
 
 def valid_registration(client_id: str) -> st.SearchStrategy[dict[str, Any]]:

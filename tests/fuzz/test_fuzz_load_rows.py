@@ -36,7 +36,8 @@ def _read(data: bytes, fmt: InputFormat) -> list[Row]:
 
 def _check_rows(rows: list[Row]) -> None:
     lines = [row.line for row in rows]
-    assert lines == sorted(lines) and len(set(lines)) == len(lines)
+    assert lines == sorted(lines)
+    assert len(set(lines)) == len(lines)
     for row in rows:
         if row.valid:
             assert row.body is not None

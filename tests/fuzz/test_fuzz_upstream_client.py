@@ -261,8 +261,10 @@ def test_refresh_never_stores_tokens_from_an_answer_it_cannot_trust(answer: tupl
         assert envelope.get("Status") in (None, *range(200, 300))
         named = {k.lower(): v for k, v in envelope["Result"].items()}.get("devicetoken")
         assert named is None or str(named).lower() == str(USER)
-        assert after.access_token and after.refresh_token
-        assert after.access_expires_at is not None and after.access_expires_at >= NOW
+        assert after.access_token
+        assert after.refresh_token
+        assert after.access_expires_at is not None
+        assert after.access_expires_at >= NOW
     else:
         assert after.status in (UserStatus.ACTIVE, UserStatus.NEEDS_RELOGIN)
     produced = [*logs.lines, after.last_error or "", *(json.dumps(e.detail()) for e in world.publisher.events)]

@@ -103,7 +103,8 @@ def _no_control_characters(value: str) -> str:
     # An id is shown to operators (show, dlq list, logs): a C0/C1 control in it could drive their terminal.
     if _CONTROL_CHARACTERS.search(value):
         raise PydanticCustomError(
-            "control_characters", "ClientId must not contain control characters (C0, DEL or C1: U+0000-U+001F, U+007F-U+009F)"
+            "control_characters",
+            "ClientId must not contain control characters (C0, DEL or C1: U+0000-U+001F, U+007F-U+009F)",
         )
     return value
 
