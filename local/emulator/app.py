@@ -115,7 +115,10 @@ class App:
         body: bytes,
         client_gone: Callable[[], bool] = lambda: False,
     ) -> Outcome:
-        url = urlsplit(target)
+        try:
+            url = urlsplit(target)
+        except ValueError as exc:  # e.g. "//[": urlsplit reads a netloc with a broken IPv6 address
+            return Outcome(error_envelope(ApiError.single(400, "Path", f"Invalid request target: {exc}")))
         segments = _segments(url.path)
         is_admin = bool(segments) and segments[0].lower() == "_emulator"
         if not is_admin:

@@ -96,6 +96,7 @@ targets = st.one_of(
 @example(target=ROUTES[0], headers={"InstanceId": INSTANCE.instance_id, "InstanceKey": INSTANCE.instance_key},
          body=b"[" * 5000 + b"]" * 5000)  # fmt: skip
 @example(target=ROUTES[4], headers={}, body=json.dumps({"LoginFields": "[" * 5000 + "]" * 5000}).encode())
+@example(target=("POST", "//["), headers={}, body=b"{}")
 @example(target=ROUTES[8], headers={}, body=b'{"a":' * 3000 + b"1" + b"}" * 3000)
 def test_any_request_gets_a_4xx_or_2xx_never_a_500(
     target: tuple[str, str], headers: dict[str, str], body: bytes
