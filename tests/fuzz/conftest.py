@@ -6,7 +6,7 @@
   examples database kept in ``tests/fuzz/examples`` (read-only: a test run never changes the repository), then
   random inputs. A failure prints the blob that reproduces it (``@reproduce_failure``): add it as an ``@example``;
 * ``fuzz`` (``make fuzz``): many more inputs, random, and every failing input found is saved to that database
-  (commit it: the ``ci`` profile replays it from then on).
+  and kept there once fixed (commit it: the ``ci`` profile replays it from then on).
 
 ``FUZZ_REPORT=PATH`` writes, at the end of the session, how many inputs each entry point was given (JSON).
 """
@@ -22,9 +22,32 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
-from hypothesis.database import DirectoryBasedExampleDatabase, ReadOnlyDatabase
+from hypothesis.database import DirectoryBasedExampleDatabase, ExampleDatabase, ReadOnlyDatabase
 
 EXAMPLES_DB = Path(__file__).resolve().parent / "examples"
+
+
+class KeepingDatabase(ExampleDatabase):
+    """The examples database for ``make fuzz``: saves every failing input found and never forgets one.
+
+    Hypothesis deletes a saved example once it passes; here a fixed defect's input stays, and every later run
+    replays it (the explicit ``@example`` of each fix is the regression that survives edits of the test: saved
+    inputs are keyed by the test's source).
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._directory = DirectoryBasedExampleDatabase(path)
+
+    def save(self, key: bytes, value: bytes) -> None:
+        self._directory.save(key, value)
+
+    def fetch(self, key: bytes) -> Iterator[bytes]:
+        yield from self._directory.fetch(key)
+
+    def delete(self, key: bytes, value: bytes) -> None:
+        pass  # kept on purpose (see the class docstring)
+
 
 _COMMON = {
     # The machine is shared and the handlers do real work: time limits per input would only make runs flaky.
@@ -41,7 +64,7 @@ settings.register_profile(
 settings.register_profile(
     "fuzz",
     max_examples=int(os.environ.get("FUZZ_EXAMPLES", "2000")),
-    database=DirectoryBasedExampleDatabase(EXAMPLES_DB),
+    database=KeepingDatabase(EXAMPLES_DB),
     **_COMMON,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
