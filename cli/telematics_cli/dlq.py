@@ -320,7 +320,10 @@ def run_list(target: Target, *, queue: str, limit: int, examples: int, as_json: 
                     text += f"\n  ↳ {example['Detail']}"
                 lines.append(output.escape(text))
             table.add_row(
-                output.escape(group["reason"]), f"{group['count']:,}", ", ".join(group["sources"]), "\n".join(lines)
+                output.escape(group["reason"]),
+                f"{group['count']:,}",
+                output.escape(", ".join(group["sources"])),
+                "\n".join(lines),
             )
         console.print(table)
     if not bodies and any(entry["groups"] for entry in report):

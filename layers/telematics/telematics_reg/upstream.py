@@ -1357,7 +1357,7 @@ def _parse_envelope(content: bytes) -> tuple[Envelope | None, str]:
         return None, "empty"
     try:
         data = json.loads(content)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser recurses
         return None, "not JSON"
     if not isinstance(data, dict):
         return None, f"JSON but not an object ({type(data).__name__})"
