@@ -112,7 +112,7 @@ def summary(body: str) -> str:
     >>> summary('{"detail-type": "UserUpdated", "detail": {"ClientId": "c-1", "City": "Paris"}}')
     'event UserUpdated, 78 bytes: ClientId, City'
     """
-    size = f"{len(body.encode('utf-8')):,} bytes"
+    size = f"{len(body.encode('utf-8', errors='surrogatepass')):,} bytes"
     try:
         document = json.loads(body)
     except ValueError:

@@ -29,7 +29,7 @@ def handle_signup(event: dict[str, Any], intake: RegistrationIntake) -> dict[str
         detail if isinstance(detail, dict | str) else json.dumps(detail),
         message_id=message_id,
         source="signup",
-        occurred_at_ms=event_time_ms(event.get("time")),
+        occurred_at_ms=event_time_ms(event.get("time")) if isinstance(event, dict) else None,
     )
     return {"status": result.status, "deviceToken": result.device_token, "reason": result.reason}
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from local.emulator.app import App
 from local.emulator.faults import FaultInjector
 from local.emulator.server import EmulatorServer
-from local.emulator.state import EmulatorState, Instance, RuntimeConfig
+from local.emulator.state import AdminAccount, EmulatorState, Instance, RuntimeConfig
 from local.emulator.tokens import TokenIssuer, new_jwt_secret
 
 from .conftest import INPUTS, scaled
@@ -47,7 +47,9 @@ ROUTES = [
 
 def _app() -> App:
     issuer = TokenIssuer(new_jwt_secret())
-    state = EmulatorState([INSTANCE], issuer, RuntimeConfig(token_lifetime_s=3600))
+    state = EmulatorState(
+        [INSTANCE], issuer, RuntimeConfig(token_lifetime_s=3600), AdminAccount("ops@example.com", "fuzz-admin-password")
+    )
     return App(state, FaultInjector(), issuer)
 
 

@@ -27,6 +27,7 @@ from telematics_reg.models import BulkRegistrationRequest, parse_registration_me
 from telematics_reg.refresh import RefreshJob
 from telematics_reg.registration import device_token_for
 from telematics_reg.store import UserStatus
+from tests.unit.conftest import DEVICE_TOKEN_KEY
 
 from .conftest import INPUTS
 from .strategies import any_json, client_ids, message_bodies, registration_like, valid_registration
@@ -108,7 +109,9 @@ def test_queue_batch_dead_letters_each_invalid_record_and_registers_the_rest(
             request = parse_registration_message(body)
             if not isinstance(request, BulkRegistrationRequest):
                 valid_client_ids.add(request.client_id)
-                record = world.store.get_user(device_token_for(str(world.creds.instance_id), request.client_id))
+                record = world.store.get_user(
+                    device_token_for(str(world.creds.instance_id), request.client_id, key=DEVICE_TOKEN_KEY.get())
+                )
                 assert record is not None
                 assert record.status in (UserStatus.ACTIVE, UserStatus.TOKENLESS)
         else:

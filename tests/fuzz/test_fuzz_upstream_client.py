@@ -33,13 +33,14 @@ from telematics_reg.refresh import RefreshJob, RefreshOutcome, TokenRefresher
 from telematics_reg.registration import tokens_of
 from telematics_reg.store import Tokens, UserStatus
 from telematics_reg.upstream import UserServiceClient, parse_retry_after
+from tests.unit.conftest import TIMING
 
 from .conftest import INPUTS
 from .strategies import any_json, edge_integers, hostile_text
 from .worlds import captured_logs, leaks, new_world
 
 BASE = "http://user-service.invalid"
-INSTANCE_KEY = "ik-" + uuid.uuid4().hex
+INSTANCE_KEY = str(uuid.uuid4())
 CREDS = InstanceCredentials.model_validate({"InstanceId": str(uuid.uuid4()), "InstanceKey": INSTANCE_KEY})
 USER = uuid.UUID("6d3f8f1e-2f4b-4a53-8d51-3b1b0c2d9e77")
 NOW = 1_800_000_000
@@ -254,7 +255,7 @@ def test_refresh_never_stores_tokens_from_an_answer_it_cannot_trust(answer: tupl
     stored = _stored_user(world)
     refresher = TokenRefresher(
         upstream=_client(), store=world.store, credentials=StaticCredentials({"default": CREDS}),
-        publisher=world.publisher, budget=world.budget, margin_seconds=600, clock=world.clock, sleep=world.clock.sleep,
+        publisher=world.publisher, margin_seconds=600, timing=TIMING, clock=world.clock, sleep=world.clock.sleep,
     )  # fmt: skip
     record = world.store.get_user(str(USER))
     assert record is not None
@@ -305,7 +306,7 @@ def test_refresh_never_stores_a_pair_issued_for_another_user() -> None:
     stored = _stored_user(world)
     refresher = TokenRefresher(
         upstream=_client(), store=world.store, credentials=world.credentials, publisher=world.publisher,
-        budget=world.budget, margin_seconds=600, clock=world.clock, sleep=world.clock.sleep,
+        margin_seconds=600, timing=TIMING, clock=world.clock, sleep=world.clock.sleep,
     )  # fmt: skip
     other = str(uuid.uuid4())
     answer = {"Result": {"DeviceToken": other, "AccessToken": {"Token": jwt({"DeviceToken": other}), "ExpiresIn": 60},
@@ -332,7 +333,7 @@ def test_refresh_worker_defers_an_answer_it_does_not_expect(status: int) -> None
     _stored_user(world)
     refresher = TokenRefresher(
         upstream=_client(), store=world.store, credentials=world.credentials, publisher=world.publisher,
-        budget=world.budget, margin_seconds=600, clock=world.clock, sleep=world.clock.sleep,
+        margin_seconds=600, timing=TIMING, clock=world.clock, sleep=world.clock.sleep,
     )  # fmt: skip
     with upstream_answering((status, {}, b"{}")):
         outcome = refresher.refresh_job(RefreshJob(str(USER), 1))
@@ -359,7 +360,7 @@ def test_a_login_error_quoting_the_users_tokens_is_not_repeated() -> None:
     world.store.complete_registration(device_token=str(USER), owner="o", tokens=stored, now=NOW - 3600)
     refresher = TokenRefresher(
         upstream=_client(), store=world.store, credentials=StaticCredentials({"default": CREDS}),
-        publisher=world.publisher, budget=world.budget, margin_seconds=600, clock=world.clock, sleep=world.clock.sleep,
+        publisher=world.publisher, margin_seconds=600, timing=TIMING, clock=world.clock, sleep=world.clock.sleep,
     )  # fmt: skip
     quoting = json.dumps({"Status": 403, "Title": f"{stored.access_token} / {stored.refresh_token}"}).encode()
     with upstream_answering((400, {}, quoting), login=(403, {}, quoting)):

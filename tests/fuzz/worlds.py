@@ -21,28 +21,34 @@ from telematics_reg.observability import SERVICE
 from telematics_reg.outcomes import RecordingPublisher
 from telematics_reg.refresh import TokenRefresher
 from telematics_reg.registration import RegistrationService
-from tests.unit.conftest import FakeClock, World
+from tests.unit.conftest import DEVICE_TOKEN_KEY, TIMING, FakeClock, World
 
 
 def new_world(*, token_lifetime: int = 3600) -> World:
     clock = FakeClock()
     creds = InstanceCredentials.model_validate({"InstanceId": str(uuid.uuid4()), "InstanceKey": str(uuid.uuid4())})
-    upstream = FakeUserService(instances=[creds], token_lifetime=token_lifetime, clock=clock)
+    budget = InMemoryLoginBudget(per_minute=5, clock=clock)
+    upstream = FakeUserService(instances=[creds], token_lifetime=token_lifetime, clock=clock, login_budget=budget)
     store = InMemoryTokenStore(shards=4)
     credentials = StaticCredentials({"default": creds})
     publisher = RecordingPublisher()
     dead_letters = RecordingDeadLetters()
-    budget = InMemoryLoginBudget(per_minute=5)
     service = RegistrationService(
-        upstream=upstream, store=store, credentials=credentials, publisher=publisher, clock=clock, sleep=clock.sleep
+        upstream=upstream,
+        store=store,
+        credentials=credentials,
+        device_token_key=DEVICE_TOKEN_KEY,
+        publisher=publisher,
+        clock=clock,
+        sleep=clock.sleep,
     )
     refresher = TokenRefresher(
         upstream=upstream,
         store=store,
         credentials=credentials,
         publisher=publisher,
-        budget=budget,
         margin_seconds=600,
+        timing=TIMING,
         clock=clock,
         sleep=clock.sleep,
     )
