@@ -205,12 +205,6 @@ def test_client_turns_any_answer_into_a_result_or_an_upstream_error_without_secr
             _check_result(result)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="upstream.py copies the answer's Title and Errors[] into the error text unbounded, so a multi-megabyte "
-    "answer becomes a multi-megabyte exception, log line and stored LastError; upstream.py's error handling "
-    "(_attempt and the errors it builds) is being reworked",
-)
 def test_client_error_text_stays_bounded_whatever_the_answer_size() -> None:
     INPUTS("client login answer")
     with upstream_answering(HUGE_TITLE), _client() as client, pytest.raises(UpstreamError) as caught:
@@ -293,12 +287,6 @@ def test_refresh_never_stores_tokens_from_an_answer_it_cannot_trust(answer: tupl
     assert leaks(produced, SECRETS) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="refresh.py commits a Refresh (or Login) answer's pair without checking that its DeviceToken is the "
-    "user being refreshed, so an answer about another user overwrites this user's tokens; refresh.py is being "
-    "reworked (leases)",
-)
 def test_refresh_never_stores_a_pair_issued_for_another_user() -> None:
     INPUTS("refresh worker answer")
     world = new_world()
@@ -318,13 +306,6 @@ def test_refresh_never_stores_a_pair_issued_for_another_user() -> None:
     assert (after.access_token, after.refresh_token) == (stored.access_token, stored.refresh_token)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="refresh.py handles DeadRefreshToken, OutcomeUnknown, Retryable and Unauthorized answers but lets any "
-    "other UpstreamError (403, a 3xx, a 4xx other than 400) escape refresh_job with the lease held: the record "
-    "fails and is retried until the refresh DLQ, against the worker's 'records fail only when the store could "
-    "not be written'; refresh.py is being reworked (leases)",
-)
 @pytest.mark.parametrize("status", [302, 403, 409])
 def test_refresh_worker_defers_an_answer_it_does_not_expect(status: int) -> None:
     INPUTS("refresh worker answer")
@@ -340,13 +321,6 @@ def test_refresh_worker_defers_an_answer_it_does_not_expect(status: int) -> None
     assert outcome in (RefreshOutcome.DEFERRED, RefreshOutcome.NEEDS_RELOGIN)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="refresh.py builds LastError and the NEEDS_RELOGIN reason (logged, published) from upstream error "
-    "texts, which the client scrubs only of what that call sent: a Login error quoting the user's stored tokens "
-    "(or a Refresh error quoting the InstanceKey) reaches the table, the log and the event; refresh.py is being "
-    "reworked (leases)",
-)
 def test_a_login_error_quoting_the_users_tokens_is_not_repeated() -> None:
     INPUTS("refresh worker answer")
     world = new_world()
