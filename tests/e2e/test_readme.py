@@ -37,6 +37,7 @@ SKIPPED = {
     "aws secretsmanager create-secret": "needs an AWS account",
     "sam build": "needs the SAM CLI and an AWS account",
     "aws events put-events": "needs an AWS account",
+    "make emulator                    #": "starts a server that runs until stopped; the next block starts it too",
     "# Reconciliation": "needs a lost bulk and drift to show; tests/functional/test_reconcile.py runs these commands",
 }
 _LINKED = (".venv", "local", "layers", "functions", "events", "cli", "template.yaml", "Makefile", "pyproject.toml")
