@@ -28,8 +28,8 @@ ARGS ?=
 
 export PYTHONPATH := $(CURDIR)/layers/telematics:$(CURDIR)
 
-.PHONY: venv test unit functional infra artifact lint typecheck scan validate build lock cold-start emulator run bench \
-	soak clean
+.PHONY: venv test unit functional infra fuzz artifact lint typecheck scan validate build lock cold-start emulator run \
+	bench soak clean
 
 $(STAMP): requirements/dev.txt requirements/constraints.txt layers/telematics/requirements.txt pyproject.toml
 	@$(CHECK_PYTHON)
@@ -119,6 +119,11 @@ functional: $(STAMP)
 
 infra: $(STAMP)
 	$(BIN)/python -m pytest -q tests/infrastructure
+
+## make fuzz: the property-based tests with a large budget (FUZZ_EXAMPLES per property, default 2000); failing
+## inputs are saved to tests/fuzz/examples and the figures recorded in bench/RESULTS.md.
+fuzz: $(STAMP)
+	$(BIN)/python bench/fuzz.py $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -365,7 +365,8 @@ def run_token(target: Target, ref: UserRef, options: TokenOptions) -> int:
             {"DeviceToken": token.device_token, "AccessToken": token.access_token, "ExpiresAt": token.expires_at}
         )
     else:
-        sys.stdout.write(token.access_token + "\n")
+        # A JWT has no control characters: one that does is not shown raw to the terminal (nor to $(...)).
+        sys.stdout.write(output.clean(token.access_token) + "\n")
         sys.stdout.flush()
     output.stderr().print(
         f"token of {token.device_token}, valid until {output.when(token.expires_at, time.time())}", markup=False

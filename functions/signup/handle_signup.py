@@ -6,6 +6,7 @@ destination. Bad input is dead-lettered at once with its reason and the invocati
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 from telematics_reg.intake import MessageResult, RegistrationIntake, event_time_ms
@@ -21,12 +22,15 @@ _intake = ColdStart(build_intake)
 
 def handle_signup(event: dict[str, Any], intake: RegistrationIntake) -> dict[str, Any]:
     """Register the user an EventBridge event describes; returns what became of it."""
-    detail = event.get("detail")
+    # A direct invocation can pass any JSON, not just an EventBridge event: dead-letter it with a reason.
+    detail = event.get("detail") if isinstance(event, dict) else event
+    message_id = str(event.get("id", "")) if isinstance(event, dict) else ""
     result: MessageResult = intake.handle(
-        detail if isinstance(detail, dict) else str(detail),
-        message_id=str(event.get("id", "")),
+        # Kept as sent for the dead letter: a JSON text as is, any other JSON value as JSON (not a Python repr).
+        detail if isinstance(detail, dict | str) else json.dumps(detail),
+        message_id=message_id,
         source="signup",
-        occurred_at_ms=event_time_ms(event.get("time")),
+        occurred_at_ms=event_time_ms(event.get("time")) if isinstance(event, dict) else None,
     )
     return {"status": result.status, "deviceToken": result.device_token, "reason": result.reason}
 
