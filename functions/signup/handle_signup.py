@@ -7,13 +7,14 @@ destination. Bad input is dead-lettered at once with its reason and the invocati
 from __future__ import annotations
 
 import json
-from typing import Any
-
-from aws_lambda_powertools.utilities.typing import LambdaContext
+from typing import TYPE_CHECKING, Any
 
 from telematics_reg.intake import MessageResult, RegistrationIntake, event_time_ms
-from telematics_reg.observability import logger, metrics, tracer
+from telematics_reg.observability import logger, metrics
 from telematics_reg.wiring import ColdStart, build_intake
+
+if TYPE_CHECKING:
+    from aws_lambda_powertools.utilities.typing import LambdaContext
 
 # Built from this function's environment on its first invocation, reused while the container lives.
 _intake = ColdStart(build_intake)
@@ -41,6 +42,5 @@ def warm() -> None:
 
 @logger.inject_lambda_context(correlation_id_path="id", clear_state=True)
 @metrics.log_metrics(capture_cold_start_metric=True)
-@tracer.capture_lambda_handler(capture_response=False)
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     return handle_signup(event, _intake.get())

@@ -29,8 +29,7 @@ def lambda_handler(event, context):
 
 _QUEUE_LIKE = """
 import time
-from aws_lambda_powertools.utilities.batch import EventType, process_partial_response
-from telematics_reg.batching import ConcurrentBatchProcessor
+from telematics_reg.batching import process_sqs_batch
 from telematics_reg.observability import logger
 
 @logger.inject_lambda_context(clear_state=True)
@@ -43,8 +42,7 @@ def lambda_handler(event, context):
                 extra={"expected_function": context.function_name, "expected_id": record.message_id},
             )
 
-    processor = ConcurrentBatchProcessor(EventType.SQS, max_workers=4)
-    return process_partial_response(event=event, record_handler=record_handler, processor=processor)
+    return process_sqs_batch(event, record_handler, max_workers=4)
 """
 
 

@@ -21,10 +21,12 @@ import pytest
 from boto3.dynamodb.types import TypeDeserializer
 
 from local.emulator.testing import EmulatorHandle
+from local.fake_lifecycle import StaticAdminCredentials
+from local.fakes import RecordingPublisher, StaticDeviceTokenKey
 from local.stack import LocalStack
 from telematics_cli import main
-from telematics_reg.credentials import StaticCredentials, StaticDeviceTokenKey
-from telematics_reg.lifecycle.admin import DynamoAdminSessionStore, FleetAdminSession, StaticAdminCredentials
+from telematics_reg.credentials import StaticCredentials
+from telematics_reg.lifecycle.admin import DynamoAdminSessionStore, FleetAdminSession
 from telematics_reg.management_models import AdminCredentials, UserUpdate, UserUpdateFields
 from telematics_reg.models import (
     BulkRegistrationRequest,
@@ -33,7 +35,7 @@ from telematics_reg.models import (
     InstanceCredentials,
     UserFields,
 )
-from telematics_reg.outcomes import RecordingPublisher, UserRegistered
+from telematics_reg.outcomes import UserRegistered
 from telematics_reg.reconcile.adoption import ChunkAdopter
 from telematics_reg.reconcile.audit import DriftAudit
 from telematics_reg.reconcile.events import UserGone

@@ -15,13 +15,13 @@ import json
 from typing import Any
 
 import pytest
-from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingError
 from handle_refresh_jobs import handle_refresh_batch
 from handle_registration_queue import handle_registration_batch
 from handle_signup import handle_signup
 from hypothesis import assume, example, given, note
 from hypothesis import strategies as st
 
+from telematics_reg.batching import BatchFailedError
 from telematics_reg.errors import InvalidMessageError
 from telematics_reg.models import BulkRegistrationRequest, parse_registration_message
 from telematics_reg.refresh import RefreshJob
@@ -216,7 +216,7 @@ def test_refresh_batch_fails_only_the_malformed_jobs(hostile: list[str], users: 
     with captured_logs() as logs:
         try:
             response = handle_refresh_batch(_sqs_event(bodies), world.refresher, concurrency=4)
-        except BatchProcessingError:
+        except BatchFailedError:
             # Powertools fails the whole invocation when every record failed: SQS then retries them all.
             assert malformed == {f"m-{n}" for n in range(len(bodies))}
             return

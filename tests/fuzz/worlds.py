@@ -10,15 +10,12 @@ from collections.abc import Iterable, Iterator
 
 from aws_lambda_powertools.logging.formatter import LambdaPowertoolsFormatter
 
-from telematics_reg.budget import InMemoryLoginBudget
+from local.fake_store import InMemoryTokenStore
+from local.fakes import FakeUserService, InMemoryLoginBudget, RecordingDeadLetters, RecordingPublisher
 from telematics_reg.credentials import StaticCredentials
-from telematics_reg.dead_letters import RecordingDeadLetters
-from telematics_reg.fake_store import InMemoryTokenStore
-from telematics_reg.fakes import FakeUserService
 from telematics_reg.intake import RegistrationIntake
 from telematics_reg.models import InstanceCredentials
 from telematics_reg.observability import SERVICE
-from telematics_reg.outcomes import RecordingPublisher
 from telematics_reg.refresh import TokenRefresher
 from telematics_reg.registration import RegistrationService
 from tests.unit.conftest import DEVICE_TOKEN_KEY, TIMING, FakeClock, World

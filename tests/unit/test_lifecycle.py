@@ -11,20 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from telematics_reg.budget import InMemoryLoginBudget
-from telematics_reg.dead_letters import RecordingDeadLetters
-from telematics_reg.errors import OutcomeUnknownError, TransientUpstreamError, UnauthorizedError
-from telematics_reg.lifecycle.admin import (
-    AdminSessionUnavailableError,
-    FleetAdminSession,
+from local.fake_lifecycle import (
     InMemoryAdminSessionStore,
+    InMemoryLifecycleRecords,
+    RecordingDeadLetterEraser,
     StaticAdminCredentials,
 )
+from local.fakes import InMemoryLoginBudget, RecordingDeadLetters
+from telematics_reg.errors import OutcomeUnknownError, TransientUpstreamError, UnauthorizedError
+from telematics_reg.lifecycle.admin import AdminSessionUnavailableError, FleetAdminSession
 from telematics_reg.lifecycle.changes import Action
-from telematics_reg.lifecycle.erasure import RecordingDeadLetterEraser
 from telematics_reg.lifecycle.events import LifecycleFailed, UserDeleted, UserMoved, UserUpdated
 from telematics_reg.lifecycle.intake import LifecycleIntake
-from telematics_reg.lifecycle.records import InMemoryLifecycleRecords
 from telematics_reg.lifecycle.service import LifecycleService, UserBusyError, UserNotRegisteredError
 from telematics_reg.management_models import AdminCredentials
 from telematics_reg.models import CreateUserRequest, InstanceCredentials, RegistrationRequest

@@ -71,13 +71,3 @@ class SqsDeadLetters:
         self._client.send_message(
             QueueUrl=self._queue_url, MessageBody=sqs_text(letter.body) or "(empty)", MessageAttributes=attributes
         )
-
-
-class RecordingDeadLetters:
-    """In-memory dead letters for tests."""
-
-    def __init__(self) -> None:
-        self.letters: list[DeadLetter] = []
-
-    def send(self, letter: DeadLetter) -> None:
-        self.letters.append(letter)

@@ -191,9 +191,14 @@ def _key_map(model: type[BaseModel]) -> dict[str, str]:
 
 
 class _Model(BaseModel):
-    """Case-insensitive keys, strict types, PascalCase on the wire, no input values in error texts."""
+    """Case-insensitive keys, strict types, PascalCase on the wire, no input values in error texts.
+
+    Validators are built by :func:`build_models`, not when this module is imported (``defer_build``): a function
+    that never validates these models (the sweeper) never pays for them.
+    """
 
     model_config = ConfigDict(
+        defer_build=True,
         alias_generator=to_pascal,
         validate_by_alias=True,
         validate_by_name=True,
@@ -247,6 +252,27 @@ class _Model(BaseModel):
             context={_REVEAL_SECRETS: True},
         )
         return dumped
+
+
+def build_models() -> None:
+    """Build the validators of every model of the service now; cheap once they are built.
+
+    Call it before models are first used from several threads at once: pydantic 2.13 builds a deferred model on
+    its first use, and two threads building the same model at once can see it half built (pydantic issue 13419).
+    The wiring's builders call it on each function's first invocation, before any batch runs concurrently.
+
+    Example
+    -------
+    >>> build_models()
+    >>> RegistrationRequest.__pydantic_complete__
+    True
+    """
+    pending: list[type[BaseModel]] = [_Model]
+    while pending:
+        model = pending.pop()
+        pending.extend(model.__subclasses__())
+        if not model.__pydantic_complete__:
+            model.model_rebuild()
 
 
 class _ResponseModel(_Model):

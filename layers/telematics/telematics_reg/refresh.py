@@ -20,11 +20,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aws_lambda_powertools.metrics import MetricUnit
 
-from telematics_reg.credentials import CredentialsProvider
 from telematics_reg.errors import (
     DeadRefreshTokenError,
     LoginDeferredError,
@@ -42,7 +41,10 @@ from telematics_reg.outcomes import EventPublisher, TokenRefreshFailed
 from telematics_reg.registration import tokens_of
 from telematics_reg.store import ConditionFailedError, StoreError, Tokens, TokenStore, UserRecord, UserStatus
 from telematics_reg.timing import LeaseTiming
-from telematics_reg.upstream import UserService
+
+if TYPE_CHECKING:  # annotations only: importing the client (and requests) is left to the function's set-up
+    from telematics_reg.credentials import CredentialsProvider
+    from telematics_reg.upstream import UserService
 
 #: Back-off after an upstream failure without a Retry-After (5xx, lost answer): DEFER_SECONDS plus up to as much
 #: again, shortened when the access token expires sooner (down to DEFER_FLOOR_SECONDS).
@@ -110,14 +112,6 @@ class SqsRefreshJobQueue:
             else:
                 # The users stay due (and their QueuedUntil lapses): the next sweep queues them again.
                 raise StoreError(f"{len(entries)} refresh jobs could not be queued")
-
-
-class InMemoryRefreshJobQueue:
-    def __init__(self) -> None:
-        self.jobs: list[tuple[RefreshJob, int]] = []
-
-    def enqueue(self, jobs: Sequence[tuple[RefreshJob, int]]) -> None:
-        self.jobs.extend(jobs)
 
 
 @dataclass

@@ -113,7 +113,7 @@ _ModelT = TypeVar("_ModelT", bound=BaseModel)
 
 class UserService(Protocol):
     """What the library needs from the User Service. :class:`UserServiceClient` is the real one;
-    :class:`telematics_reg.fakes.FakeUserService` is an in-memory one for tests."""
+    :class:`local.fakes.FakeUserService` is an in-memory one for tests."""
 
     def create(self, creds: InstanceCredentials, body: CreateUserRequest, *, recover: bool = True) -> CreateResult:
         """Register one user. With ``body.custom_token`` a lost answer is recovered, never doubled (with
