@@ -140,6 +140,7 @@ class Flows:
     audit_error: str = ""
     gone_version_after_audit: int | None = None
     extra_audits: int = 0
+    reactivated_at: float = 0.0
     unstored_token: str = ""
     signups: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -301,7 +302,6 @@ class Flows:
             ],
         )
         _put(stack, events, "UserDeactivated", [{"ClientId": self.cid("life-deact"), "OccurredAt": iso_ms(now)}])
-        _put(stack, events, "UserReactivated", [{"ClientId": self.cid("life-deact"), "OccurredAt": iso_ms(now + 0.5)}])
         _put(
             stack,
             events,
@@ -312,10 +312,22 @@ class Flows:
 
     def _changes_applied(self, service: LocalService, dynamodb: Any) -> bool:
         stack = service.stack
-        reactivated = round((self.changed_at + 0.5) * 1000)
+        deact = _items(stack, dynamodb, self.cid("life-deact"))
+        if not self.reactivated_at:
+            # Sent once the deactivation is applied: sent together, the two may arrive in either order, and a
+            # deactivation arriving after the reactivation is (rightly) dropped as stale.
+            if not (deact and deact[0].get("Deactivated")):
+                return False
+            self.reactivated_at = max(time.time(), self.changed_at + 0.001)
+            _put(
+                stack,
+                client(stack, "events"),
+                "UserReactivated",
+                [{"ClientId": self.cid("life-deact"), "OccurredAt": iso_ms(self.reactivated_at)}],
+            )
+        reactivated = round(self.reactivated_at * 1000)
         upd = _items(stack, dynamodb, self.cid("life-upd"))
         flags = _items(stack, dynamodb, self.cid("life-flags"))
-        deact = _items(stack, dynamodb, self.cid("life-deact"))
         move = _items(stack, dynamodb, self.cid("life-move"))
         deleted = _items(stack, dynamodb, self.cid("life-del"))
         return (
