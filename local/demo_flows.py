@@ -325,7 +325,7 @@ class Flows:
                 "UserReactivated",
                 [{"ClientId": self.cid("life-deact"), "OccurredAt": iso_ms(self.reactivated_at)}],
             )
-        reactivated = round(self.reactivated_at * 1000)
+        reactivated = int(self.reactivated_at * 1000)  # OccurredAt is truncated to the millisecond
         upd = _items(stack, dynamodb, self.cid("life-upd"))
         flags = _items(stack, dynamodb, self.cid("life-flags"))
         move = _items(stack, dynamodb, self.cid("life-move"))
