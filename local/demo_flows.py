@@ -240,9 +240,8 @@ class Flows:
             publish_signups(stack, [self.signups["life-del"]], events=stack_events)
             self.stale_sent_at = time.time()
             say("after the deletion: sent a stale update and the deleted user's registration again")
-            # The reference audit records each user's flags, so that a later change of flags is drift. It runs after
-            # the lifecycle changes applied: the lifecycle does not update the audit's reference flags, so a change
-            # of flags it applies after an audit would be reported as drift at the next one.
+            # The reference audit records each user's flags, so that a later change of flags made behind the
+            # service's back is drift (a change the lifecycle applies updates that reference: not drift).
             self.reference_audit = self._audit(say, "reference")
             self._drift(service, include_gone=False)
             say(
