@@ -251,8 +251,15 @@ class Flows:
             self.phase = "waiting_adoption"
         elif self.phase == "waiting_adoption":
             claim = int(DEMO_TIMING["CLAIM_SECONDS"]) + int(DEMO_TIMING["CLOCK_SKEW_SECONDS"])
+            # The audit judges gone only users created a claim, the skew and the margin before it starts (whole
+            # seconds): counted from when the subjects were seen stored (at or after their CreatedAt), not from when
+            # their signups were sent, which a loaded machine may store seconds later.
             old_enough = (
-                time.time() > self.signed_up_at + claim + int(DEMO_TIMING["RECONCILE_WINDOW_MARGIN_SECONDS"]) + 2
+                time.time()
+                > max(self.signed_up_at, self.subjects_ready_at)
+                + claim
+                + int(DEMO_TIMING["RECONCILE_WINDOW_MARGIN_SECONDS"])
+                + 2
             )
             if not (
                 self._chunk_state(stack, dynamodb) == ChunkState.DONE
