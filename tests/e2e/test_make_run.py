@@ -69,7 +69,8 @@ def test_make_run_demo_exits_0_with_a_readable_summary(tmp_path: Path) -> None:
     assert len(stored) >= 9 + 3  # every ClientId, and every duplicate delivery
     for line in stored:
         if "Signup" in line["function_name"]:
-            assert line["client_id"].startswith("app-"), line  # signups carry only the app's ClientIds
+            # Signups carry only the app's ClientIds and the lifecycle/drift scenarios' (never a file line's).
+            assert line["client_id"].startswith(("app-", "life-", "drift-")), line
             assert line["correlation_id"], line  # the UserSignedUp event's id
         else:
             assert line["function_name"].endswith("RegistrationQueueFunction"), line
