@@ -5,6 +5,7 @@ fixed admin credentials and a dead-letter eraser over a list of bodies."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -71,6 +72,7 @@ class InMemoryLifecycleRecords:
         deactivated: bool | None = None,
         moved: Moved | None = None,
         refresh_token_dead: bool = False,
+        flags: Mapping[str, object] | None = None,
     ) -> None:
         with self._lock:
             record = self._store.users.get(device_token)
@@ -82,6 +84,8 @@ class InMemoryLifecycleRecords:
                 "lease_expires_at": None,
                 "updated_at": iso(now),
             }
+            # The end of a change's lease lets the next sweep queue the user again (records.py, _LEASE_ENDS).
+            self._store.queued.pop(device_token, None)
             if deactivated is not None:
                 changes["deactivated"] = deactivated
             if refresh_token_dead:
@@ -94,6 +98,7 @@ class InMemoryLifecycleRecords:
         with self._lock:
             record = self._store.users.get(device_token)
             if record is not None and record.lease_owner == owner:
+                self._store.queued.pop(device_token, None)  # see commit
                 self._store.users[device_token] = replace(
                     record,
                     lease_owner=None,

@@ -154,3 +154,23 @@ def test_configure_sends_the_root_logger_as_json(tmp_path: Path) -> None:
     line = json.loads(path.read_text(encoding="utf-8"))
     assert line["message"] == "invocation finished: succeeded"
     assert line["outcome"] == "ok"
+
+
+def test_configure_writes_each_handler_line_once_when_the_service_logger_was_built_first(tmp_path: Path) -> None:
+    # The service's Powertools logger exists already (imported above, as make run's flows import it before the
+    # logs are configured); its records must not reach the root handler configure installs as well.
+    path = tmp_path / "run.log"
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logger.registered_handler.stream)  # type: ignore[attr-defined]
+    with path.open("w", encoding="utf-8") as stream:
+        try:
+            lines = configure(stream)
+            logger.info("registration stored", extra={"client_id": "c-1"})
+            lines.flush()
+        finally:
+            root.handlers[:] = saved[0]
+            root.setLevel(saved[1])
+            logger.registered_handler.setStream(saved[2])  # type: ignore[attr-defined]
+    written = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert [line["message"] for line in written] == ["registration stored"]
+    assert written[0]["service"] == "telematics-registration"  # Powertools' line, not the root handler's

@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -81,6 +83,7 @@ class LifecycleRecords(Protocol):
         deactivated: bool | None = None,
         moved: Moved | None = None,
         refresh_token_dead: bool = False,
+        flags: Mapping[str, object] | None = None,
     ) -> None: ...
     def release(self, *, device_token: str, owner: str, refresh_token_dead: bool = False) -> None: ...
     def begin_deletion(
@@ -101,6 +104,17 @@ def classify_refusal(record: UserRecord | None, occurred_at: int, now: float) ->
         return ChangeRefusedError("duplicate", record)
     return ChangeRefusedError("busy", record)
 
+
+#: What the end of a change's lease removes. ``QueuedUntil`` too: a refresh job that arrived while the change held
+#: the user was consumed without refreshing (its lease was refused), and the mark would keep every sweep from
+#: queueing the user again until it lapsed (two refresh leases and more), long after the access token expired::
+#:
+#:     sweep: QueuedUntil = q, job J queued ....... J: lease refused (change holds it): consumed, no refresh
+#:     change: lease ......... upstream ......... commit/release: REMOVE LeaseOwner, LeaseExpiresAt, QueuedUntil
+#:     next sweep: mark_queued ok (no QueuedUntil) -> J' refreshes   (kept until q, nothing would until then)
+#:
+#: A job still on its way when the mark goes is harmless: the refresh lease lets one of two jobs refresh.
+_LEASE_ENDS = "LeaseOwner, LeaseExpiresAt, QueuedUntil"
 
 _DELETION_REMOVES = (
     "AccessToken",
@@ -182,11 +196,23 @@ class DynamoLifecycleRecords:
         deactivated: bool | None = None,
         moved: Moved | None = None,
         refresh_token_dead: bool = False,
+        flags: Mapping[str, object] | None = None,
     ) -> None:
         """Move the marker to ``occurred_at`` and release the lease. Condition: we still hold the lease (else the
-        change is retried: the upstream call is idempotent, and a newer change applied meanwhile makes it stale)."""
+        change is retried: the upstream call is idempotent, and a newer change applied meanwhile makes it stale).
+
+        ``flags`` (the ``UserFields`` the change set upstream, PascalCase) go into the drift audit's reference
+        (``AuditFlags``, the flags the last audit read), so that the next audit does not report the service's own
+        change as ``reflagged``. A user no audit has read yet keeps no reference: the next audit takes one.
+        """
         values: dict[str, Any] = {":me": owner, ":t": occurred_at, ":now": iso(now)}
         sets = ["LastChangeAt = :t", "UpdatedAt = :now"]
+        reference = self._audit_flags_after(device_token, flags) if flags else None
+        if reference is not None:
+            # No condition on the reference read: an audit that marks the user meanwhile read the upstream either
+            # after our call (the same flags) or before it (older flags, which this write then corrects).
+            values[":af"] = reference
+            sets.append("AuditFlags = :af")
         if deactivated is not None:
             values[":d"] = deactivated
             sets.append("Deactivated = :d")
@@ -209,14 +235,32 @@ class DynamoLifecycleRecords:
                 del values[":ck"]
         self._store._update(
             user_pk(device_token),
-            "SET " + ", ".join(sets) + " REMOVE LeaseOwner, LeaseExpiresAt",
+            "SET " + ", ".join(sets) + " REMOVE " + _LEASE_ENDS,
             "LeaseOwner = :me",
             values,
         )
 
+    def _audit_flags_after(self, device_token: str, flags: Mapping[str, object]) -> str | None:
+        """The audit's reference flags (JSON, as :func:`telematics_reg.reconcile.audit.flags_of` writes them) with
+        ``flags`` applied; ``None`` when no audit has read the user yet."""
+        response = self._store._call(
+            "get_item",
+            Key={"pk": {"S": user_pk(device_token)}},
+            ConsistentRead=True,
+            ProjectionExpression="AuditFlags",
+        )
+        current = (response.get("Item") or {}).get("AuditFlags", {}).get("S")
+        if current is None:
+            return None
+        reference = json.loads(current)
+        if not isinstance(reference, dict):
+            return None
+        reference.update(flags)
+        return json.dumps(reference, separators=(",", ":"), sort_keys=True)
+
     def release(self, *, device_token: str, owner: str, refresh_token_dead: bool = False) -> None:
         values: dict[str, Any] = {":me": owner}
-        expression = "REMOVE LeaseOwner, LeaseExpiresAt"
+        expression = "REMOVE " + _LEASE_ENDS
         if refresh_token_dead:
             values[":dead"] = True
             expression = "SET RefreshTokenDead = :dead " + expression
