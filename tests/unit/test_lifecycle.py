@@ -17,7 +17,7 @@ from local.fake_lifecycle import (
     RecordingDeadLetterEraser,
     StaticAdminCredentials,
 )
-from local.fakes import InMemoryLoginBudget, RecordingDeadLetters
+from local.fakes import InMemoryLoginBudget, InMemoryRefreshJobQueue, RecordingDeadLetters
 from telematics_reg.errors import OutcomeUnknownError, TransientUpstreamError, UnauthorizedError
 from telematics_reg.lifecycle.admin import AdminSessionUnavailableError, FleetAdminSession
 from telematics_reg.lifecycle.changes import Action
@@ -27,7 +27,7 @@ from telematics_reg.lifecycle.service import LifecycleService, UserBusyError, Us
 from telematics_reg.management_models import AdminCredentials
 from telematics_reg.models import CreateUserRequest, InstanceCredentials, RegistrationRequest
 from telematics_reg.outcomes import RegistrationFailed
-from telematics_reg.refresh import InMemoryRefreshJobQueue, RefreshOutcome, Sweeper
+from telematics_reg.refresh import RefreshOutcome, Sweeper
 from telematics_reg.registration import device_token_for, successor_device_token
 from telematics_reg.store import ConditionFailedError, Tokens, UserStatus
 
