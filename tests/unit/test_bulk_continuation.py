@@ -19,7 +19,7 @@ from handle_registration_queue import handle_registration_batch
 
 from local.fakes import FakeUserService
 from telematics_reg.batching import BatchFailedError
-from telematics_reg.errors import TransientUpstreamError
+from telematics_reg.errors import OutcomeUnknownError, TransientUpstreamError
 from telematics_reg.intake import RegistrationIntake
 from telematics_reg.models import CreateResult, CreateUserRequest, InstanceCredentials
 from telematics_reg.outcomes import UserRegistered
@@ -215,6 +215,32 @@ def test_a_large_bulk_without_create_many_finishes_by_continuations_with_one_rec
     assert 10 <= invocations <= 11  # about 100 users per invocation
     assert len(queue.continuations) == invocations - 1
     assert {json.loads(body)["RequestId"] for body in queue.sent_bodies} == {first}
+
+
+def test_transient_failures_and_lost_answers_mid_bulk_spend_no_receive_and_make_every_user_once(world: World) -> None:
+    # The soak's faults on a bulk of 1,000 without CreateMany: now and then a Create fails through every retry
+    # (503s), and now and then one's answer is lost after the upstream made the user.
+    queue = FakeRegistrationQueue(world.clock)
+    upstream = _wire(world, queue)
+    first = queue.put(json.dumps({"Quantity": 1000}))
+    creates = itertools.count(1)
+
+    def now_and_then() -> None:
+        n = next(creates)
+        if n % 97 == 0:
+            upstream.fail_next(TransientUpstreamError("unavailable", status=503, call="create"), times=4)
+        elif n % 61 == 0:
+            upstream.fail_next(OutcomeUnknownError("answer lost", call="create"), calls=["create"], after_commit=True)
+
+    upstream.before_create = now_and_then
+    _run_event_source(world, queue)
+
+    assert (queue.messages, queue.dead_lettered, world.dead_letters.letters) == ({}, [], [])
+    assert set(queue.receive_counts.values()) == {1}  # neither a failure nor a lost answer spent a receive
+    assert len(world.upstream.users) == 1000
+    stored = _stored(world, first)
+    assert len(stored) == len(set(stored)) == 1000
+    assert sorted(stored) == sorted(str(t) for t in world.upstream.users)
 
 
 def test_without_continuations_the_same_bulk_spends_a_receive_per_stop_and_is_dead_lettered_unfinished(

@@ -507,6 +507,15 @@ class RegistrationService:
                 continue
             except BulkDeferredError as exc:  # a per-user chunk stopped part-way: count the chunks before it too
                 raise BulkDeferredError(str(exc), stored=len(stored_now) + exc.stored) from None
+            except (RetryableUpstreamError, UnauthorizedError, OutcomeUnknownError) as exc:
+                # Nothing of this chunk is lost (put back, or resumable). Having stored users, this delivery hands the
+                # rest on like a stop for time, so that transient failures of a long bulk never spend its receives.
+                if stored_now:
+                    raise BulkDeferredError(
+                        f"bulk {request_id}: {chunk.key} not finished ({type(exc).__name__}); continued later",
+                        stored=len(stored_now),
+                    ) from None
+                raise
             done_now += 1
             stored_now.extend(u.device_token for u in users)
             self._announce_bulk(users)
@@ -647,8 +656,11 @@ class RegistrationService:
                 create_access_token=body.create_access_token, user_fields=user_fields, custom_token=tokens[position]
             )
             try:
+                # A lost answer is repeated at once: the CustomToken makes a second Create of this user "exists".
                 result = self._with_retries(
-                    functools.partial(self._bulk_upstream.create, creds, single, recover=False), time_left
+                    functools.partial(self._bulk_upstream.create, creds, single, recover=False),
+                    time_left,
+                    repeat_unknown=True,
                 )
                 user = self._new_users(chunk, [result])[0]
             except UserAlreadyExistsError:
@@ -661,6 +673,13 @@ class RegistrationService:
                 self._announce_bulk(made_now)
                 if isinstance(exc, UnauthorizedError):
                     self._credentials.invalidate()
+                if made_now:
+                    # Progress was made: hand the rest on (a continuation, no receive spent), as a stop for time.
+                    raise BulkDeferredError(
+                        f"bulk {chunk.request_id} {chunk.key}: {position} of {body.quantity} users made, then "
+                        f"{type(exc).__name__}; continued later",
+                        stored=len(made_now),
+                    ) from None
                 raise
             except UpstreamValidationError as exc:
                 self._move_chunk(chunk, [ChunkState.CALLING], ChunkState.FAILED, owner=owner)
@@ -692,16 +711,23 @@ class RegistrationService:
         self._move_chunk(chunk, [ChunkState.CALLING], ChunkState.DONE, stored=body.quantity, owner=owner)
         return made_now
 
-    def _with_retries(self, call: Callable[[], _T], time_left: Callable[[], float] | None) -> _T:
-        """``call`` (one attempt on the bulk client), retried after not-processed failures while time allows.
+    def _with_retries(
+        self, call: Callable[[], _T], time_left: Callable[[], float] | None, *, repeat_unknown: bool = False
+    ) -> _T:
+        """``call`` (one attempt on the bulk client), retried after not-processed failures while time allows, and
+        after a lost answer too when ``repeat_unknown`` (a call that cannot make a duplicate: a Create with its
+        CustomToken).
 
         The bulk client makes a single attempt per call, so one call lasts at most its connect and read timeouts:
         that is what ``bulk_call_seconds`` reserves. Retries happen here, each only if a whole call still fits.
         """
+        retried: tuple[type[Exception], ...] = (
+            (RetryableUpstreamError, OutcomeUnknownError) if repeat_unknown else (RetryableUpstreamError,)
+        )
         for attempt in range(self._bulk_attempts):
             try:
                 return call()
-            except RetryableUpstreamError as exc:
+            except retried as exc:
                 delay = random.uniform(0.0, min(5.0, 0.2 * 2**attempt))  # noqa: S311 - backoff jitter, not a secret
                 if isinstance(exc, RateLimitedError) and exc.retry_after is not None:
                     delay = max(delay, exc.retry_after)
