@@ -216,9 +216,12 @@ class Peek:
                 empty += 1
                 continue
             empty = 0
+            # Every message of the batch is held (hidden) from now on: record them all before yielding any, so that a
+            # caller that stops part-way (redrive --limit) releases the rest instead of hiding them for the timeout.
+            for message in batch:
+                self._held[str(message["MessageId"])] = str(message["ReceiptHandle"])
             for message in batch:
                 message_id = str(message["MessageId"])
-                self._held[message_id] = str(message["ReceiptHandle"])
                 if message_id in self._seen:
                     continue  # a listing slower than the visibility timeout sees some twice
                 self._seen.add(message_id)

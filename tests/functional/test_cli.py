@@ -655,6 +655,26 @@ def test_dlq_redrive_moves_only_what_matches_and_a_dry_run_moves_nothing(
     assert "not redriven" in err
 
 
+def test_dlq_redrive_with_a_limit_leaves_every_letter_it_did_not_move_visible(
+    cli: Cli, sqs: Any, stack: LocalStack
+) -> None:
+    # A redrive that stops at --limit mid-batch hid the rest of that batch for its visibility timeout (120 s): an
+    # erasure reading the DLQ meanwhile reported itself incomplete, and a listing missed them.
+    registration_dlq = stack.outputs["RegistrationDeadLetterQueueUrl"]
+    drain(sqs, registration_dlq)
+    run = uuid.uuid4().hex[:8]
+    for n in range(5):
+        sqs.send_message(QueueUrl=registration_dlq, MessageBody=f"{{not json {run}-{n}")
+
+    code, out, _ = cli("dlq", "redrive", "--queue", "registration", "--limit", "1", "--json")
+
+    assert code == 0
+    assert json.loads(out)["moved"] == 1
+    assert _depth(sqs, registration_dlq) == {"visible": 4, "in_flight": 0}
+    drain(sqs, registration_dlq)
+    drain(sqs, stack.outputs["RegistrationQueueUrl"])
+
+
 # ---------------------------------------------------------------------------------------------------- errors
 
 
