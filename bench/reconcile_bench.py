@@ -59,15 +59,12 @@ def run(  # noqa: PLR0915
     import boto3  # noqa: PLC0415 - after common set the environment
 
     from local.emulator.testing import running_emulator  # noqa: PLC0415
-    from telematics_reg.credentials import StaticCredentials, StaticDeviceTokenKey  # noqa: PLC0415
-    from telematics_reg.lifecycle.admin import (  # noqa: PLC0415
-        DynamoAdminSessionStore,
-        FleetAdminSession,
-        StaticAdminCredentials,
-    )
+    from local.fake_lifecycle import StaticAdminCredentials  # noqa: PLC0415
+    from local.fakes import RecordingPublisher, StaticDeviceTokenKey  # noqa: PLC0415
+    from telematics_reg.credentials import StaticCredentials  # noqa: PLC0415
+    from telematics_reg.lifecycle.admin import DynamoAdminSessionStore, FleetAdminSession  # noqa: PLC0415
     from telematics_reg.management_models import AdminCredentials, UserUpdate, UserUpdateFields  # noqa: PLC0415
     from telematics_reg.models import CreateManyRequest  # noqa: PLC0415
-    from telematics_reg.outcomes import RecordingPublisher  # noqa: PLC0415
     from telematics_reg.reconcile.audit import DriftAudit  # noqa: PLC0415
     from telematics_reg.reconcile.records import DynamoReconcileRecords  # noqa: PLC0415
     from telematics_reg.store import DynamoTokenStore, NewUser, Tokens  # noqa: PLC0415

@@ -47,13 +47,13 @@ sys.path.insert(0, str(REPO_ROOT / "functions" / "refresh_worker"))
 from handle_refresh_jobs import handle_refresh_batch
 
 from local.emulator.testing import EmulatorHandle, running_emulator
+from local.fake_store import InMemoryTokenStore
+from local.fakes import InMemoryRefreshJobQueue, RecordingPublisher
 from local.lambda_runtime import environment
 from local.stack import LocalStack, provision
 from telematics_reg.credentials import StaticCredentials
-from telematics_reg.fake_store import InMemoryTokenStore
-from telematics_reg.models import CreateManyRequest, InstanceCredentials
-from telematics_reg.outcomes import RecordingPublisher
-from telematics_reg.refresh import InMemoryRefreshJobQueue, RefreshJob, Sweeper, TokenRefresher
+from telematics_reg.models import CreateManyRequest, InstanceCredentials, build_models
+from telematics_reg.refresh import RefreshJob, Sweeper, TokenRefresher
 from telematics_reg.registration import tokens_of
 from telematics_reg.settings import ServiceSettings
 from telematics_reg.store import DynamoTokenStore, NewUser, Tokens, TokenStore
@@ -207,6 +207,7 @@ def worker_refresher(stack: LocalStack, concurrency: int) -> TokenRefresher:
 
 def in_memory_refresher(emulator: EmulatorHandle, store: InMemoryTokenStore, concurrency: int) -> TokenRefresher:
     """The same refresher on an in-memory store: what the workers do when storage costs nothing."""
+    build_models()  # as the function's set-up does, before batches validate on several threads
     return TokenRefresher(
         upstream=UserServiceClient(emulator.url, max_connections=concurrency * 2),
         store=store,

@@ -38,14 +38,13 @@ from typing import Any
 from common import REPO_ROOT, machine, moto_server, stamp
 
 from local.emulator.testing import running_emulator
+from local.fake_store import InMemoryTokenStore
+from local.fakes import RecordingDeadLetters, RecordingPublisher, StaticDeviceTokenKey
 from local.lambda_runtime import LocalFunction
 from local.stack import LocalStack, provision
-from telematics_reg.credentials import StaticCredentials, StaticDeviceTokenKey
-from telematics_reg.dead_letters import RecordingDeadLetters
-from telematics_reg.fake_store import InMemoryTokenStore
+from telematics_reg.credentials import StaticCredentials
 from telematics_reg.intake import RegistrationIntake
-from telematics_reg.models import CreateUserRequest, InstanceCredentials
-from telematics_reg.outcomes import RecordingPublisher
+from telematics_reg.models import CreateUserRequest, InstanceCredentials, build_models
 from telematics_reg.registration import RegistrationService
 from telematics_reg.upstream import UserServiceClient
 
@@ -92,6 +91,7 @@ class InMemoryFunction:
         import handle_registration_queue  # noqa: PLC0415 - a function folder, not a package
 
         self._handle = handle_registration_queue.handle_registration_batch
+        build_models()  # as the function's set-up does, before batches validate on several threads
         publisher = RecordingPublisher()
         service = RegistrationService(
             upstream=UserServiceClient(url, max_connections=per_invocation * 8),

@@ -34,7 +34,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TextIO
 
+from aws_lambda_powertools.logging.filters import SuppressFilter
+
 from local.lambda_runtime import current_invocation
+from telematics_reg.observability import SERVICE
 
 #: Attributes every LogRecord has: what is left over came from ``extra=``.
 _RECORD_ATTRIBUTES: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -128,6 +131,9 @@ def configure(stream: TextIO, *, level: int = logging.INFO) -> JsonLines:
     lines = JsonLines(stream)
     handler = logging.StreamHandler(lines)
     handler.setFormatter(JsonLineFormatter())
+    # Powertools keeps its logger's records off the root handlers that exist when that logger is built. This one
+    # may come later (whatever imported telematics_reg first): without the same filter each line is written twice.
+    handler.addFilter(SuppressFilter(SERVICE))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.captureWarnings(True)
     redirect_terminal_handlers(lines)

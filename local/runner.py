@@ -1202,6 +1202,9 @@ class LocalService:
         The runtime's options.
     state_path
         Where to save the stack description (:meth:`LocalStack.save`) for other processes; ``None``: not saved.
+    prepare_stack
+        Called with the provisioned stack before it is saved and run: a demo that shortens its functions'
+        ``Timeout`` and timing settings does it here, so the runtime, the saved description and the CLI agree.
 
     Example
     -------
@@ -1222,7 +1225,9 @@ class LocalService:
         emulator_faults: Mapping[str, Any] | None = None,
         options: RuntimeOptions | None = None,
         state_path: str | os.PathLike[str] | None = None,
+        prepare_stack: Callable[[LocalStack], None] | None = None,
     ) -> None:
+        self.prepare_stack = prepare_stack
         self.template_path = Path(template_path)
         self.stack_name = stack_name
         self.region = region
@@ -1285,6 +1290,8 @@ class LocalService:
                 instance_credentials=credentials,
                 admin_credentials=emulator.admin_account,
             )
+            if self.prepare_stack is not None:
+                self.prepare_stack(self._stack)
             if self.state_path is not None:
                 self._stack.save(self.state_path)
                 self._exit.callback(self._forget_state)

@@ -55,6 +55,11 @@ SECRET_PARAMETER: Final = "InstanceCredentialsSecretArn"  # noqa: S105 - a param
 ADMIN_SECRET_PARAMETER: Final = "AdminCredentialsSecretArn"  # noqa: S105 - a parameter's name, not a secret
 #: Template parameters that name an EventBridge bus the service publishes on; the bus must exist locally.
 EVENT_BUS_PARAMETERS: Final = ("SignupEventBusName",)
+#: Values for the parameters a deployment must choose itself (no Default: the pairing of a stack with its app),
+#: used by a local run when they are not given. Locally there is one stack per moto server.
+LOCAL_PARAMETER_VALUES: Final[Mapping[str, str]] = MappingProxyType(
+    {"SignupEventSource": "customer.app", "OutcomeEventSource": "telematics.registration"}
+)
 
 #: Key of the translated template's ``Metadata`` that maps placeholder code URIs back to local folders.
 CODE_PATHS_METADATA: Final = "LocalCodePaths"
@@ -1340,7 +1345,8 @@ def provision(
     template_path
         The SAM template (read and translated here; there is no second description of the resources).
     parameters
-        Template parameter values; the others take their ``Default``.
+        Template parameter values; the others take their ``Default`` (or, for the event sources a deployment must
+        choose, :data:`LOCAL_PARAMETER_VALUES`).
     stack_name
         Prefix of physical names (``<stack>-<LogicalId>``) and the value of ``AWS::StackName``.
     region
@@ -1383,8 +1389,13 @@ def provision(
         aws_session_token=DUMMY_CREDENTIALS["AWS_SESSION_TOKEN"],
         region_name=region,
     )
-    given = dict(parameters or {})
     declared = load_template(template_file).get("Parameters") or {}
+    local_values = {
+        name: value
+        for name, value in LOCAL_PARAMETER_VALUES.items()
+        if name in declared and "Default" not in declared[name]
+    }
+    given = local_values | dict(parameters or {})
     if instance_credentials is not None and SECRET_PARAMETER in given:
         raise LocalStackError(f"give either instance_credentials or the {SECRET_PARAMETER} parameter, not both")
     account_id: str = session.client("sts", endpoint_url=endpoint_url).get_caller_identity()["Account"]

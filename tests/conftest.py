@@ -73,6 +73,15 @@ def _no_secret_in_any_log_line() -> Iterator[_Capture]:
     assert not leaks, "secrets in log lines:\n" + "\n".join(leaks[:20])
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _models_built() -> None:
+    """Every model's validator built before any test uses the models from several threads (as each function's
+    set-up does on Lambda: see telematics_reg.models.build_models)."""
+    from telematics_reg.models import build_models  # noqa: PLC0415 - the fixture is the only user
+
+    build_models()
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Say where a test ran the emulator with a Login limit laxer than the vendor's, and why."""
     from local.emulator.testing import login_limit_relaxations  # noqa: PLC0415 - read at the end of the run

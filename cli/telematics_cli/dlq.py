@@ -112,7 +112,7 @@ def summary(body: str) -> str:
     >>> summary('{"detail-type": "UserUpdated", "detail": {"ClientId": "c-1", "City": "Paris"}}')
     'event UserUpdated, 78 bytes: ClientId, City'
     """
-    size = f"{len(body.encode('utf-8')):,} bytes"
+    size = f"{len(body.encode('utf-8', errors='surrogatepass')):,} bytes"
     try:
         document = json.loads(body)
     except ValueError:
@@ -323,7 +323,10 @@ def run_list(target: Target, *, queue: str, limit: int, examples: int, as_json: 
                     text += f"\n  ↳ {example['Detail']}"
                 lines.append(output.escape(text))
             table.add_row(
-                output.escape(group["reason"]), f"{group['count']:,}", ", ".join(group["sources"]), "\n".join(lines)
+                output.escape(group["reason"]),
+                f"{group['count']:,}",
+                output.escape(", ".join(group["sources"])),
+                "\n".join(lines),
             )
         console.print(table)
     if not bodies and any(entry["groups"] for entry in report):

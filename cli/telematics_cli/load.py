@@ -588,13 +588,13 @@ def run(options: LoadOptions, target_factory: Any) -> int:
 def _print_problems(options: LoadOptions, checked: Validation) -> None:
     if options.as_json:
         return
-    table = Table(title=f"Invalid rows of {options.path.name}", title_justify="left")
+    table = Table(title=f"Invalid rows of {output.escape(options.path.name)}", title_justify="left")
     table.add_column("Line", justify="right")
     table.add_column("Field")
     table.add_column("Problem")
     for row in checked.problems:
         for error in row.errors:
-            table.add_row(str(row.line), error.key or "-", output.escape(error.message))
+            table.add_row(str(row.line), output.escape(error.key) or "-", output.escape(error.message))
     console = output.stdout()
     console.print(table)
     hidden = checked.invalid - len(checked.problems)
@@ -614,7 +614,9 @@ def _print_report(options: LoadOptions, summary: dict[str, Any], report: SendRep
         output.print_json(summary)
         return
     console = output.stdout()
-    table = Table(title=f"Loaded {options.path.name} → registration queue", title_justify="left", show_header=False)
+    table = Table(
+        title=f"Loaded {output.escape(options.path.name)} → registration queue", title_justify="left", show_header=False
+    )
     table.add_column("what")
     table.add_column("count", justify="right")
     table.add_row("rows in file", f"{summary['rows']:,}")
@@ -646,10 +648,10 @@ def _print_report(options: LoadOptions, summary: dict[str, Any], report: SendRep
             style = styles.get(row["status"], "")
             outcomes.add_row(
                 str(row["row"]).removeprefix("line "),
-                row["message_id"],
+                output.escape(row["message_id"]),
                 f"[{style}]{row['status']}[/{style}]",
                 output.escape(row["detail"]),
             )
         console.print(outcomes)
         console.print(", ".join(f"{count:,} {status}" for status, count in sorted(summary["outcomes"].items())))
-    console.print(f"checkpoint: {summary['checkpoint']}")
+    console.print(f"checkpoint: {output.escape(summary['checkpoint'])}")

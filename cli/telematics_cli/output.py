@@ -1,17 +1,24 @@
 """Where output goes and how it looks: results on stdout (a rich table, or JSON for scripts), diagnostics and
-progress on stderr, and tokens redacted everywhere unless the operator explicitly asks to see them."""
+progress on stderr, and tokens redacted everywhere unless the operator explicitly asks to see them.
+
+Everything printed is data from outside (a ClientId, a dead letter's body, an upstream's error text), so no
+terminal control gets through: the consoles drop C0/C1 control characters and the ESC/OSC sequences they start
+(Rich itself passes ESC through), and JSON output escapes them.
+"""
 
 from __future__ import annotations
 
 import json
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Final
 
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, RenderableType
+from rich.segment import Segment
+from rich.text import Text
 
 ELLIPSIS: Final = "…"
 _SHOWN_PREFIX: Final = 6
@@ -20,14 +27,58 @@ SECRET_KEYS: Final = frozenset({"accesstoken", "refreshtoken", "token", "instanc
 _JWT: Final = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
 
+# Terminal controls in text: whole escape sequences first (CSI; OSC, DCS, SOS, PM, APC up to their terminator),
+# then any ESC with the character after it, then every other C0 control but tab and newline, DEL and C1.
+_TERMINAL_CONTROL: Final = re.compile(
+    r"(?:\x1b\[|\x9b)[\x30-\x3f]*[\x20-\x2f]*[\x40-\x7e]"
+    r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f])[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)"
+    r"|\x1b[\x20-\x7e]?"
+    r"|[\x00-\x08\x0b-\x1f\x7f-\x9f]"
+)
+# A lone surrogate (a file name that is not UTF-8, say) cannot be written to a UTF-8 terminal at all.
+_SURROGATE: Final = re.compile(r"[\ud800-\udfff]")
+# What JSON output must escape beyond what json.dumps does (it escapes C0 only).
+_JSON_UNESCAPED_CONTROL: Final = re.compile(r"[\x7f-\x9f\ud800-\udfff]")
+
+
+def clean(text: str) -> str:
+    """``text`` without terminal controls: C0 (but tab and newline), DEL, C1, and ESC/OSC sequences whole.
+
+    Example
+    -------
+    >>> clean("c-1\x1b]0;owned\x07\x1b[2J\x9b31m!")
+    'c-1!'
+    """
+    return _SURROGATE.sub("\ufffd", _TERMINAL_CONTROL.sub("", text))
+
+
+class SafeConsole(Console):
+    """A Rich console that never sends a control character of the data it prints to the terminal.
+
+    Text is cleaned before markup is parsed (so widths are right) and again, segment by segment, as it is
+    rendered (so a ``Text`` or any renderable built from data is covered too); Rich's own control segments
+    (colours, cursor moves of a progress bar) are left alone.
+    """
+
+    def render_str(self, text: str, **kwargs: Any) -> Text:
+        return super().render_str(clean(text), **kwargs)
+
+    def render(self, renderable: RenderableType, options: ConsoleOptions | None = None) -> Iterable[Segment]:
+        for segment in super().render(renderable, options):
+            if segment.control is None and (_TERMINAL_CONTROL.search(segment.text) or _SURROGATE.search(segment.text)):
+                yield Segment(clean(segment.text), segment.style)
+            else:
+                yield segment
+
+
 def stdout() -> Console:
     """The console for results (follows ``sys.stdout`` at call time, so redirection and capture work)."""
-    return Console(highlight=False, soft_wrap=False)
+    return SafeConsole(highlight=False, soft_wrap=False)
 
 
 def stderr() -> Console:
     """The console for diagnostics and progress."""
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    return SafeConsole(stderr=True, highlight=False, soft_wrap=True)
 
 
 def warn(message: str) -> None:
@@ -44,7 +95,10 @@ def escape(text: str) -> str:
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+    text = json.dumps(data, indent=2, ensure_ascii=False, default=_json_default)
+    # DEL, C1 and lone surrogates can only be inside strings here: escaped, the JSON (and its values) is the same.
+    text = _JSON_UNESCAPED_CONTROL.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+    sys.stdout.write(text + "\n")
     sys.stdout.flush()
 
 

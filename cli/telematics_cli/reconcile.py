@@ -16,7 +16,7 @@ from rich.table import Table
 
 from telematics_cli import output
 from telematics_cli.errors import EXIT_DATA, EXIT_OK, CliError, DataError
-from telematics_cli.target import Target
+from telematics_cli.target import Target, secure_user_service_url
 from telematics_cli.users import _library_logs_on_stderr
 from telematics_reg.budget import DynamoLoginBudget
 from telematics_reg.credentials import (
@@ -61,6 +61,7 @@ def _build(target: Target, options: ReconcileOptions) -> _Parts:
     url = options.user_service_url or target.setting("USER_SERVICE_URL", "UserServiceUrl")
     if not url:
         raise CliError(f"no User Service URL in {target.description}: give --user-service-url")
+    url = secure_user_service_url(url)
     secret = options.credentials_secret_arn or target.setting("CREDENTIALS_SECRET_ARN", "InstanceCredentialsSecretArn")
     if not secret:
         raise CliError(f"no credentials secret in {target.description}: give --credentials-secret-arn")

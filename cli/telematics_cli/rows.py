@@ -201,8 +201,8 @@ def _jsonl_rows(lines: _Lines, sha256: str) -> Iterator[Row]:
         bulk = False
         try:
             data = json.loads(stripped)
-        except ValueError:
-            data = None  # the parser reports where the JSON breaks
+        except (ValueError, RecursionError):
+            data = None  # the parser reports where the JSON breaks (or that it nests too deep)
         action = _action_key(data) if isinstance(data, dict) else None
         if isinstance(data, dict) and action is not None:
             if data[action] not in (None, ""):
@@ -278,7 +278,7 @@ def _cell_value(kind: _FieldType, cell: str) -> Any:
     elif kind.kind == "model" and value.startswith("{"):
         try:
             return json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser recurses
             return cell
     return cell
 

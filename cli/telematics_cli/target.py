@@ -20,6 +20,7 @@ from botocore.exceptions import ClientError, ProfileNotFound
 
 from telematics_cli.errors import CliError
 from telematics_cli.output import warn
+from telematics_reg.settings import insecure_url_problem
 
 DEFAULT_LOCAL_STACK: Final = Path(".local-stack/stack.json")
 #: moto accepts any credentials; real ones are never sent to a local endpoint.
@@ -207,3 +208,12 @@ def from_cloudformation(name: str, *, region: str | None, profile: str | None) -
         for p in described.get("Parameters", [])
     }
     return target
+
+
+def secure_user_service_url(url: str) -> str:
+    """``url`` (from --user-service-url or the stack) if InstanceKeys and tokens may be sent to it: https, or plain
+    http only to this machine (a local emulator)."""
+    problem = insecure_url_problem(url)
+    if problem is not None:
+        raise CliError(f"User Service URL {url}: {problem}")
+    return url

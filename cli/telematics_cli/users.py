@@ -17,7 +17,7 @@ from rich.table import Table
 
 from telematics_cli import output
 from telematics_cli.errors import EXIT_DATA, EXIT_OK, CliError, DataError
-from telematics_cli.target import Target
+from telematics_cli.target import Target, secure_user_service_url
 from telematics_reg.budget import DynamoLoginBudget
 from telematics_reg.credentials import CredentialsConfigError, SecretsManagerCredentials
 from telematics_reg.errors import TelematicsError
@@ -288,6 +288,7 @@ def build_user_service(target: Target, options: TokenOptions) -> UserServiceClie
     url = options.user_service_url or target.setting("USER_SERVICE_URL", "UserServiceUrl")
     if not url:
         raise CliError(f"no User Service URL in {target.description}: give --user-service-url")
+    url = secure_user_service_url(url)
     login_budget = DynamoLoginBudget(
         target.client("dynamodb"),
         table_name=target.output("TokensTableName"),
@@ -364,7 +365,8 @@ def run_token(target: Target, ref: UserRef, options: TokenOptions) -> int:
             {"DeviceToken": token.device_token, "AccessToken": token.access_token, "ExpiresAt": token.expires_at}
         )
     else:
-        sys.stdout.write(token.access_token + "\n")
+        # A JWT has no control characters: one that does is not shown raw to the terminal (nor to $(...)).
+        sys.stdout.write(output.clean(token.access_token) + "\n")
         sys.stdout.flush()
     output.stderr().print(
         f"token of {token.device_token}, valid until {output.when(token.expires_at, time.time())}", markup=False

@@ -6,16 +6,16 @@ order marker keep one user's changes in order whatever runs at once.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aws_lambda_powertools.utilities.batch import EventType, process_partial_response
-from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
-from aws_lambda_powertools.utilities.typing import LambdaContext
-
-from telematics_reg.batching import ConcurrentBatchProcessor
-from telematics_reg.lifecycle.intake import LifecycleIntake
-from telematics_reg.observability import logger, metrics, tracer
+from telematics_reg.batching import SqsMessage, process_sqs_batch
+from telematics_reg.observability import logger, metrics
 from telematics_reg.wiring import ColdStart, build_lifecycle_intake
+
+if TYPE_CHECKING:
+    from aws_lambda_powertools.utilities.typing import LambdaContext
+
+    from telematics_reg.lifecycle.intake import LifecycleIntake
 
 # Built from this function's environment on its first invocation, reused while the container lives (with it the
 # admin session read from the table: a cold container does not log in).
@@ -25,14 +25,13 @@ _intake = ColdStart(build_lifecycle_intake)
 def handle_lifecycle_batch(event: dict[str, Any], intake: LifecycleIntake, *, concurrency: int) -> dict[str, Any]:
     """Apply every change of an SQS batch; returns the partial batch response."""
 
-    def record_handler(record: SQSRecord) -> str:
-        sent = (record.raw_event.get("attributes") or {}).get("SentTimestamp")
+    def record_handler(record: SqsMessage) -> str:
+        sent = (record.raw.get("attributes") or {}).get("SentTimestamp")
         return intake.handle(
             record.body, message_id=record.message_id, first_sent_ms=int(sent) if sent else None
         ).status
 
-    processor = ConcurrentBatchProcessor(EventType.SQS, max_workers=concurrency)
-    return dict(process_partial_response(event=event, record_handler=record_handler, processor=processor))
+    return dict(process_sqs_batch(event, record_handler, max_workers=concurrency))
 
 
 def warm() -> None:
@@ -42,6 +41,5 @@ def warm() -> None:
 
 @logger.inject_lambda_context(clear_state=True)
 @metrics.log_metrics(capture_cold_start_metric=True)
-@tracer.capture_lambda_handler(capture_response=False)
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     return handle_lifecycle_batch(event, _intake.get(), concurrency=_intake.settings.upstream_concurrency)

@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from aws_lambda_powertools.utilities.typing import LambdaContext
-
-from telematics_reg.observability import logger, metrics, tracer
+from telematics_reg.observability import logger, metrics
 from telematics_reg.wiring import ColdStart, build_reconciler
 
 if TYPE_CHECKING:
+    from aws_lambda_powertools.utilities.typing import LambdaContext
+
     from telematics_reg.reconcile.service import ReconcileOff, Reconciler
 
 # Built from this function's environment on its first invocation, reused while the container lives.
@@ -32,6 +32,5 @@ def warm() -> None:
 
 @logger.inject_lambda_context(clear_state=True)
 @metrics.log_metrics(capture_cold_start_metric=True)
-@tracer.capture_lambda_handler(capture_response=False)
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     return handle_reconcile(_reconciler.get(), time_left=lambda: context.get_remaining_time_in_millis() / 1000)

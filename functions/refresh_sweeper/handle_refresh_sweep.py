@@ -4,13 +4,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aws_lambda_powertools.utilities.typing import LambdaContext
-
-from telematics_reg.observability import logger, metrics, tracer
+from telematics_reg.observability import logger, metrics
 from telematics_reg.refresh import Sweeper
 from telematics_reg.wiring import ColdStart, build_sweeper
+
+if TYPE_CHECKING:
+    from aws_lambda_powertools.utilities.typing import LambdaContext
 
 # Built from this function's environment on its first invocation, reused while the container lives.
 _sweeper = ColdStart(build_sweeper)
@@ -28,6 +29,5 @@ def warm() -> None:
 
 @logger.inject_lambda_context(clear_state=True)
 @metrics.log_metrics(capture_cold_start_metric=True)
-@tracer.capture_lambda_handler(capture_response=False)
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     return handle_sweep(_sweeper.get())

@@ -7,16 +7,16 @@ are retried by SQS) only when the store could not be written.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aws_lambda_powertools.utilities.batch import EventType, process_partial_response
-from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
-from aws_lambda_powertools.utilities.typing import LambdaContext
-
-from telematics_reg.batching import ConcurrentBatchProcessor
-from telematics_reg.observability import logger, metrics, tracer
+from telematics_reg.batching import SqsMessage, process_sqs_batch
+from telematics_reg.observability import logger, metrics
 from telematics_reg.refresh import RefreshJob, TokenRefresher
 from telematics_reg.wiring import ColdStart, build_refresher
+
+if TYPE_CHECKING:
+    from aws_lambda_powertools.utilities.typing import LambdaContext
+
 
 # Built from this function's environment on its first invocation, reused while the container lives.
 _refresher = ColdStart(build_refresher)
@@ -25,12 +25,11 @@ _refresher = ColdStart(build_refresher)
 def handle_refresh_batch(event: dict[str, Any], refresher: TokenRefresher, *, concurrency: int) -> dict[str, Any]:
     """Refresh the user of every job in an SQS batch; returns the partial batch response."""
 
-    def record_handler(record: SQSRecord) -> str:
+    def record_handler(record: SqsMessage) -> str:
         # A malformed job raises ValueError: it fails, is retried and ends in the refresh DLQ by redrive.
         return refresher.refresh_job(RefreshJob.from_body(record.body)).value
 
-    processor = ConcurrentBatchProcessor(EventType.SQS, max_workers=concurrency)
-    return dict(process_partial_response(event=event, record_handler=record_handler, processor=processor))
+    return dict(process_sqs_batch(event, record_handler, max_workers=concurrency))
 
 
 def warm() -> None:
@@ -40,6 +39,5 @@ def warm() -> None:
 
 @logger.inject_lambda_context(clear_state=True)
 @metrics.log_metrics(capture_cold_start_metric=True)
-@tracer.capture_lambda_handler(capture_response=False)
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     return handle_refresh_batch(event, _refresher.get(), concurrency=_refresher.settings.upstream_concurrency)

@@ -5,16 +5,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aws_lambda_powertools.utilities.batch import EventType, process_partial_response
-from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
-from aws_lambda_powertools.utilities.typing import LambdaContext
-
-from telematics_reg.batching import ConcurrentBatchProcessor
+from telematics_reg.batching import SqsMessage, process_sqs_batch
 from telematics_reg.intake import RegistrationIntake
-from telematics_reg.observability import logger, metrics, tracer
+from telematics_reg.observability import logger, metrics
 from telematics_reg.wiring import ColdStart, build_queue_intake
+
+if TYPE_CHECKING:
+    from aws_lambda_powertools.utilities.typing import LambdaContext
+
 
 # Built from this function's environment on its first invocation, reused while the container lives.
 _intake = ColdStart(build_queue_intake)
@@ -33,8 +33,8 @@ def handle_registration_batch(
     back onto the queue to continue (its record handled) when it stored users, and reported failed otherwise.
     """
 
-    def record_handler(record: SQSRecord) -> str:
-        sent = (record.raw_event.get("attributes") or {}).get("SentTimestamp")
+    def record_handler(record: SqsMessage) -> str:
+        sent = (record.raw.get("attributes") or {}).get("SentTimestamp")
         return intake.handle(
             record.body,
             message_id=record.message_id,
@@ -43,8 +43,7 @@ def handle_registration_batch(
             occurred_at_ms=int(sent) if sent else None,
         ).status
 
-    processor = ConcurrentBatchProcessor(EventType.SQS, max_workers=concurrency)
-    return dict(process_partial_response(event=event, record_handler=record_handler, processor=processor))
+    return dict(process_sqs_batch(event, record_handler, max_workers=concurrency))
 
 
 def warm() -> None:
@@ -54,7 +53,6 @@ def warm() -> None:
 
 @logger.inject_lambda_context(clear_state=True)
 @metrics.log_metrics(capture_cold_start_metric=True)
-@tracer.capture_lambda_handler(capture_response=False)
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     return handle_registration_batch(
         event,

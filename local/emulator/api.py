@@ -115,7 +115,7 @@ class PublicApi:
         if isinstance(fields, str):
             try:
                 fields = fold_keys(json.loads(fields))
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # not JSON, an over-long number, or nested too deeply
                 raise ApiError.single(400, "LoginFields", "LoginFields is not valid JSON") from None
         if not isinstance(fields, dict):
             raise ApiError.single(400, "LoginFields", "LoginFields must be an object or a JSON string of one")

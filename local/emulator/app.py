@@ -125,7 +125,10 @@ class App:
         client_gone: Callable[[], bool] = lambda: False,
         client_address: str = "127.0.0.1",
     ) -> Outcome:
-        url = urlsplit(target)
+        try:
+            url = urlsplit(target)
+        except ValueError as exc:  # e.g. "//[": urlsplit reads a netloc with a broken IPv6 address
+            return Outcome(error_envelope(ApiError.single(400, "Path", f"Invalid request target: {exc}")))
         segments = _segments(url.path)
         is_admin = bool(segments) and segments[0].lower() == "_emulator"
         if not is_admin:
@@ -238,3 +241,5 @@ def _parse_json(body: bytes) -> Any:
         raise ValueError("The request body is not UTF-8") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"The request body is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    except RecursionError:  # nested deeper than the parser (or fold_keys) recurses: a client error, not ours
+        raise ValueError("The request body is nested too deeply") from None

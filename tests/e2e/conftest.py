@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import boto3
 import pytest
@@ -28,8 +28,6 @@ REVOKED = "revoked"
 #: Tokens live just past the smallest refresh margin the template allows, so they rotate every few seconds.
 TOKEN_LIFETIME = 63
 REFRESH_MARGIN = 60
-
-T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +64,7 @@ def aws(stack: LocalStack, name: str) -> Any:
     )
 
 
-def wait_for(probe: Callable[[], T | None], *, timeout: float, what: str, every: float = 0.2) -> T:
+def wait_for[T](probe: Callable[[], T | None], *, timeout: float, what: str, every: float = 0.2) -> T:
     """The first truthy value of ``probe()``; fails the test with ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:

@@ -105,8 +105,7 @@ def test_threads_of_a_batch_processor_are_cut_off_with_their_invocation(
         tmp_path,
         f"""
         import requests
-        from aws_lambda_powertools.utilities.batch import EventType, process_partial_response
-        from telematics_reg.batching import ConcurrentBatchProcessor
+        from telematics_reg.batching import process_sqs_batch
 
         def lambda_handler(event, context):
             def record_handler(record):
@@ -117,8 +116,7 @@ def test_threads_of_a_batch_processor_are_cut_off_with_their_invocation(
                     except Exception:
                         pass
 
-            processor = ConcurrentBatchProcessor(EventType.SQS, max_workers=4)
-            return process_partial_response(event=event, record_handler=record_handler, processor=processor)
+            return process_sqs_batch(event, record_handler, max_workers=4)
         """,
     )
     records = [

@@ -29,8 +29,7 @@ def lambda_handler(event, context):
 
 _QUEUE_LIKE = """
 import time
-from aws_lambda_powertools.utilities.batch import EventType, process_partial_response
-from telematics_reg.batching import ConcurrentBatchProcessor
+from telematics_reg.batching import process_sqs_batch
 from telematics_reg.observability import logger
 
 @logger.inject_lambda_context(clear_state=True)
@@ -43,8 +42,7 @@ def lambda_handler(event, context):
                 extra={"expected_function": context.function_name, "expected_id": record.message_id},
             )
 
-    processor = ConcurrentBatchProcessor(EventType.SQS, max_workers=4)
-    return process_partial_response(event=event, record_handler=record_handler, processor=processor)
+    return process_sqs_batch(event, record_handler, max_workers=4)
 """
 
 
@@ -156,3 +154,23 @@ def test_configure_sends_the_root_logger_as_json(tmp_path: Path) -> None:
     line = json.loads(path.read_text(encoding="utf-8"))
     assert line["message"] == "invocation finished: succeeded"
     assert line["outcome"] == "ok"
+
+
+def test_configure_writes_each_handler_line_once_when_the_service_logger_was_built_first(tmp_path: Path) -> None:
+    # The service's Powertools logger exists already (imported above, as make run's flows import it before the
+    # logs are configured); its records must not reach the root handler configure installs as well.
+    path = tmp_path / "run.log"
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logger.registered_handler.stream)  # type: ignore[attr-defined]
+    with path.open("w", encoding="utf-8") as stream:
+        try:
+            lines = configure(stream)
+            logger.info("registration stored", extra={"client_id": "c-1"})
+            lines.flush()
+        finally:
+            root.handlers[:] = saved[0]
+            root.setLevel(saved[1])
+            logger.registered_handler.setStream(saved[2])  # type: ignore[attr-defined]
+    written = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert [line["message"] for line in written] == ["registration stored"]
+    assert written[0]["service"] == "telematics-registration"  # Powertools' line, not the root handler's

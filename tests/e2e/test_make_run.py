@@ -27,11 +27,11 @@ def test_make_run_demo_exits_0_with_a_readable_summary(tmp_path: Path) -> None:
         "-m",
         "local.demo",
         *("--signups", "3", "--file-users", "6", "--bulk", "4", "--duplicates", "3"),
-        *("--token-lifetime", "62", "--sweep-every", "1", "--timeout", "60", "--seed", "7"),
+        *("--token-lifetime", "62", "--sweep-every", "1", "--timeout", "200", "--seed", "7"),
         *("--log-file", str(tmp_path / "run.log"), "--state", str(tmp_path / "stack.json")),
     ]
 
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150, check=False)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=320, check=False)
 
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
@@ -44,10 +44,20 @@ def test_make_run_demo_exits_0_with_a_readable_summary(tmp_path: Path) -> None:
         "Tokens refreshed",
         "RegistrationDeadLetterQueue",
         "SignupDeadLetterQueue",
+        "LifecycleDeadLetterQueue",
+        "Lifecycle: update, flags",
+        "Lifecycle: deactivate, reactivate",
+        "Lifecycle: move",
+        "Lifecycle: deletions",
+        "Lost chunk adopted",
+        "Drift audit (reconcile)",
     ):
         line = next(line for line in summary.splitlines() if heading in line)
         assert line.startswith("ok"), line
-    assert "13 stored (9 by ClientId, 4 bulk)" in summary
+    # 3 signups + 6 file lines + the scenarios' 10 ClientIds; the bulk of 4; the lost chunk's 5, adopted.
+    assert "19 ClientIds once each, 4 bulk (4 ACTIVE, expected 4), 5 adopted" in summary
+    assert "gone 1 · deactivated 1 · reflagged 1 · moved 1 · unstored 1" in summary
+    assert "shortened from production's" in done.stdout
     assert "redriven after maxReceiveCount 1" in summary
     assert "RetriesExhausted: UnauthorizedError 1" in summary
     assert not (tmp_path / "stack.json").exists()  # removed at shutdown: it named a moto server now gone
@@ -59,7 +69,8 @@ def test_make_run_demo_exits_0_with_a_readable_summary(tmp_path: Path) -> None:
     assert len(stored) >= 9 + 3  # every ClientId, and every duplicate delivery
     for line in stored:
         if "Signup" in line["function_name"]:
-            assert line["client_id"].startswith("app-"), line  # signups carry only the app's ClientIds
+            # Signups carry only the app's ClientIds and the lifecycle/drift scenarios' (never a file line's).
+            assert line["client_id"].startswith(("app-", "life-", "drift-")), line
             assert line["correlation_id"], line  # the UserSignedUp event's id
         else:
             assert line["function_name"].endswith("RegistrationQueueFunction"), line

@@ -35,8 +35,9 @@ SKIPPED = {
     "make run     # runs the whole service": "the two commands themselves: `make test` runs this test",
     "for i in $(seq 20); do make run": "twenty full runs (about 25 minutes); its result is recorded in the README",
     "aws secretsmanager create-secret": "needs an AWS account",
-    "sam build": "needs the SAM CLI and an AWS account",
+    "make build               # or: sam build": "needs the SAM CLI and an AWS account (make test runs sam build)",
     "aws events put-events": "needs an AWS account",
+    "make emulator                    #": "starts a server that runs until stopped; the next block starts it too",
     "# Reconciliation": "needs a lost bulk and drift to show; tests/functional/test_reconcile.py runs these commands",
 }
 _LINKED = (".venv", "local", "layers", "functions", "events", "cli", "template.yaml", "Makefile", "pyproject.toml")

@@ -12,7 +12,6 @@ from typing import Any
 
 import boto3
 import pytest
-from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingError
 from boto3.dynamodb.types import TypeDeserializer
 from handle_registration_queue import handle_registration_batch
 
@@ -20,6 +19,7 @@ from local.emulator.testing import EmulatorHandle
 from local.lambda_runtime import LocalFunction, environment
 from local.stack import LocalStack
 from telematics_cli import main
+from telematics_reg.batching import BatchFailedError
 from telematics_reg.settings import ServiceSettings
 from telematics_reg.store import ChunkClaim, ChunkState, ConditionFailedError, DynamoTokenStore, NewUser
 from telematics_reg.wiring import BULK_STORE_SECONDS, build_queue_intake
@@ -277,7 +277,7 @@ def test_a_large_bulk_without_create_many_finishes_by_continuations_at_one_recei
                 time_left=lambda looks=looks: queue_fn.timeout - next(looks) * seconds_per_look,
             )
             failed = {item["itemIdentifier"] for item in response["batchItemFailures"]}
-        except BatchProcessingError:  # every record of the batch failed: all come back
+        except BatchFailedError:  # every record of the batch failed: all come back
             failed = {m["MessageId"] for m in messages}
         made.append(emulator.counters()["users_total"] - before)
         for message in messages:

@@ -16,7 +16,6 @@ from typing import Any
 
 import boto3
 import pytest
-from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingError
 from boto3.dynamodb.types import TypeDeserializer
 
 from local.emulator.testing import EmulatorHandle
@@ -25,6 +24,7 @@ from local.stack import LocalStack, provision
 from telematics_cli import dlq, main, rows
 from telematics_cli.lifecycle import judge
 from telematics_cli.stamps import OccurredAtStamp
+from telematics_reg.batching import BatchFailedError
 from telematics_reg.lifecycle.changes import Action, LifecycleChange
 from telematics_reg.store import UserRecord, UserStatus
 
@@ -100,7 +100,7 @@ def deliver(sqs: Any, stack: LocalStack, queue: str, function: LocalFunction) ->
     try:
         response = function.invoke({"Records": records})
         failed = {f["itemIdentifier"] for f in response["batchItemFailures"]}
-    except BatchProcessingError:  # every record failed: Lambda retries the whole batch
+    except BatchFailedError:  # every record failed: Lambda retries the whole batch
         failed = {m["MessageId"] for m in received}
     for message in received:
         if message["MessageId"] in failed:

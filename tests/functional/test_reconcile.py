@@ -21,10 +21,15 @@ import pytest
 from boto3.dynamodb.types import TypeDeserializer
 
 from local.emulator.testing import EmulatorHandle
+from local.fake_lifecycle import RecordingDeadLetterEraser, StaticAdminCredentials
+from local.fakes import RecordingPublisher, StaticDeviceTokenKey
 from local.stack import LocalStack
 from telematics_cli import main
-from telematics_reg.credentials import StaticCredentials, StaticDeviceTokenKey
-from telematics_reg.lifecycle.admin import DynamoAdminSessionStore, FleetAdminSession, StaticAdminCredentials
+from telematics_reg.credentials import StaticCredentials
+from telematics_reg.lifecycle.admin import DynamoAdminSessionStore, FleetAdminSession
+from telematics_reg.lifecycle.changes import Action, LifecycleChange
+from telematics_reg.lifecycle.records import DynamoLifecycleRecords
+from telematics_reg.lifecycle.service import LifecycleService
 from telematics_reg.management_models import AdminCredentials, UserUpdate, UserUpdateFields
 from telematics_reg.models import (
     BulkRegistrationRequest,
@@ -33,7 +38,7 @@ from telematics_reg.models import (
     InstanceCredentials,
     UserFields,
 )
-from telematics_reg.outcomes import RecordingPublisher, UserRegistered
+from telematics_reg.outcomes import UserRegistered
 from telematics_reg.reconcile.adoption import ChunkAdopter
 from telematics_reg.reconcile.audit import DriftAudit
 from telematics_reg.reconcile.events import UserGone
@@ -370,6 +375,32 @@ def test_the_audit_finds_each_class_of_drift_and_stops_refreshing_a_user_gone(fr
     assert again.counts["gone"] == 0
     assert ok in again.samples["reflagged"]
     assert len(fresh.publisher.events) == 1
+
+
+def test_a_flag_change_the_service_applied_is_not_reported_as_drift_by_the_next_audit(fresh: Env) -> None:
+    own = _registered(fresh, "own-1")
+    other = _registered(fresh, "other-1")
+    assert fresh.audit().run(force=True).status == "finished"  # the reference: the flags as this audit read them
+    lifecycle = LifecycleService(
+        upstream=fresh.upstream,
+        records=DynamoLifecycleRecords(fresh.store),
+        credentials=fresh.credentials,
+        device_token_key=StaticDeviceTokenKey(KEY),
+        admin=fresh.admin,
+        publisher=fresh.publisher,
+        eraser=RecordingDeadLetterEraser(),
+    )
+    update = UserUpdate(user_fields=UserUpdateFields(enable_tracking=False, enable_real_time_location=True))
+    change = LifecycleChange(Action.UPDATE, "own-1", "default", int(time.time() * 1000), update=update)
+    assert lifecycle.apply(change).status == "applied"
+    # The same kind of change made behind the service's back is drift.
+    _update(fresh, other, UserUpdate(user_fields=UserUpdateFields(enable_tracking=False)))
+
+    report = fresh.audit().run(force=True).report
+
+    assert report is not None
+    assert report.samples["reflagged"] == [other]
+    assert own not in report.samples.get("reflagged", [])
 
 
 def test_a_dry_run_changes_no_user(fresh: Env) -> None:

@@ -10,6 +10,7 @@ import boto3
 import pytest
 
 from local.stack import LocalStack
+from telematics_reg.lifecycle.records import LEASE_PREFIX, DynamoLifecycleRecords
 from telematics_reg.store import ConditionFailedError, DynamoTokenStore, NewUser, Tokens, UserStatus
 
 NOW = 1_900_000_000.0
@@ -78,3 +79,24 @@ def test_a_commit_or_mark_needs_the_lease_as_well_as_the_version_on_dynamodb(sto
     marked = store.get_user(user)
     assert marked is not None
     assert (marked.status, marked.version, marked.lease_owner) == (UserStatus.NEEDS_RELOGIN, 2, None)
+
+
+@pytest.mark.parametrize("ending", ["commit", "release"])
+def test_the_end_of_a_change_s_lease_lets_the_next_sweep_queue_the_user_again_on_dynamodb(
+    store: DynamoTokenStore, ending: str
+) -> None:
+    # A sweep queued the user; its job met the change's lease and was consumed without refreshing. Once the change
+    # ends, the next sweep queues the user again instead of waiting for the job's QueuedUntil to lapse.
+    records = DynamoLifecycleRecords(store)
+    user = _user(store)
+    assert store.mark_queued(device_token=user, version=1, until=int(NOW) + 420, now=NOW)
+    owner = f"{LEASE_PREFIX}m-1/1"
+    records.lease(device_token=user, occurred_at=int(NOW * 1000), owner=owner, now=NOW, ttl=120)
+    assert store.acquire_lease(device_token=user, version=1, owner="job", now=NOW + 1, ttl=180) is None
+    assert not store.mark_queued(device_token=user, version=1, until=int(NOW) + 480, now=NOW + 60)
+    if ending == "commit":
+        records.commit(device_token=user, owner=owner, occurred_at=int(NOW * 1000), now=NOW + 2, deactivated=True)
+    else:
+        records.release(device_token=user, owner=owner)
+    assert store.mark_queued(device_token=user, version=1, until=int(NOW) + 480, now=NOW + 60)
+    assert store.acquire_lease(device_token=user, version=1, owner="job", now=NOW + 61, ttl=180) is not None

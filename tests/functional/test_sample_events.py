@@ -88,10 +88,10 @@ def test_queue_samples(
 
 
 def test_reconcile_sample(stack: LocalStack, functions: Functions, emulator: EmulatorHandle) -> None:
-    # A wake-up of the schedule: no lost chunk to adopt here; the audit starts (its first wake-up) or goes on.
+    # A wake-up of the schedule: the lost chunks other tests left are looked at (each waits out its window, or is
+    # judged), and the audit starts (its first wake-up) or goes on.
     report = functions.get("ReconcileFunction").invoke(_load("reconcile.json", stack))
-    print(report)
-    assert report["Adoptions"] == []
+    assert all({"Instance", "RequestId", "Chunk", "Outcome"} <= set(adoption) for adoption in report["Adoptions"])
     assert report["Audit"]["Status"] != "off"
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import copy
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,20 @@ ALLOWED_WILDCARD_RESOURCES: dict[tuple[str, frozenset[str]], str] = {}
 LIBRARY_VARIABLE_PREFIXES = ("POWERTOOLS_",)
 #: Settings whose value must be the same in every function that sets it (they describe shared data).
 SHARED_SETTINGS = ("REFRESH_SHARDS", "REFRESH_MARGIN_SECONDS", "TOKENS_TABLE_NAME", "CREDENTIALS_SECRET_ARN")
+#: Deletion policies that keep a resource when the stack is deleted.
+RETAINED = ("Retain", "RetainExceptOnCreate")
+#: Which function may Query which index of the tokens table (everything else reads items by key).
+QUERIES = {
+    "RefreshSweeperFunction": {"RefreshDue"},
+    # A ClientId's stored DeviceToken before one is derived (registration), its items and tombstones (lifecycle),
+    # the user of an upstream ClientId (the drift audit).
+    "SignupFunction": {"ByClient"},
+    "RegistrationQueueFunction": {"ByClient"},
+    "LifecycleFunction": {"ByClient"},
+    "ReconcileFunction": {"ByClient"},
+}
+#: Item attributes the sweeper may touch: it marks a user's job queued, conditioned on the version it saw.
+SWEEPER_ATTRIBUTES = {"pk", "QueuedUntil", "Version"}
 
 Template = dict[str, Any]
 
@@ -317,8 +332,8 @@ def table_problems(template: Template) -> list[str]:
         if pitr.get("PointInTimeRecoveryEnabled") not in (True, "true"):
             problems.append(f"{lid}: point-in-time recovery is off")
         resource = template["Resources"][lid]
-        retained = resource.get("DeletionPolicy") == "Retain"
-        if retained and key in keys and template["Resources"][key].get("DeletionPolicy") != "Retain":
+        retained = resource.get("DeletionPolicy") in RETAINED
+        if retained and key in keys and template["Resources"][key].get("DeletionPolicy") not in RETAINED:
             problems.append(f"{lid} is retained but its key {key} is not: the kept table would become unreadable")
     return problems
 
@@ -490,6 +505,256 @@ def retry_and_dead_letter_problems(template: Template) -> list[str]:
     return problems
 
 
+# --------------------------------------------------------------------------------------------- deployable on AWS
+
+
+def _parameter(template: Template, value: Any) -> tuple[str, dict[str, Any]] | None:
+    name = value.get("Ref") if isinstance(value, dict) else None
+    spec = template.get("Parameters", {}).get(name) if isinstance(name, str) else None
+    return (name, spec) if isinstance(name, str) and isinstance(spec, dict) else None
+
+
+def _condition_can_be_false(template: Template, condition: str) -> bool:
+    """Whether a condition of the form ``!Equals [!Ref P, "x"]`` can be false for some allowed value of P."""
+    expression = template.get("Conditions", {}).get(condition, {})
+    equals = expression.get("Fn::Equals") if isinstance(expression, dict) else None
+    if not isinstance(equals, list) or len(equals) != 2:
+        return False
+    found = _parameter(template, equals[0])
+    if found is None:
+        return False
+    allowed = [str(v) for v in found[1].get("AllowedValues", [])]
+    return any(value != str(equals[1]) for value in allowed)
+
+
+def concurrency_problems(template: Template) -> list[str]:
+    """Reserved concurrency can be turned off by a parameter (accounts with a small quota cannot reserve any)."""
+    problems: list[str] = []
+    reserving = 0
+    for lid, props in resources(template, "AWS::Lambda::Function").items():
+        reserved = props.get("ReservedConcurrentExecutions")
+        if reserved is None:
+            continue
+        reserving += 1
+        branch = reserved.get("Fn::If") if isinstance(reserved, dict) else None
+        if not (
+            isinstance(branch, list)
+            and len(branch) == 3
+            and branch[2] == {"Ref": "AWS::NoValue"}
+            and _condition_can_be_false(template, str(branch[0]))
+        ):
+            problems.append(f"{lid}: ReservedConcurrentExecutions cannot be turned off by a parameter")
+    if not reserving:
+        problems.append("no function reserves concurrency: the rule checks nothing")
+    return problems
+
+
+def _sub_text(value: Any) -> str | None:
+    sub = value.get("Fn::Sub") if isinstance(value, dict) else None
+    if isinstance(sub, list):
+        sub = sub[0]
+    return sub if isinstance(sub, str) else None
+
+
+def log_group_problems(template: Template) -> list[str]:
+    """Each function logs to its own log group of the stack, which exists before the function and is named
+    from the stack (not from the function: Lambda would create that name itself first, and again after a delete)."""
+    problems: list[str] = []
+    groups = resources(template, "AWS::Logs::LogGroup")
+    used: dict[str, str] = {}
+    for lid, props in resources(template, "AWS::Lambda::Function").items():
+        group = target(props.get("LoggingConfig", {}).get("LogGroup"))
+        if group not in groups:
+            problems.append(f"{lid}: no LoggingConfig.LogGroup naming a log group of the stack")
+            continue
+        if group in used:
+            problems.append(f"{lid} and {used[group]} share the log group {group}")
+        used[group] = lid
+        spec = groups[group]
+        name = _sub_text(spec.get("LogGroupName")) or ""
+        if "${AWS::StackName}" not in name or _references(spec) & set(resources(template, "AWS::Lambda::Function")):
+            problems.append(f"{group}: named from its function, not from the stack ({name!r})")
+        if "RetentionInDays" not in spec or target(spec.get("KmsKeyId")) not in resources(template, "AWS::KMS::Key"):
+            problems.append(f"{group}: no retention or no key of the template")
+    return problems
+
+
+def _references(value: Any) -> set[str]:
+    """Logical ids and parameters a value refers to (``Ref``, ``Fn::GetAtt``, ``${...}`` of ``Fn::Sub``)."""
+    in_subs = {part.split("}", 1)[0].split(".", 1)[0] for part in json.dumps(value).split("${")[1:]}
+    return in_subs | set(_walk_refs(value))
+
+
+def _walk_refs(value: Any) -> Iterator[str]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "Ref" and isinstance(item, str):
+                yield item
+            elif key == "Fn::GetAtt":
+                yield str(item[0] if isinstance(item, list) else str(item).split(".", 1)[0])
+            else:
+                yield from _walk_refs(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _walk_refs(item)
+
+
+def _dead_letter_queues(template: Template) -> set[str]:
+    queues = resources(template, "AWS::SQS::Queue")
+    found = {target((props.get("RedrivePolicy") or {}).get("deadLetterTargetArn")) for props in queues.values()}
+    for props in resources(template, "AWS::Events::Rule").values():
+        found |= {target(t.get("DeadLetterConfig", {}).get("Arn")) for t in props.get("Targets", [])}
+    for props in resources(template, "AWS::Scheduler::Schedule").values():
+        found.add(target(props.get("Target", {}).get("DeadLetterConfig", {}).get("Arn")))
+    for props in resources(template, "AWS::Lambda::EventInvokeConfig").values():
+        found.add(target(props.get("DestinationConfig", {}).get("OnFailure", {}).get("Destination")))
+    for props in resources(template, "AWS::Lambda::Function").values():
+        found.add(target(props.get("DeadLetterConfig", {}).get("TargetArn")))
+    return {queue for queue in found if queue in queues}
+
+
+def retention_problems(template: Template) -> list[str]:
+    """Stored data outlives `sam delete` (table, dead-letter queues, their key) but a failed first create leaves
+    nothing behind (RetainExceptOnCreate)."""
+    problems: list[str] = []
+    keep = [*resources(template, "AWS::DynamoDB::Table"), *resources(template, "AWS::KMS::Key")]
+    dead_letters = _dead_letter_queues(template)
+    if len(dead_letters) < 4:
+        problems.append(f"only {sorted(dead_letters)} found as dead-letter queues: the rule checks too little")
+    for lid in [*keep, *sorted(dead_letters)]:
+        resource = template["Resources"][lid]
+        policy = resource.get("DeletionPolicy")
+        if policy not in RETAINED:
+            problems.append(f"{lid}: DeletionPolicy {policy} (`sam delete` would throw its data away)")
+        elif policy != "RetainExceptOnCreate":
+            problems.append(f"{lid}: DeletionPolicy {policy}: a failed first create would leave a billed orphan")
+        if lid in dead_letters:
+            key = kms_key_of_queue(template, lid)
+            if key is not None and template["Resources"][key].get("DeletionPolicy") not in RETAINED:
+                problems.append(f"{lid} is kept but its key {key} is not: its dead letters would become unreadable")
+    return problems
+
+
+def pairing_problems(template: Template) -> list[str]:
+    """A stack is paired with its app explicitly: the source of the signup events it takes and of the outcome
+    events it publishes are parameters without a default (two stacks on one bus must not share either)."""
+    problems: list[str] = []
+    signup_sources = [
+        source
+        for props in resources(template, "AWS::Events::Rule").values()
+        if "UserSignedUp" in json.dumps(props.get("EventPattern", {}))
+        for source in as_list(props.get("EventPattern", {}).get("source", []))
+    ]
+    for function in resources(template, "AWS::Lambda::Function"):
+        found = _parameter(template, environment(template, function).get("OUTCOME_EVENT_SOURCE"))
+        if found is None or "Default" in found[1]:
+            problems.append(f"{function}: OUTCOME_EVENT_SOURCE is not a parameter without a default")
+    if not signup_sources:
+        problems.append("no rule takes UserSignedUp events")
+    for source in signup_sources:
+        found = _parameter(template, source)
+        if found is None or "Default" in found[1]:
+            problems.append(f"the UserSignedUp rule's source {source} is not a parameter without a default")
+    return problems
+
+
+def shard_problems(template: Template) -> list[str]:
+    """The refresh index's shard count cannot change under a live table: it is part of the index's definition."""
+    problems: list[str] = []
+    shards = {
+        str(p.get("Environment", {}).get("Variables", {}).get("REFRESH_SHARDS", {}).get("Ref"))
+        for p in resources(template, "AWS::Lambda::Function").values()
+        if "REFRESH_SHARDS" in p.get("Environment", {}).get("Variables", {})
+    }
+    if len(shards) != 1:
+        return [f"REFRESH_SHARDS is not one parameter of every function: {shards}"]
+    (parameter,) = shards
+    for lid, props in resources(template, "AWS::DynamoDB::Table").items():
+        for index in props.get("GlobalSecondaryIndexes", []):
+            if index["IndexName"] != "RefreshDue":
+                continue
+            names = index.get("Projection", {}).get("NonKeyAttributes", [])
+            if not any(f"${{{parameter}}}" in (_sub_text(name) or "") for name in names):
+                problems.append(f"{lid}: the RefreshDue index does not carry {parameter}: lowering it strands users")
+    return problems
+
+
+def _secret_readers(template: Template) -> list[str]:
+    return [
+        owner
+        for owner, statement in inline_policies(template)
+        if allows(statement, "secretsmanager:GetSecretValue")
+        and any(_parameter(template, r) for r in as_list(statement.get("Resource", [])))
+    ]
+
+
+def least_privilege_problems(template: Template) -> list[str]:
+    """No role holds what its function never uses, and parameters cannot widen a grant."""
+    problems: list[str] = []
+    functions = {role_of(template, f): f for f in resources(template, "AWS::Lambda::Function")}
+    for owner, statement in inline_policies(template):
+        function = functions.get(owner)
+        if function is None or statement.get("Effect") != "Allow":
+            continue
+        if allows(statement, "kms:Encrypt"):
+            problems.append(f"{function}: kms:Encrypt, which no function uses (queues and the table need none)")
+        if allows(statement, "dynamodb:Query"):
+            indexes = {
+                str(_sub_text(r)).rsplit("/", 1)[-1] if _sub_text(r) else "the table itself"
+                for r in as_list(statement.get("Resource", []))
+            }
+            extra = indexes - QUERIES.get(function, set())
+            if extra:
+                problems.append(f"{function}: may Query {sorted(extra)}, which its code never queries")
+        if function == "RefreshSweeperFunction" and allows(statement, "dynamodb:UpdateItem"):
+            condition = statement.get("Condition", {})
+            attributes = set(as_list(condition.get("ForAllValues:StringEquals", {}).get("dynamodb:Attributes", [])))
+            returns = as_list(condition.get("StringEqualsIfExists", {}).get("dynamodb:ReturnValues", []))
+            if not attributes or not attributes <= SWEEPER_ATTRIBUTES or returns != ["NONE"]:
+                problems.append(
+                    f"{function}: UpdateItem not conditioned to {sorted(SWEEPER_ATTRIBUTES)} and no read-back"
+                )
+    readers = _secret_readers(template)
+    if not readers:
+        problems.append("no role reads the credentials secret: the rule checks nothing")
+    for owner in readers:
+        policies = resources(template, "AWS::IAM::Role")[owner].get("Policies", [])
+        text = json.dumps([p.get("PolicyDocument") for p in policies])
+        if '"Fn::If": ["HasCredentialsSecretKey"' not in text or "kms:ViaService" not in text:
+            problems.append(f"{functions.get(owner, owner)}: cannot decrypt a secret under a customer key")
+    return problems
+
+
+def parameter_pattern_problems(template: Template) -> list[str]:
+    """Parameters that name a secret or the upstream cannot widen a grant or send secrets in clear text."""
+    problems: list[str] = []
+    one_secret = ["arn:aws:secretsmanager:eu-west-1:123456789012:secret:telematics/credentials-AbCdEf"]
+    wildcards = [
+        "arn:aws:secretsmanager:eu-west-1:123456789012:secret:*",
+        "arn:aws:secretsmanager:eu-west-1:123456789012:secret:prod-*",
+        "arn:aws:secretsmanager:*:123456789012:secret:x",
+        "arn:aws:secretsmanager:eu-west-1:123456789012:secret:cred?ntials",
+    ]
+    cases = {
+        "InstanceCredentialsSecretArn": (one_secret, wildcards),
+        "AdminCredentialsSecretArn": (one_secret, [*wildcards, ""]),
+        # Empty: the stack creates the key's secret.
+        "DeviceTokenKeySecretArn": (["", *one_secret], wildcards),
+        "UserServiceUrl": (
+            ["https://user.telematicssdk.com", "http://127.0.0.1:8081", "http://localhost:9000/base", "http://[::1]:1"],
+            ["http://user.telematicssdk.com", "http://localhost.example.com", "ftp://user.telematicssdk.com", ""],
+        ),
+    }
+    for name, (accepted, refused) in cases.items():
+        pattern = template["Parameters"][name].get("AllowedPattern")
+        if pattern is None:
+            problems.append(f"{name}: no AllowedPattern")
+            continue
+        problems += [f"{name}: {value!r} is refused" for value in accepted if not re.fullmatch(pattern, value)]
+        problems += [f"{name}: {value!r} is accepted" for value in refused if re.fullmatch(pattern, value)]
+    return problems
+
+
 def _calls_upstream(template: Template, function: str) -> bool:
     """Whether a function reads the instance credentials: it calls the upstream, under claims or leases."""
     role = role_of(template, function)
@@ -542,6 +807,13 @@ RULES: dict[str, Callable[[Template], list[str]]] = {
     "iam": iam_problems,
     "environment": environment_problems,
     "retries and dead letters": retry_and_dead_letter_problems,
+    "reserved concurrency": concurrency_problems,
+    "log groups": log_group_problems,
+    "retention": retention_problems,
+    "pairing": pairing_problems,
+    "shards": shard_problems,
+    "least privilege": least_privilege_problems,
+    "parameter patterns": parameter_pattern_problems,
     "timing": timing_problems,
 }
 
@@ -611,10 +883,12 @@ def test_the_device_token_key_is_a_kept_encrypted_secret_that_only_the_functions
     cfn: Template,
 ) -> None:
     secret = cfn["Resources"]["DeviceTokenKeySecret"]
-    # Created unless an existing secret is given; kept through stack deletion and replacement like the table.
+    # Created unless an existing secret is given; kept through stack deletion and replacement like the table (not
+    # after a failed first create, when no DeviceToken was derived with it yet).
     assert secret["Condition"] == "CreateDeviceTokenKey"
     assert cfn["Conditions"]["CreateDeviceTokenKey"] == {"Fn::Equals": [{"Ref": "DeviceTokenKeySecretArn"}, ""]}
-    assert secret["DeletionPolicy"] == secret["UpdateReplacePolicy"] == "Retain"
+    assert secret["DeletionPolicy"] == "RetainExceptOnCreate"
+    assert secret["UpdateReplacePolicy"] == "Retain"
     props = secret["Properties"]
     assert target(props["KmsKeyId"]) == "DataKey"
     generated = props["GenerateSecretString"]
@@ -779,6 +1053,84 @@ BREAKAGES: dict[str, tuple[Callable[[Template], Any], str, str]] = {
         lambda t: _event(t, "RefreshSweeperFunction", "Sweep").pop("DeadLetterConfig"),
         "retries and dead letters",
         "DeadLetterConfig",
+    ),
+    "reserved concurrency that cannot be turned off": (
+        lambda t: _props(t, "SignupFunction").update(ReservedConcurrentExecutions=10),
+        "reserved concurrency",
+        "SignupFunction: ReservedConcurrentExecutions cannot be turned off",
+    ),
+    "function without its log group": (
+        lambda t: _props(t, "RefreshWorkerFunction").pop("LoggingConfig"),
+        "log groups",
+        "RefreshWorkerFunction: no LoggingConfig",
+    ),
+    "log group named from its function": (
+        lambda t: _props(t, "SignupFunctionLogGroup").update(LogGroupName={"Fn::Sub": "/aws/lambda/${SignupFunction}"}),
+        "log groups",
+        "named from its function",
+    ),
+    "dead-letter queue deleted with the stack": (
+        lambda t: _sam_resource(t, "SweepDeadLetterQueue").pop("DeletionPolicy"),
+        "retention",
+        "SweepDeadLetterQueue: DeletionPolicy None",
+    ),
+    "table kept after a failed first create": (
+        lambda t: _sam_resource(t, "TokensTable").update(DeletionPolicy="Retain"),
+        "retention",
+        "billed orphan",
+    ),
+    "signup source with a default": (
+        lambda t: t["Parameters"]["SignupEventSource"].update(Default="customer.app"),
+        "pairing",
+        "UserSignedUp rule's source",
+    ),
+    "fixed outcome source": (
+        lambda t: t["Globals"]["Function"]["Environment"]["Variables"].update(OUTCOME_EVENT_SOURCE="telematics.x"),
+        "pairing",
+        "OUTCOME_EVENT_SOURCE",
+    ),
+    "shard count not in the index": (
+        lambda t: _props(t, "TokensTable")["GlobalSecondaryIndexes"][1]["Projection"]["NonKeyAttributes"].pop(),
+        "shards",
+        "strands users",
+    ),
+    "kms:Encrypt granted": (
+        lambda t: _props(t, "RefreshWorkerFunction")["Policies"][0]["Statement"][1]["Action"].append("kms:Encrypt"),
+        "least privilege",
+        "kms:Encrypt",
+    ),
+    "Query on RefreshDue granted to signup": (
+        lambda t: _props(t, "SignupFunction")["Policies"][0]["Statement"].append(
+            {
+                "Effect": "Allow",
+                "Action": "dynamodb:Query",
+                "Resource": {"Fn::Sub": "${TokensTable.Arn}/index/RefreshDue"},
+            }
+        ),
+        "least privilege",
+        "may Query ['RefreshDue']",
+    ),
+    "sweeper may update any attribute": (
+        lambda t: _props(t, "RefreshSweeperFunction")["Policies"][0]["Statement"][1].pop("Condition"),
+        "least privilege",
+        "UpdateItem not conditioned",
+    ),
+    "secret under a customer key unreadable": (
+        lambda t: _props(t, "RefreshWorkerFunction")["Policies"][0]["Statement"].pop(3),
+        "least privilege",
+        "cannot decrypt a secret under a customer key",
+    ),
+    "secret pattern accepting a wildcard": (
+        lambda t: t["Parameters"]["InstanceCredentialsSecretArn"].update(
+            AllowedPattern="^arn:aws[a-z-]*:secretsmanager:.+"
+        ),
+        "parameter patterns",
+        "secret:*' is accepted",
+    ),
+    "upstream URL in clear text": (
+        lambda t: t["Parameters"]["UserServiceUrl"].pop("AllowedPattern"),
+        "parameter patterns",
+        "UserServiceUrl: no AllowedPattern",
     ),
 }
 

@@ -5,14 +5,17 @@ from dataclasses import dataclass
 
 import pytest
 
-from telematics_reg.budget import InMemoryLoginBudget
-from telematics_reg.credentials import StaticCredentials, StaticDeviceTokenKey
-from telematics_reg.dead_letters import RecordingDeadLetters
-from telematics_reg.fake_store import InMemoryTokenStore
-from telematics_reg.fakes import FakeUserService
+from local.fake_store import InMemoryTokenStore
+from local.fakes import (
+    FakeUserService,
+    InMemoryLoginBudget,
+    RecordingDeadLetters,
+    RecordingPublisher,
+    StaticDeviceTokenKey,
+)
+from telematics_reg.credentials import StaticCredentials
 from telematics_reg.intake import RegistrationIntake
 from telematics_reg.models import InstanceCredentials
-from telematics_reg.outcomes import RecordingPublisher
 from telematics_reg.refresh import TokenRefresher
 from telematics_reg.registration import RegistrationService
 from telematics_reg.timing import LeaseTiming

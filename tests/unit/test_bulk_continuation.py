@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingError
 from handle_registration_queue import handle_registration_batch
 
+from local.fakes import FakeUserService
+from telematics_reg.batching import BatchFailedError
 from telematics_reg.errors import OutcomeUnknownError, TransientUpstreamError
-from telematics_reg.fakes import FakeUserService
 from telematics_reg.intake import RegistrationIntake
 from telematics_reg.models import CreateResult, CreateUserRequest, InstanceCredentials
 from telematics_reg.outcomes import UserRegistered
@@ -156,7 +156,7 @@ def _invoke(world: World, batch: list[QueuedMessage]) -> set[str]:
         response = handle_registration_batch(
             _event(batch), world.intake, concurrency=1, time_left=lambda: deadline - world.clock.now
         )
-    except BatchProcessingError:  # every record failed: the invocation fails, and they all come back
+    except BatchFailedError:  # every record failed: the invocation fails, and they all come back
         return {m.message_id for m in batch}
     return {item["itemIdentifier"] for item in response["batchItemFailures"]}
 
@@ -279,7 +279,7 @@ def test_a_delivery_with_no_time_for_a_single_create_is_retried_not_sent_back(wo
     queue.put(json.dumps({"Quantity": 300, "RequestId": "load-late"}))
     batch = queue.receive()
 
-    with pytest.raises(BatchProcessingError):  # its only record failed
+    with pytest.raises(BatchFailedError):  # its only record failed
         handle_registration_batch(_event(batch), world.intake, concurrency=1, time_left=lambda: BULK_CALL_SECONDS - 1)
 
     assert queue.continuations == []

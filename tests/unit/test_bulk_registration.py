@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from handle_registration_queue import handle_registration_batch
 
+from local.fakes import FakeUserService
 from telematics_cli.dlq import Letter, _with_bulk_id
 from telematics_reg.errors import OutcomeUnknownError, TransientUpstreamError
-from telematics_reg.fakes import FakeUserService
 from telematics_reg.models import CreateResult, CreateUserRequest, InstanceCredentials
 from telematics_reg.registration import (
     BulkDeferredError,

@@ -6,8 +6,8 @@ from uuid import uuid4
 
 import pytest
 
+from local.fakes import FakeUserService
 from telematics_reg.errors import DeadRefreshTokenError, ForbiddenError, UnauthorizedError, UpstreamValidationError
-from telematics_reg.fakes import FakeUserService
 from telematics_reg.management_models import AdminCredentials, UserPageQuery, UserUpdate, UserUpdateFields
 from telematics_reg.models import CreateUserRequest, InstanceCredentials, UserFields
 from telematics_reg.upstream import iter_user_pages

@@ -11,24 +11,23 @@ from pathlib import Path
 
 import pytest
 
-from telematics_reg.budget import InMemoryLoginBudget
-from telematics_reg.dead_letters import RecordingDeadLetters
-from telematics_reg.errors import OutcomeUnknownError, TransientUpstreamError, UnauthorizedError
-from telematics_reg.lifecycle.admin import (
-    AdminSessionUnavailableError,
-    FleetAdminSession,
+from local.fake_lifecycle import (
     InMemoryAdminSessionStore,
+    InMemoryLifecycleRecords,
+    RecordingDeadLetterEraser,
     StaticAdminCredentials,
 )
+from local.fakes import InMemoryLoginBudget, InMemoryRefreshJobQueue, RecordingDeadLetters
+from telematics_reg.errors import OutcomeUnknownError, TransientUpstreamError, UnauthorizedError
+from telematics_reg.lifecycle.admin import AdminSessionUnavailableError, FleetAdminSession
 from telematics_reg.lifecycle.changes import Action
-from telematics_reg.lifecycle.erasure import RecordingDeadLetterEraser
 from telematics_reg.lifecycle.events import LifecycleFailed, UserDeleted, UserMoved, UserUpdated
 from telematics_reg.lifecycle.intake import LifecycleIntake
-from telematics_reg.lifecycle.records import InMemoryLifecycleRecords
 from telematics_reg.lifecycle.service import LifecycleService, UserBusyError, UserNotRegisteredError
 from telematics_reg.management_models import AdminCredentials
 from telematics_reg.models import CreateUserRequest, InstanceCredentials, RegistrationRequest
 from telematics_reg.outcomes import RegistrationFailed
+from telematics_reg.refresh import RefreshOutcome, Sweeper
 from telematics_reg.registration import device_token_for, successor_device_token
 from telematics_reg.store import ConditionFailedError, Tokens, UserStatus
 
@@ -178,6 +177,53 @@ def test_a_change_waits_while_another_change_or_a_refresh_holds_the_user(lc: Lif
     assert stored.lease_owner is None
     # The lapsed refresh may have spent the refresh token: the next refresh logs in instead of replaying it.
     assert stored.refresh_token_dead
+
+
+@pytest.mark.parametrize("upstream_fails", [False, True], ids=["applied", "failed_and_released"])
+def test_a_refresh_job_that_met_a_change_s_lease_is_queued_again_by_the_next_sweep(
+    lc: Lifecycle, upstream_fails: bool
+) -> None:
+    # Sweep queues the user (QueuedUntil) -> the change leases it -> the job meets that lease (LEASE_CONFLICT, the
+    # job is consumed, nobody refreshes) -> the change ends. The next sweep must queue the user again: QueuedUntil
+    # was kept only while a job was on its way, and none is any more.
+    lc.register("c-1")
+    user = lc.world.store.find_by_client("default", "c-1")
+    assert user is not None
+    sweeper = Sweeper(
+        store=lc.world.store,
+        queue=(queue := InMemoryRefreshJobQueue()),
+        margin_seconds=600,
+        spread_seconds=0,
+        lease_seconds=180,
+        clock=lc.world.clock,
+    )
+    lc.world.clock.now += 3100  # due: the access token expires within the margin
+    assert sweeper.sweep().queued == 1
+    ((job, _delay),) = queue.jobs
+    seen: list[RefreshOutcome] = []
+    real_update = lc.world.upstream.update_user
+
+    def update_while_the_job_runs(admin_token: object, device_token: uuid.UUID, changes: object) -> None:
+        seen.append(lc.world.refresher.refresh_job(job))  # the queued job arrives while the change holds the user
+        if upstream_fails:
+            raise TransientUpstreamError("down", status=503)
+        real_update(admin_token, device_token, changes)  # type: ignore[arg-type]
+
+    lc.world.upstream.update_user = update_while_the_job_runs  # type: ignore[method-assign]
+    lc.admin.call(lambda token: None)  # the session exists
+    if upstream_fails:
+        with pytest.raises(TransientUpstreamError):
+            lc.send("UserDeactivated", {"ClientId": "c-1"})
+    else:
+        assert lc.send("UserDeactivated", {"ClientId": "c-1"}) == "applied"
+    assert seen == [RefreshOutcome.LEASE_CONFLICT]
+
+    lc.world.clock.now += 60  # the next scheduled sweep
+    assert sweeper.sweep().queued == 1
+    assert lc.world.refresher.refresh_job(queue.jobs[-1][0]) is RefreshOutcome.REFRESHED
+    stored = lc.world.store.get_user(user.device_token)
+    assert stored is not None
+    assert stored.version == user.version + 1
 
 
 def test_a_failed_upstream_call_releases_the_lease_and_is_retried(lc: Lifecycle) -> None:

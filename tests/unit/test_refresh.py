@@ -7,9 +7,10 @@ import uuid
 
 import pytest
 
+from local.fakes import InMemoryRefreshJobQueue
 from telematics_reg.errors import OutcomeUnknownError, RateLimitedError, RetryableUpstreamError, UnauthorizedError
 from telematics_reg.outcomes import TokenRefreshFailed
-from telematics_reg.refresh import InMemoryRefreshJobQueue, RefreshJob, RefreshOutcome, Sweeper, TokenUnavailableError
+from telematics_reg.refresh import RefreshJob, RefreshOutcome, Sweeper, TokenUnavailableError
 from telematics_reg.store import StoreError, UserRecord, UserStatus
 
 from .conftest import TIMING, World

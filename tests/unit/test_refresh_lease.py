@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from local.fakes import FakeUserService
 from telematics_reg.errors import UnauthorizedError
-from telematics_reg.fakes import FakeUserService
 from telematics_reg.models import CreateResult, InstanceCredentials
 from telematics_reg.outcomes import TokenRefreshFailed
 from telematics_reg.refresh import RefreshJob, RefreshOutcome, TokenRefresher

@@ -19,7 +19,6 @@ included) and every 429 on a Login through :meth:`LoginBudget.block`.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, Final, Protocol
@@ -50,7 +49,8 @@ class LoginBudget(Protocol):
         ...
 
 
-def _deferred(message: str, retry_at: float, *, blocked: bool) -> LoginDeferredError:
+def login_deferred(message: str, retry_at: float, *, blocked: bool) -> LoginDeferredError:
+    """The error of a Login the budget or the block does not allow now (counted as a metric)."""
     metrics.add_metric("LoginsBlocked" if blocked else "LoginBudgetExhausted", MetricUnit.Count, 1)
     return LoginDeferredError(message, status=None, call="login", retry_at=retry_at, blocked=blocked)
 
@@ -112,18 +112,18 @@ class DynamoLoginBudget:
             item = self._read()
             blocked_until = item.get("BlockedUntil", 0.0)
             if blocked_until > now:
-                raise _deferred(
+                raise login_deferred(
                     f"Login blocked fleet-wide until {iso(blocked_until)} (429)", blocked_until, blocked=True
                 )
             if self._per_minute <= 0:
-                raise _deferred("Login budget is 0", now + WINDOW_SECONDS, blocked=False)
+                raise login_deferred("Login budget is 0", now + WINDOW_SECONDS, blocked=False)
             free_before = now - WINDOW_SECONDS - self._skew
             slots = [item.get(f"Slot{n}") for n in range(self._per_minute)]
             free = [n for n, taken_at in enumerate(slots) if taken_at is None or taken_at <= free_before]
             if not free:
                 oldest = min(t for t in slots if t is not None)
                 retry_at = oldest + WINDOW_SECONDS + self._skew
-                raise _deferred(f"Login budget spent ({self._per_minute} a minute)", retry_at, blocked=False)
+                raise login_deferred(f"Login budget spent ({self._per_minute} a minute)", retry_at, blocked=False)
             slot = f"Slot{free[0]}"
             # Timeline: W1 and W2 both read slot n free; both write it conditioned on it still being free: DynamoDB
             # applies one write, the other fails its condition and reads again. A block stored in between fails both.
@@ -149,7 +149,7 @@ class DynamoLoginBudget:
                     raise StoreError(f"login budget: {exc.response.get('Error', {}).get('Code')}") from exc
                 continue  # another worker took the slot, or a block began: read again
             return
-        raise _deferred("Login budget contended: try again shortly", self._clock() + 5, blocked=False)
+        raise login_deferred("Login budget contended: try again shortly", self._clock() + 5, blocked=False)
 
     def block(self, retry_after: float | None) -> None:
         now = self._clock()
@@ -171,41 +171,3 @@ class DynamoLoginBudget:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
                 raise StoreError(f"login block: {exc.response.get('Error', {}).get('Code')}") from exc
-
-
-class InMemoryLoginBudget:
-    """The same budget and block in memory (tests and the in-memory fakes)."""
-
-    def __init__(
-        self,
-        per_minute: int,
-        *,
-        clock: Callable[[], float] = time.time,
-        default_block_seconds: float = DEFAULT_BLOCK_SECONDS,
-    ) -> None:
-        self._per_minute = per_minute
-        self._clock = clock
-        self._default_block = default_block_seconds
-        self._granted: list[float] = []
-        self._lock = threading.Lock()
-        self.spent = 0
-        self.blocked_until = 0.0
-
-    def acquire(self) -> None:
-        with self._lock:
-            now = self._clock()
-            if self.blocked_until > now:
-                raise _deferred(
-                    f"Login blocked fleet-wide until {iso(self.blocked_until)} (429)", self.blocked_until, blocked=True
-                )
-            self._granted = [t for t in self._granted if t > now - WINDOW_SECONDS]
-            if len(self._granted) >= self._per_minute:
-                retry_at = (self._granted[0] if self._granted else now) + WINDOW_SECONDS
-                raise _deferred(f"Login budget spent ({self._per_minute} a minute)", retry_at, blocked=False)
-            self._granted.append(now)
-            self.spent += 1
-
-    def block(self, retry_after: float | None) -> None:
-        with self._lock:
-            until = self._clock() + (retry_after if retry_after else self._default_block)
-            self.blocked_until = max(self.blocked_until, until)

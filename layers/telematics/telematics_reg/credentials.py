@@ -231,13 +231,3 @@ class SecretsManagerDeviceTokenKey:
             if self._parsed is None or self._parsed[0] != raw:
                 self._parsed = (raw, DeviceTokenKey(raw))
             return self._parsed[1]
-
-
-class StaticDeviceTokenKey:
-    """A fixed DeviceToken key (tests and benchmarks)."""
-
-    def __init__(self, material: str) -> None:
-        self._key = DeviceTokenKey(material)
-
-    def get(self) -> DeviceTokenKey:
-        return self._key

@@ -7,6 +7,7 @@ attributes (``Reason``, ``ErrorDetail``, ``Source``, ``OriginalMessageId``) so i
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -14,6 +15,18 @@ from telematics_reg.errors import FieldError
 
 # SQS allows 256 KiB per message including attributes; a reason is a summary, not a dump.
 _MAX_DETAIL_CHARS = 2000
+# Characters SQS refuses in a body or attribute (and a lone surrogate cannot even be encoded to send).
+_NOT_FOR_SQS = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def sqs_text(text: str) -> str:
+    """``text`` with each character SQS refuses written as a JSON escape (``\\uffff``).
+
+    Such a character can only stand inside a string of a JSON body (a field name a message made up, say), so
+    a JSON body keeps its meaning; without this the dead letter could not be sent and the message would be
+    retried until SQS moved it, without its reason.
+    """
+    return _NOT_FOR_SQS.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
 @dataclass(frozen=True)
@@ -48,23 +61,13 @@ class SqsDeadLetters:
         attributes: dict[str, dict[str, str]] = {
             "Reason": {"DataType": "String", "StringValue": letter.reason},
             "Source": {"DataType": "String", "StringValue": letter.source},
-            "ErrorDetail": {"DataType": "String", "StringValue": letter.detail()},
+            "ErrorDetail": {"DataType": "String", "StringValue": sqs_text(letter.detail())},
         }
         if letter.original_message_id:
             attributes["OriginalMessageId"] = {
                 "DataType": "String",
-                "StringValue": letter.original_message_id,
+                "StringValue": sqs_text(letter.original_message_id),
             }
         self._client.send_message(
-            QueueUrl=self._queue_url, MessageBody=letter.body or "(empty)", MessageAttributes=attributes
+            QueueUrl=self._queue_url, MessageBody=sqs_text(letter.body) or "(empty)", MessageAttributes=attributes
         )
-
-
-class RecordingDeadLetters:
-    """In-memory dead letters for tests."""
-
-    def __init__(self) -> None:
-        self.letters: list[DeadLetter] = []
-
-    def send(self, letter: DeadLetter) -> None:
-        self.letters.append(letter)

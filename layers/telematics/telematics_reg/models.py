@@ -21,6 +21,7 @@ from typing import Annotated, Any, Final, Literal
 from uuid import UUID
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -43,6 +44,7 @@ __all__ = [
     "MAX_BULK_QUANTITY",
     "MAX_CREATE_MANY_PER_CALL",
     "MAX_MESSAGE_BYTES",
+    "MAX_TOKEN_LIFETIME_SECONDS",
     "AccessToken",
     "BulkRegistrationRequest",
     "CreateManyRequest",
@@ -74,6 +76,8 @@ MAX_BULK_QUANTITY: Final = 10_000
 """Most users one bulk registration message may ask for."""
 MAX_MESSAGE_BYTES: Final = 64 * 1024
 """Largest registration message body accepted (UTF-8 bytes)."""
+MAX_TOKEN_LIFETIME_SECONDS: Final = 10 * 366 * 86_400
+"""Largest ``ExpiresIn`` of an access token taken from the upstream (ten years)."""
 
 _REVEAL_SECRETS: Final = "reveal_secrets"
 # fullmatch only: ``$`` would let a trailing newline through.
@@ -94,7 +98,20 @@ def _serialize_secret(value: SecretStr, handler: SerializerFunctionWrapHandler, 
 
 Secret = Annotated[SecretStr, WrapSerializer(_serialize_secret)]
 Text = Annotated[str, Field(max_length=_MAX_TEXT)]
-ClientId = Annotated[str, Field(min_length=1, max_length=128)]
+_CONTROL_CHARACTERS: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _no_control_characters(value: str) -> str:
+    # An id is shown to operators (show, dlq list, logs): a C0/C1 control in it could drive their terminal.
+    if _CONTROL_CHARACTERS.search(value):
+        raise PydanticCustomError(
+            "control_characters",
+            "ClientId must not contain control characters (C0, DEL or C1: U+0000-U+001F, U+007F-U+009F)",
+        )
+    return value
+
+
+ClientId = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_no_control_characters)]
 InstanceAlias = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 # strict mode would only take UUID objects; JSON carries UUIDs as strings.
 LaxUUID = Annotated[UUID, Field(strict=False)]
@@ -174,9 +191,14 @@ def _key_map(model: type[BaseModel]) -> dict[str, str]:
 
 
 class _Model(BaseModel):
-    """Case-insensitive keys, strict types, PascalCase on the wire, no input values in error texts."""
+    """Case-insensitive keys, strict types, PascalCase on the wire, no input values in error texts.
+
+    Validators are built by :func:`build_models`, not when this module is imported (``defer_build``): a function
+    that never validates these models (the sweeper) never pays for them.
+    """
 
     model_config = ConfigDict(
+        defer_build=True,
         alias_generator=to_pascal,
         validate_by_alias=True,
         validate_by_name=True,
@@ -230,6 +252,27 @@ class _Model(BaseModel):
             context={_REVEAL_SECRETS: True},
         )
         return dumped
+
+
+def build_models() -> None:
+    """Build the validators of every model of the service now; cheap once they are built.
+
+    Call it before models are first used from several threads at once: pydantic 2.13 builds a deferred model on
+    its first use, and two threads building the same model at once can see it half built (pydantic issue 13419).
+    The wiring's builders call it on each function's first invocation, before any batch runs concurrently.
+
+    Example
+    -------
+    >>> build_models()
+    >>> RegistrationRequest.__pydantic_complete__
+    True
+    """
+    pending: list[type[BaseModel]] = [_Model]
+    while pending:
+        model = pending.pop()
+        pending.extend(model.__subclasses__())
+        if not model.__pydantic_complete__:
+            model.model_rebuild()
 
 
 class _ResponseModel(_Model):
@@ -448,7 +491,7 @@ def read_jwt_claims(token: str) -> dict[str, Any] | None:
     payload = parts[1] + "=" * (-len(parts[1]) % 4)
     try:
         claims = json.loads(base64.urlsafe_b64decode(payload))
-    except (binascii.Error, ValueError):
+    except (binascii.Error, ValueError, RecursionError):  # a payload nested deeper than the parser recurses
         return None
     return claims if isinstance(claims, dict) else None
 
@@ -475,7 +518,8 @@ class AccessToken(_ResponseModel):
     """A user's JWT and its lifetime in seconds."""
 
     token: Secret = Field(min_length=1, max_length=16_384)
-    expires_in: int = Field(ge=0)
+    # No access token lives for decades: a bigger ExpiresIn is a broken answer (and overflows a datetime).
+    expires_in: int = Field(ge=0, le=MAX_TOKEN_LIFETIME_SECONDS)
 
 
 class CreateResult(_ResponseModel):

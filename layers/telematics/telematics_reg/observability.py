@@ -1,4 +1,8 @@
-"""Logger, Tracer and Metrics shared by every function: one instance each, imported from here.
+"""Logger and Metrics shared by every function: one instance each, imported from here.
+
+Traces come from Lambda's active tracing (``Tracing: Active`` in template.yaml), without the X-Ray SDK: the SDK
+cost about 200 ms of every cold start's import (bench/results/cold_start.md) for per-call subsegments whose
+timings the service already publishes as metrics (``Upstream*Latency``).
 
 The logger's invocation state (the Lambda context keys ``inject_lambda_context`` adds, the correlation id, and
 any ``append_keys``) lives in a context variable instead of on the shared formatter. On Lambda one process runs one
@@ -14,7 +18,7 @@ import contextvars
 from collections.abc import Iterable
 from typing import Any
 
-from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.logging.formatter import LambdaPowertoolsFormatter
 
 SERVICE = "telematics-registration"
@@ -67,5 +71,4 @@ class InvocationScopedFormatter(LambdaPowertoolsFormatter):
 _formatter = InvocationScopedFormatter(use_rfc3339=True, utc=True)
 logger = Logger(service=SERVICE, logger_formatter=_formatter)
 _formatter.share_current_keys()  # the service name Logger just appended belongs to every line
-tracer = Tracer(service=SERVICE)
 metrics = Metrics(namespace=NAMESPACE, service=SERVICE)

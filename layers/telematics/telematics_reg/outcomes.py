@@ -140,19 +140,3 @@ _LOG_KEYS = {
     "Duplicate": "duplicate",
     "Source": "source",
 }
-
-
-class RecordingPublisher:
-    """In-memory publisher for tests: keeps every event in ``events``."""
-
-    def __init__(self) -> None:
-        self.events: list[OutcomeEvent] = []
-
-    def publish(self, event: OutcomeEvent) -> None:
-        self.events.append(event)
-
-    def publish_many(self, events: Sequence[OutcomeEvent]) -> None:
-        self.events.extend(events)
-
-    def of_type(self, event_type: type[OutcomeEvent]) -> list[OutcomeEvent]:
-        return [e for e in self.events if isinstance(e, event_type)]

@@ -20,11 +20,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aws_lambda_powertools.metrics import MetricUnit
 
-from telematics_reg.credentials import CredentialsProvider
 from telematics_reg.errors import (
     DeadRefreshTokenError,
     LoginDeferredError,
@@ -36,13 +35,16 @@ from telematics_reg.errors import (
     UnknownInstanceError,
     UpstreamError,
 )
-from telematics_reg.models import InstanceCredentials
+from telematics_reg.models import CreateResult, InstanceCredentials
 from telematics_reg.observability import logger, metrics
 from telematics_reg.outcomes import EventPublisher, TokenRefreshFailed
 from telematics_reg.registration import tokens_of
 from telematics_reg.store import ConditionFailedError, StoreError, Tokens, TokenStore, UserRecord, UserStatus
 from telematics_reg.timing import LeaseTiming
-from telematics_reg.upstream import UserService
+
+if TYPE_CHECKING:  # annotations only: importing the client (and requests) is left to the function's set-up
+    from telematics_reg.credentials import CredentialsProvider
+    from telematics_reg.upstream import UserService
 
 #: Back-off after an upstream failure without a Retry-After (5xx, lost answer): DEFER_SECONDS plus up to as much
 #: again, shortened when the access token expires sooner (down to DEFER_FLOOR_SECONDS).
@@ -110,14 +112,6 @@ class SqsRefreshJobQueue:
             else:
                 # The users stay due (and their QueuedUntil lapses): the next sweep queues them again.
                 raise StoreError(f"{len(entries)} refresh jobs could not be queued")
-
-
-class InMemoryRefreshJobQueue:
-    def __init__(self) -> None:
-        self.jobs: list[tuple[RefreshJob, int]] = []
-
-    def enqueue(self, jobs: Sequence[tuple[RefreshJob, int]]) -> None:
-        self.jobs.extend(jobs)
 
 
 @dataclass
@@ -403,6 +397,13 @@ class TokenRefresher:
             return self._defer(held, exc)
         except UnauthorizedError:
             return self._login(held, reason="refresh unauthorized")
+        except UpstreamError as exc:
+            # An answer no path above expects (403, a 3xx, another 4xx): the stored refresh token may or may not be
+            # spent. Never presented again (the next attempt logs in); the lease is released, never left to lapse.
+            return self._defer(held, exc, refresh_token_dead=True)
+        if _names_another_user(result, leased.device_token):
+            # A pair issued for another user must never be stored as this one's; ours may be spent by the call.
+            return self._defer(held, UpstreamError("refresh answer names another user", call="refresh"), True)
         tokens = tokens_of(result, self._clock())
         if tokens is None:
             return self._defer(held, UpstreamError("refresh returned no tokens", call="refresh"))
@@ -471,6 +472,8 @@ class TokenRefresher:
             except UpstreamError as exc:
                 return self._give_up(held, f"{reason}; login failed: {exc}")
             metrics.add_metric("LoginFallbacks", MetricUnit.Count, 1)
+            if _names_another_user(result, leased.device_token):
+                return self._defer(held, UpstreamError("login answer names another user", call="login"), True)
             tokens = tokens_of(result, self._clock())
             if tokens is None:
                 return self._give_up(held, f"{reason}; login returned no tokens")
@@ -487,7 +490,7 @@ class TokenRefresher:
         except UnknownInstanceError:
             return None
 
-    def _defer(self, held: _HeldLease, exc: UpstreamError, *, refresh_token_dead: bool = False) -> RefreshOutcome:
+    def _defer(self, held: _HeldLease, exc: UpstreamError, refresh_token_dead: bool = False) -> RefreshOutcome:
         leased = held.record
         now = self._clock()
         if isinstance(exc, RateLimitedError) and exc.retry_after:
@@ -503,7 +506,7 @@ class TokenRefresher:
             device_token=leased.device_token,
             owner=held.owner,
             retry_after=retry_at,
-            error=f"{type(exc).__name__}: {exc}",
+            error=_without_tokens(f"{type(exc).__name__}: {exc}", leased),
             now=self._clock(),
             refresh_token_dead=refresh_token_dead,
         )
@@ -512,6 +515,8 @@ class TokenRefresher:
 
     def _give_up(self, held: _HeldLease, reason: str) -> RefreshOutcome:
         leased = held.record
+        # The reason is stored, logged and published: an upstream text quoting the user's own tokens is cut out.
+        reason = _without_tokens(reason, leased)
         # Still ours? A worker that lost its lease must not announce (nor mark) a user another worker is recovering.
         # The renewal is conditioned on our ownership and the version, and makes room for what follows.
         renewed = self._store.renew_lease(
@@ -719,3 +724,18 @@ class TokenRefresher:
         if record is None:
             raise TokenUnavailableError("no such user")
         return record
+
+
+def _names_another_user(result: CreateResult, device_token: str) -> bool:
+    """Whether an answer carries a DeviceToken that is not the user we asked about (an answer we cannot trust)."""
+    named = getattr(result, "device_token", None)
+    return named is not None and str(named).lower() != device_token.lower()
+
+
+def _without_tokens(text: str, record: UserRecord) -> str:
+    """``text`` (an upstream error quoted in a reason) with the user's stored tokens cut out: the client scrubs
+    only what its own call sent, and a reason is stored, logged and published."""
+    for secret in (record.access_token, record.refresh_token):
+        if secret:
+            text = text.replace(secret, "***")
+    return text

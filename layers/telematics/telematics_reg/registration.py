@@ -30,9 +30,8 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 
-from telematics_reg.credentials import CredentialsProvider, DeviceTokenKey, DeviceTokenKeyProvider
 from telematics_reg.errors import (
     FieldError,
     NotFoundError,
@@ -66,7 +65,10 @@ from telematics_reg.store import (
     UserRecord,
     UserStatus,
 )
-from telematics_reg.upstream import UserService
+
+if TYPE_CHECKING:  # annotations only: importing the client (and requests) is left to the function's set-up
+    from telematics_reg.credentials import CredentialsProvider, DeviceTokenKey, DeviceTokenKeyProvider
+    from telematics_reg.upstream import UserService
 
 CREATE_MANY_CHUNK = 100
 _T = TypeVar("_T")

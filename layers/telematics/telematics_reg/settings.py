@@ -7,11 +7,33 @@ and passes what each piece needs.
 from __future__ import annotations
 
 from typing import Self
+from urllib.parse import urlsplit
 
-from pydantic import Field, HttpUrl, model_validator
+from pydantic import Field, HttpUrl, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from telematics_reg.timing import COMMIT_SECONDS, LeaseTiming, longest_call_seconds
+
+#: Hosts to which the upstream's URL may be plain http: a local emulator on this machine, never the network.
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def insecure_url_problem(url: str) -> str | None:
+    """Why InstanceKeys and tokens must not be sent to ``url``, or None when they may (https, or loopback http).
+
+    Example
+    -------
+    >>> insecure_url_problem("https://user.telematicssdk.com") is None
+    True
+    >>> insecure_url_problem("http://user.telematicssdk.com")
+    'must be https:// (plain http only to localhost, 127.0.0.1 or [::1]): it carries InstanceKeys and tokens'
+    """
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return None
+    if parts.scheme == "http" and parts.hostname in LOOPBACK_HOSTS:
+        return None
+    return "must be https:// (plain http only to localhost, 127.0.0.1 or [::1]): it carries InstanceKeys and tokens"
 
 
 class ServiceSettings(BaseSettings):
@@ -38,6 +60,14 @@ class ServiceSettings(BaseSettings):
     registration_queue_url: str = ""
     bulk_continuation_delay_seconds: int = Field(5, ge=0, le=900)
     refresh_queue_url: str = ""
+
+    @field_validator("user_service_url")
+    @classmethod
+    def _only_https_beyond_this_machine(cls, url: HttpUrl) -> HttpUrl:
+        problem = insecure_url_problem(str(url))
+        if problem:
+            raise ValueError(problem)
+        return url
 
     # Upstream protection: how many upstream calls one invocation keeps in flight, and per-call timeouts.
     upstream_concurrency: int = Field(10, ge=1, le=64)

@@ -113,7 +113,7 @@ _ModelT = TypeVar("_ModelT", bound=BaseModel)
 
 class UserService(Protocol):
     """What the library needs from the User Service. :class:`UserServiceClient` is the real one;
-    :class:`telematics_reg.fakes.FakeUserService` is an in-memory one for tests."""
+    :class:`local.fakes.FakeUserService` is an in-memory one for tests."""
 
     def create(self, creds: InstanceCredentials, body: CreateUserRequest, *, recover: bool = True) -> CreateResult:
         """Register one user. With ``body.custom_token`` a lost answer is recovered, never doubled (with
@@ -1357,7 +1357,7 @@ def _parse_envelope(content: bytes) -> tuple[Envelope | None, str]:
         return None, "empty"
     try:
         data = json.loads(content)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser recurses
         return None, "not JSON"
     if not isinstance(data, dict):
         return None, f"JSON but not an object ({type(data).__name__})"
@@ -1375,18 +1375,28 @@ _BY_STATUS: Final[dict[int, type[UpstreamError]]] = {
 }
 
 
+#: How many of an error answer's ``Errors[]`` an error keeps (each text bounded too).
+_MAX_FIELD_ERRORS: Final = 20
+
+
+def _bounded(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, saying so."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit:,} more characters)"
+
+
 def _error_for_status(
     call: _Call, status: int, envelope: Envelope | None, retry_after: str | None, secrets: Sequence[str]
 ) -> UpstreamError:
+    # Bounded: an answer's texts end in exceptions, log lines and a stored LastError, whatever size it came in.
     errors = [
-        FieldError(_scrub(e.key, secrets), _scrub(e.message, secrets))
-        for e in (envelope.field_errors() if envelope else [])
+        FieldError(_bounded(_scrub(e.key, secrets), 200), _bounded(_scrub(e.message, secrets), 500))
+        for e in (envelope.field_errors() if envelope else [])[:_MAX_FIELD_ERRORS]
     ]
     try:
         phrase = HTTPStatus(status).phrase
     except ValueError:
         phrase = "unexpected status"
-    title = _scrub(envelope.title, secrets) if envelope and envelope.title else phrase
+    title = _bounded(_scrub(envelope.title, secrets), 500) if envelope and envelope.title else phrase
     message = f"User Service {call.name} failed: {title}"
     common: dict[str, Any] = {"status": status, "errors": errors, "call": call.name}
     if status == 429:

@@ -1,41 +1,41 @@
 """Builds the real implementations from :class:`ServiceSettings` (once per Lambda container).
 
 Handlers call these at cold start; tests build the same services from fakes or from moto-backed clients.
+
+Each builder imports what it builds when it runs: a handler imports the modules of its own path, and this module
+adds none of the others' (the signup function never loads the refresh flow, the sweeper never loads the intake),
+which keeps each function's cold start short (bench/results/cold_start.md).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
-
-import boto3
-from botocore.config import Config
-
-from telematics_reg.budget import DynamoLoginBudget
-from telematics_reg.continuations import BulkContinuations, SqsBulkContinuations
-from telematics_reg.credentials import SecretsManagerCredentials, SecretsManagerDeviceTokenKey
-from telematics_reg.dead_letters import SqsDeadLetters
-from telematics_reg.intake import RegistrationIntake
-from telematics_reg.outcomes import EventBridgePublisher
-from telematics_reg.refresh import SqsRefreshJobQueue, Sweeper, TokenRefresher
-from telematics_reg.registration import RegistrationService
-from telematics_reg.settings import ServiceSettings
-from telematics_reg.store import DynamoTokenStore
-from telematics_reg.upstream import UserServiceClient
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from telematics_reg.budget import DynamoLoginBudget
+    from telematics_reg.continuations import BulkContinuations
+    from telematics_reg.credentials import SecretsManagerCredentials, SecretsManagerDeviceTokenKey
+    from telematics_reg.intake import RegistrationIntake
     from telematics_reg.lifecycle.admin import FleetAdminSession
     from telematics_reg.lifecycle.intake import LifecycleIntake
+    from telematics_reg.outcomes import EventBridgePublisher
     from telematics_reg.reconcile.service import ReconcileOff, Reconciler
+    from telematics_reg.refresh import Sweeper, TokenRefresher
+    from telematics_reg.settings import ServiceSettings
+    from telematics_reg.store import DynamoTokenStore
+    from telematics_reg.upstream import UserServiceClient
 
-T = TypeVar("T")
 # Time a bulk chunk needs beyond its upstream call: storing 100 users (batch writes, retried) and its events.
 BULK_STORE_SECONDS = 10.0
 
 
 def aws_client(service: str, settings: ServiceSettings) -> Any:
     """A boto3 client sized for the function's concurrency (the endpoint comes from ``AWS_ENDPOINT_URL``)."""
+    import boto3
+    from botocore.config import Config
+
     config = Config(
         max_pool_connections=max(10, settings.upstream_concurrency * 2),
         retries={"mode": "standard", "max_attempts": 5},
@@ -47,6 +47,8 @@ def aws_client(service: str, settings: ServiceSettings) -> Any:
 
 def build_login_budget(settings: ServiceSettings) -> DynamoLoginBudget:
     """The fleet's Login budget and block, shared by every function through the tokens table."""
+    from telematics_reg.budget import DynamoLoginBudget
+
     return DynamoLoginBudget(
         aws_client("dynamodb", settings),
         table_name=settings.tokens_table_name,
@@ -57,6 +59,8 @@ def build_login_budget(settings: ServiceSettings) -> DynamoLoginBudget:
 
 
 def build_user_service(settings: ServiceSettings, *, max_attempts: int | None = None) -> UserServiceClient:
+    from telematics_reg.upstream import UserServiceClient
+
     return UserServiceClient(
         str(settings.user_service_url),
         connect_timeout=settings.upstream_connect_timeout,
@@ -69,18 +73,24 @@ def build_user_service(settings: ServiceSettings, *, max_attempts: int | None = 
 
 
 def build_store(settings: ServiceSettings) -> DynamoTokenStore:
+    from telematics_reg.store import DynamoTokenStore
+
     return DynamoTokenStore(
         aws_client("dynamodb", settings), table_name=settings.tokens_table_name, shards=settings.refresh_shards
     )
 
 
 def build_publisher(settings: ServiceSettings) -> EventBridgePublisher:
+    from telematics_reg.outcomes import EventBridgePublisher
+
     return EventBridgePublisher(
         aws_client("events", settings), bus_name=settings.event_bus_name, source=settings.outcome_event_source
     )
 
 
 def build_credentials(settings: ServiceSettings) -> SecretsManagerCredentials:
+    from telematics_reg.credentials import SecretsManagerCredentials
+
     return SecretsManagerCredentials(
         settings.credentials_secret_arn,
         max_age=settings.credentials_cache_seconds,
@@ -89,6 +99,8 @@ def build_credentials(settings: ServiceSettings) -> SecretsManagerCredentials:
 
 
 def build_device_token_key(settings: ServiceSettings) -> SecretsManagerDeviceTokenKey:
+    from telematics_reg.credentials import SecretsManagerDeviceTokenKey
+
     return SecretsManagerDeviceTokenKey(
         settings.device_token_key_secret_arn,
         max_age=settings.credentials_cache_seconds,
@@ -99,6 +111,12 @@ def build_device_token_key(settings: ServiceSettings) -> SecretsManagerDeviceTok
 def build_intake(settings: ServiceSettings, *, continuations: BulkContinuations | None = None) -> RegistrationIntake:
     """Everything the signup function needs (and the queue function, with ``continuations``), wired to AWS and
     the User Service."""
+    from telematics_reg.dead_letters import SqsDeadLetters
+    from telematics_reg.intake import RegistrationIntake
+    from telematics_reg.models import build_models
+    from telematics_reg.registration import RegistrationService
+
+    build_models()  # before a batch validates messages on several threads
     publisher = build_publisher(settings)
     service = RegistrationService(
         upstream=build_user_service(settings),
@@ -122,6 +140,8 @@ def build_intake(settings: ServiceSettings, *, continuations: BulkContinuations 
 def build_queue_intake(settings: ServiceSettings) -> RegistrationIntake:
     """The queue function's intake: a bulk that stopped part-way after storing users is sent back onto the
     registration queue to continue, instead of spending one of its receives."""
+    from telematics_reg.continuations import SqsBulkContinuations
+
     continuations = SqsBulkContinuations(
         aws_client("sqs", settings),
         queue_url=settings.registration_queue_url,
@@ -132,6 +152,11 @@ def build_queue_intake(settings: ServiceSettings) -> RegistrationIntake:
 
 def build_refresher(settings: ServiceSettings) -> TokenRefresher:
     """The refresh worker's and the read path's service."""
+    from telematics_reg.models import build_models
+    from telematics_reg.refresh import TokenRefresher
+    from telematics_reg.store import DynamoTokenStore
+
+    build_models()  # before a batch validates upstream answers on several threads
     dynamodb = aws_client("dynamodb", settings)
     return TokenRefresher(
         upstream=build_user_service(settings),
@@ -144,6 +169,8 @@ def build_refresher(settings: ServiceSettings) -> TokenRefresher:
 
 
 def build_sweeper(settings: ServiceSettings) -> Sweeper:
+    from telematics_reg.refresh import SqsRefreshJobQueue, Sweeper
+
     return Sweeper(
         store=build_store(settings),
         queue=SqsRefreshJobQueue(aws_client("sqs", settings), queue_url=settings.refresh_queue_url),
@@ -158,7 +185,7 @@ def build_admin_session(settings: ServiceSettings) -> FleetAdminSession:
     """The fleet's one admin session (stored in the tokens table, renewed under a lease), for the lifecycle and
     reconcile functions and the CLI."""
     # Imported here: the management models are built only by the functions that use them.
-    from telematics_reg.lifecycle.admin import (  # noqa: PLC0415
+    from telematics_reg.lifecycle.admin import (
         DynamoAdminSessionStore,
         FleetAdminSession,
         SecretsManagerAdminCredentials,
@@ -178,11 +205,14 @@ def build_admin_session(settings: ServiceSettings) -> FleetAdminSession:
 def build_lifecycle_intake(settings: ServiceSettings) -> LifecycleIntake:
     """The lifecycle function's intake: the User Management API under the fleet's admin session (stored in the
     tokens table), the order marker and tombstones on the same table, dead letters erased on deletion."""
-    from telematics_reg.lifecycle.erasure import SqsDeadLetterEraser  # noqa: PLC0415
-    from telematics_reg.lifecycle.intake import LifecycleIntake  # noqa: PLC0415
-    from telematics_reg.lifecycle.records import DynamoLifecycleRecords  # noqa: PLC0415
-    from telematics_reg.lifecycle.service import LifecycleService  # noqa: PLC0415
+    from telematics_reg.dead_letters import SqsDeadLetters
+    from telematics_reg.lifecycle.erasure import SqsDeadLetterEraser
+    from telematics_reg.lifecycle.intake import LifecycleIntake
+    from telematics_reg.lifecycle.records import DynamoLifecycleRecords
+    from telematics_reg.lifecycle.service import LifecycleService
+    from telematics_reg.models import build_models
 
+    build_models()  # with the lifecycle's models imported: before a batch validates changes on several threads
     sqs = aws_client("sqs", settings)
     publisher = build_publisher(settings)
     service = LifecycleService(
@@ -209,13 +239,15 @@ def build_lifecycle_intake(settings: ServiceSettings) -> LifecycleIntake:
 def build_reconciler(settings: ServiceSettings) -> Reconciler | ReconcileOff:
     """The reconcile function's service: adoption of lost chunks and the drift audit, under the fleet's admin
     session."""
-    from telematics_reg.reconcile.adoption import ChunkAdopter  # noqa: PLC0415
-    from telematics_reg.reconcile.audit import DriftAudit  # noqa: PLC0415
-    from telematics_reg.reconcile.records import DynamoReconcileRecords  # noqa: PLC0415
-    from telematics_reg.reconcile.service import ReconcileOff, Reconciler  # noqa: PLC0415
+    from telematics_reg.models import build_models
+    from telematics_reg.reconcile.adoption import ChunkAdopter
+    from telematics_reg.reconcile.audit import DriftAudit
+    from telematics_reg.reconcile.records import DynamoReconcileRecords
+    from telematics_reg.reconcile.service import ReconcileOff, Reconciler
 
     if not settings.admin_credentials_secret_arn:
         return ReconcileOff("ADMIN_CREDENTIALS_SECRET_ARN is not set (template parameter AdminCredentialsSecretArn)")
+    build_models()  # with the management models imported: before the audit reads pages on several threads
     upstream = build_user_service(settings)
     records = DynamoReconcileRecords(build_store(settings))
     credentials = build_credentials(settings)
@@ -251,7 +283,7 @@ def build_reconciler(settings: ServiceSettings) -> Reconciler | ReconcileOff:
     return Reconciler(adopter=adopter, audit=audit)
 
 
-class ColdStart(Generic[T]):
+class ColdStart[T]:
     """What a function builds from its environment on its first invocation, reused while its container lives.
 
     Example
@@ -269,6 +301,8 @@ class ColdStart(Generic[T]):
         if self._built is None:
             with self._lock:
                 if self._built is None:
+                    from telematics_reg.settings import ServiceSettings
+
                     settings = ServiceSettings()
                     self._built = (settings, self._build(settings))
         return self._built

@@ -146,69 +146,8 @@ class DynamoAdminSessionStore:
             self._store._update(ADMIN_PK, "SET AccessExpiresAt = :zero", "Version = :v", {":zero": 0, ":v": version})
 
 
-class InMemoryAdminSessionStore:
-    """The same item and conditions in memory (tests)."""
-
-    def __init__(self) -> None:
-        self.item: StoredAdminSession | None = None
-        self._lock = threading.Lock()
-
-    def get(self) -> StoredAdminSession | None:
-        return self.item
-
-    def lease(self, *, version: int | None, owner: str, now: float, ttl: int) -> bool:
-        with self._lock:
-            item = self.item or StoredAdminSession(version=-1)  # -1: never committed, as in DynamoDB
-            if (item.version if item.version >= 0 else None) != version:
-                return False
-            if item.lease_expires_at is not None and item.lease_expires_at >= int(now):
-                return False
-            self.item = StoredAdminSession(
-                **{**item.__dict__, "lease_owner": owner, "lease_expires_at": int(now) + ttl}
-            )
-            return True
-
-    def commit(self, *, version: int | None, session: AdminSession, expires_at: int, now: float) -> bool:
-        with self._lock:
-            current = self.item.version if self.item and self.item.version >= 0 else None
-            if current != version:
-                return False
-            self.item = StoredAdminSession(
-                version=(version or 0) + 1,
-                access_token=session.access_token.token.get_secret_value(),
-                refresh_token=session.refresh_token.get_secret_value(),
-                expires_at=expires_at,
-            )
-            return True
-
-    def release(self, *, owner: str, refresh_token_dead: bool) -> None:
-        with self._lock:
-            if self.item is not None and self.item.lease_owner == owner:
-                self.item = StoredAdminSession(
-                    **{
-                        **self.item.__dict__,
-                        "lease_owner": None,
-                        "lease_expires_at": None,
-                        "refresh_token_dead": self.item.refresh_token_dead or refresh_token_dead,
-                    }
-                )
-
-    def expire(self, *, version: int) -> None:
-        with self._lock:
-            if self.item is not None and self.item.version == version:
-                self.item = StoredAdminSession(**{**self.item.__dict__, "expires_at": 0})
-
-
 class AdminCredentialsProvider(Protocol):
     def get(self) -> AdminCredentials: ...
-
-
-class StaticAdminCredentials:
-    def __init__(self, credentials: AdminCredentials) -> None:
-        self._credentials = credentials
-
-    def get(self) -> AdminCredentials:
-        return self._credentials
 
 
 class SecretsManagerAdminCredentials:

@@ -118,17 +118,3 @@ class SqsDeadLetterEraser:
             QueueUrl=url, AttributeNames=["ApproximateNumberOfMessagesNotVisible"]
         ).get("Attributes", {})
         return removed, int(attributes.get("ApproximateNumberOfMessagesNotVisible", "0")) == 0
-
-
-class RecordingDeadLetterEraser:
-    """In memory (tests): erases from a list of bodies."""
-
-    def __init__(self, bodies: list[str] | None = None) -> None:
-        self.bodies = bodies if bodies is not None else []
-        self.erased: list[tuple[str, str]] = []
-
-    def erase(self, instance: str, client_id: str) -> int:
-        before = len(self.bodies)
-        self.bodies[:] = [b for b in self.bodies if not names_user(b, instance, client_id)]
-        self.erased.append((instance, client_id))
-        return before - len(self.bodies)

@@ -14,12 +14,12 @@
 from __future__ import annotations
 
 import contextlib
-import threading
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from telematics_reg.errors import TelematicsError
-from telematics_reg.fake_store import InMemoryTokenStore
 from telematics_reg.store import (
     ConditionFailedError,
     DynamoTokenStore,
@@ -31,7 +31,7 @@ from telematics_reg.store import (
 )
 
 #: Statuses of a registered user, to which changes apply (PENDING is a registration in flight: changes wait).
-_REGISTERED = (UserStatus.ACTIVE, UserStatus.TOKENLESS, UserStatus.NEEDS_RELOGIN)
+REGISTERED = (UserStatus.ACTIVE, UserStatus.TOKENLESS, UserStatus.NEEDS_RELOGIN)
 #: Lease owners of the lifecycle start with this, so a refresh can tell a lifecycle lease from its own.
 LEASE_PREFIX = "lifecycle/"
 
@@ -83,6 +83,7 @@ class LifecycleRecords(Protocol):
         deactivated: bool | None = None,
         moved: Moved | None = None,
         refresh_token_dead: bool = False,
+        flags: Mapping[str, object] | None = None,
     ) -> None: ...
     def release(self, *, device_token: str, owner: str, refresh_token_dead: bool = False) -> None: ...
     def begin_deletion(
@@ -91,7 +92,7 @@ class LifecycleRecords(Protocol):
     def finish_deletion(self, *, device_token: str, now: float, expires_at: int) -> None: ...
 
 
-def _classify(record: UserRecord | None, occurred_at: int, now: float) -> ChangeRefusedError:
+def classify_refusal(record: UserRecord | None, occurred_at: int, now: float) -> ChangeRefusedError:
     """Why a lease was refused, read from the item as it is now."""
     if record is None or record.status is UserStatus.PENDING:
         return ChangeRefusedError("not_registered", record)
@@ -103,6 +104,17 @@ def _classify(record: UserRecord | None, occurred_at: int, now: float) -> Change
         return ChangeRefusedError("duplicate", record)
     return ChangeRefusedError("busy", record)
 
+
+#: What the end of a change's lease removes. ``QueuedUntil`` too: a refresh job that arrived while the change held
+#: the user was consumed without refreshing (its lease was refused), and the mark would keep every sweep from
+#: queueing the user again until it lapsed (two refresh leases and more), long after the access token expired::
+#:
+#:     sweep: QueuedUntil = q, job J queued ....... J: lease refused (change holds it): consumed, no refresh
+#:     change: lease ......... upstream ......... commit/release: REMOVE LeaseOwner, LeaseExpiresAt, QueuedUntil
+#:     next sweep: mark_queued ok (no QueuedUntil) -> J' refreshes   (kept until q, nothing would until then)
+#:
+#: A job still on its way when the mark goes is harmless: the refresh lease lets one of two jobs refresh.
+_LEASE_ENDS = "LeaseOwner, LeaseExpiresAt, QueuedUntil"
 
 _DELETION_REMOVES = (
     "AccessToken",
@@ -167,7 +179,7 @@ class DynamoLifecycleRecords:
                 return_old=True,
             )
         except ConditionFailedError:
-            raise _classify(self.get(device_token), occurred_at, now) from None
+            raise classify_refusal(self.get(device_token), occurred_at, now) from None
         assert old is not None
         record = self._store._record_of(old)
         # A refresh's lease that lapsed under us: its refresh token may be spent (see TokenStore.acquire_lease).
@@ -184,11 +196,23 @@ class DynamoLifecycleRecords:
         deactivated: bool | None = None,
         moved: Moved | None = None,
         refresh_token_dead: bool = False,
+        flags: Mapping[str, object] | None = None,
     ) -> None:
         """Move the marker to ``occurred_at`` and release the lease. Condition: we still hold the lease (else the
-        change is retried: the upstream call is idempotent, and a newer change applied meanwhile makes it stale)."""
+        change is retried: the upstream call is idempotent, and a newer change applied meanwhile makes it stale).
+
+        ``flags`` (the ``UserFields`` the change set upstream, PascalCase) go into the drift audit's reference
+        (``AuditFlags``, the flags the last audit read), so that the next audit does not report the service's own
+        change as ``reflagged``. A user no audit has read yet keeps no reference: the next audit takes one.
+        """
         values: dict[str, Any] = {":me": owner, ":t": occurred_at, ":now": iso(now)}
         sets = ["LastChangeAt = :t", "UpdatedAt = :now"]
+        reference = self._audit_flags_after(device_token, flags) if flags else None
+        if reference is not None:
+            # No condition on the reference read: an audit that marks the user meanwhile read the upstream either
+            # after our call (the same flags) or before it (older flags, which this write then corrects).
+            values[":af"] = reference
+            sets.append("AuditFlags = :af")
         if deactivated is not None:
             values[":d"] = deactivated
             sets.append("Deactivated = :d")
@@ -211,14 +235,32 @@ class DynamoLifecycleRecords:
                 del values[":ck"]
         self._store._update(
             user_pk(device_token),
-            "SET " + ", ".join(sets) + " REMOVE LeaseOwner, LeaseExpiresAt",
+            "SET " + ", ".join(sets) + " REMOVE " + _LEASE_ENDS,
             "LeaseOwner = :me",
             values,
         )
 
+    def _audit_flags_after(self, device_token: str, flags: Mapping[str, object]) -> str | None:
+        """The audit's reference flags (JSON, as :func:`telematics_reg.reconcile.audit.flags_of` writes them) with
+        ``flags`` applied; ``None`` when no audit has read the user yet."""
+        response = self._store._call(
+            "get_item",
+            Key={"pk": {"S": user_pk(device_token)}},
+            ConsistentRead=True,
+            ProjectionExpression="AuditFlags",
+        )
+        current = (response.get("Item") or {}).get("AuditFlags", {}).get("S")
+        if current is None:
+            return None
+        reference = json.loads(current)
+        if not isinstance(reference, dict):
+            return None
+        reference.update(flags)
+        return json.dumps(reference, separators=(",", ":"), sort_keys=True)
+
     def release(self, *, device_token: str, owner: str, refresh_token_dead: bool = False) -> None:
         values: dict[str, Any] = {":me": owner}
-        expression = "REMOVE LeaseOwner, LeaseExpiresAt"
+        expression = "REMOVE " + _LEASE_ENDS
         if refresh_token_dead:
             values[":dead"] = True
             expression = "SET RefreshTokenDead = :dead " + expression
@@ -278,7 +320,7 @@ class DynamoLifecycleRecords:
                 user_pk(device_token), expression, condition, values, {"#s": "Status"}, return_new=True
             )
         except ConditionFailedError:
-            raise _classify(self.get(device_token), occurred_at, now) from None
+            raise classify_refusal(self.get(device_token), occurred_at, now) from None
         assert attrs is not None
         return self._store._record_of(attrs)
 
@@ -299,118 +341,3 @@ class DynamoLifecycleRecords:
             )
         except ConditionFailedError:
             raise ChangeRefusedError("not_deleting", self.get(device_token)) from None
-
-
-class InMemoryLifecycleRecords:
-    """The same conditions over :class:`~telematics_reg.fake_store.InMemoryTokenStore` (tests)."""
-
-    def __init__(self, store: InMemoryTokenStore) -> None:
-        self._store = store
-        self._lock: threading.RLock = store._lock
-        self.expires_at: dict[str, int] = {}
-
-    def find_all(self, instance: str, client_id: str) -> list[UserRecord]:
-        return self._store.find_all_by_client(instance, client_id)
-
-    def get(self, device_token: str) -> UserRecord | None:
-        return self._store.get_user(device_token)
-
-    def lease(self, *, device_token: str, occurred_at: int, owner: str, now: float, ttl: int) -> UserRecord:
-        with self._lock:
-            record = self._store.users.get(device_token)
-            ok = (
-                record is not None
-                and record.status in _REGISTERED
-                and (record.last_change_at is None or record.last_change_at < occurred_at)
-                and (record.lease_expires_at is None or record.lease_expires_at < int(now))
-            )
-            if not ok:
-                raise _classify(record, occurred_at, now)
-            assert record is not None
-            lapsed = record.lease_owner is not None and not record.lease_owner.startswith(LEASE_PREFIX)
-            leased = replace(record, lease_owner=owner, lease_expires_at=int(now) + ttl)
-            self._store.users[device_token] = leased
-            return replace(leased, lease_lapsed=lapsed)
-
-    def commit(
-        self,
-        *,
-        device_token: str,
-        owner: str,
-        occurred_at: int,
-        now: float,
-        deactivated: bool | None = None,
-        moved: Moved | None = None,
-        refresh_token_dead: bool = False,
-    ) -> None:
-        with self._lock:
-            record = self._store.users.get(device_token)
-            if record is None or record.lease_owner != owner:
-                raise ConditionFailedError("lifecycle commit: lease lost")
-            changes: dict[str, Any] = {
-                "last_change_at": occurred_at,
-                "lease_owner": None,
-                "lease_expires_at": None,
-                "updated_at": iso(now),
-            }
-            if deactivated is not None:
-                changes["deactivated"] = deactivated
-            if refresh_token_dead:
-                changes["refresh_token_dead"] = True
-            if moved is not None:
-                changes |= {"instance": moved.instance, "instance_id": moved.instance_id, "version": record.version + 1}
-            self._store.users[device_token] = replace(record, **changes)
-
-    def release(self, *, device_token: str, owner: str, refresh_token_dead: bool = False) -> None:
-        with self._lock:
-            record = self._store.users.get(device_token)
-            if record is not None and record.lease_owner == owner:
-                self._store.users[device_token] = replace(
-                    record,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    refresh_token_dead=record.refresh_token_dead or refresh_token_dead,
-                )
-
-    def begin_deletion(
-        self, *, device_token: str, occurred_at: int, now: float, placeholder: Tombstone | None = None
-    ) -> UserRecord:
-        with self._lock:
-            record = self._store.users.get(device_token)
-            lapsed_claim = (
-                record is not None and record.status is UserStatus.PENDING and (record.claim_expires_at or 0) < int(now)
-            )
-            if record is None and placeholder is not None:
-                record = UserRecord(
-                    device_token=placeholder.device_token,
-                    instance=placeholder.instance,
-                    instance_id=placeholder.instance_id,
-                    status=UserStatus.PENDING,
-                    version=0,
-                    client_id=placeholder.client_id,
-                    created_at=iso(now),
-                )
-            elif record is None or not (record.status in _REGISTERED or lapsed_claim):
-                raise _classify(record, occurred_at, now)
-            tombstone = UserRecord(
-                device_token=record.device_token,
-                instance=record.instance,
-                instance_id=record.instance_id,
-                status=UserStatus.DELETING,
-                version=record.version + 1,
-                client_id=record.client_id,
-                created_at=record.created_at,
-                updated_at=iso(now),
-                last_change_at=occurred_at,
-                deleted_at=occurred_at,
-            )
-            self._store.users[device_token] = tombstone
-            return tombstone
-
-    def finish_deletion(self, *, device_token: str, now: float, expires_at: int) -> None:
-        with self._lock:
-            record = self._store.users.get(device_token)
-            if record is None or not record.status.erased:
-                raise ChangeRefusedError("not_deleting", record)
-            self._store.users[device_token] = replace(record, status=UserStatus.DELETED, updated_at=iso(now))
-            self.expires_at[device_token] = expires_at

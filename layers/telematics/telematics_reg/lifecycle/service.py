@@ -152,6 +152,7 @@ class LifecycleService:
             else None
         )
         deactivated = {Action.DEACTIVATE: True, Action.REACTIVATE: False}.get(change.action)
+        flags = change.update.to_upstream().get("UserFields") if change.update is not None else None
         self._records.commit(
             device_token=leased.device_token,
             owner=owner,
@@ -160,6 +161,7 @@ class LifecycleService:
             deactivated=deactivated,
             moved=moved,
             refresh_token_dead=leased.lease_lapsed,
+            flags=flags if isinstance(flags, dict) else None,
         )
         self._announce(change, leased)
         return ChangeOutcome("applied", device_token=leased.device_token)

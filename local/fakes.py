@@ -1,4 +1,8 @@
-"""An in-memory User Service for unit tests of the modules that use :class:`~telematics_reg.upstream.UserService`.
+"""In-memory stand-ins for the outside systems, for unit tests and benchmarks (they do not ship in the layer):
+the User Service, the outcome-event publisher, the dead-letter sink, the Login budget, the DeviceToken key and the
+refresh-job queue.
+
+The User Service is for the modules that use :class:`~telematics_reg.upstream.UserService`.
 
 It behaves as the real client does from the outside: a Create with a ``CustomToken`` that already exists returns
 the user with fresh tokens (as the client's Login recovery does), refresh tokens are single-use, CreateMany can
@@ -24,7 +28,9 @@ from uuid import UUID
 
 from pydantic import SecretStr
 
-from telematics_reg.budget import LoginBudget
+from telematics_reg.budget import DEFAULT_BLOCK_SECONDS, WINDOW_SECONDS, LoginBudget, login_deferred
+from telematics_reg.credentials import DeviceTokenKey
+from telematics_reg.dead_letters import DeadLetter
 from telematics_reg.errors import (
     DeadRefreshTokenError,
     FieldError,
@@ -53,8 +59,19 @@ from telematics_reg.models import (
     InstanceCredentials,
     read_jwt_claims,
 )
+from telematics_reg.outcomes import OutcomeEvent
+from telematics_reg.refresh import RefreshJob
+from telematics_reg.store import iso
 
-__all__ = ["FakeUser", "FakeUserService"]
+__all__ = [
+    "FakeUser",
+    "FakeUserService",
+    "InMemoryLoginBudget",
+    "InMemoryRefreshJobQueue",
+    "RecordingDeadLetters",
+    "RecordingPublisher",
+    "StaticDeviceTokenKey",
+]
 
 
 @dataclass
@@ -558,6 +575,90 @@ class FakeUserService:
                 "RefreshToken": user.refresh_token,
             }
         )
+
+
+class RecordingPublisher:
+    """In-memory publisher for tests: keeps every event in ``events``."""
+
+    def __init__(self) -> None:
+        self.events: list[OutcomeEvent] = []
+
+    def publish(self, event: OutcomeEvent) -> None:
+        self.events.append(event)
+
+    def publish_many(self, events: Sequence[OutcomeEvent]) -> None:
+        self.events.extend(events)
+
+    def of_type(self, event_type: type[OutcomeEvent]) -> list[OutcomeEvent]:
+        return [e for e in self.events if isinstance(e, event_type)]
+
+
+class RecordingDeadLetters:
+    """In-memory dead letters for tests."""
+
+    def __init__(self) -> None:
+        self.letters: list[DeadLetter] = []
+
+    def send(self, letter: DeadLetter) -> None:
+        self.letters.append(letter)
+
+
+class InMemoryLoginBudget:
+    """The same budget and block in memory (tests and benchmarks; it does not ship in the layer)."""
+
+    def __init__(
+        self,
+        per_minute: int,
+        *,
+        clock: Callable[[], float] = time.time,
+        default_block_seconds: float = DEFAULT_BLOCK_SECONDS,
+    ) -> None:
+        self._per_minute = per_minute
+        self._clock = clock
+        self._default_block = default_block_seconds
+        self._granted: list[float] = []
+        self._lock = threading.Lock()
+        self.spent = 0
+        self.blocked_until = 0.0
+
+    def acquire(self) -> None:
+        with self._lock:
+            now = self._clock()
+            if self.blocked_until > now:
+                raise login_deferred(
+                    f"Login blocked fleet-wide until {iso(self.blocked_until)} (429)", self.blocked_until, blocked=True
+                )
+            self._granted = [t for t in self._granted if t > now - WINDOW_SECONDS]
+            if len(self._granted) >= self._per_minute:
+                retry_at = (self._granted[0] if self._granted else now) + WINDOW_SECONDS
+                raise login_deferred(f"Login budget spent ({self._per_minute} a minute)", retry_at, blocked=False)
+            self._granted.append(now)
+            self.spent += 1
+
+    def block(self, retry_after: float | None) -> None:
+        with self._lock:
+            until = self._clock() + (retry_after if retry_after else self._default_block)
+            self.blocked_until = max(self.blocked_until, until)
+
+
+class StaticDeviceTokenKey:
+    """A fixed DeviceToken key (tests and benchmarks)."""
+
+    def __init__(self, material: str) -> None:
+        self._key = DeviceTokenKey(material)
+
+    def get(self) -> DeviceTokenKey:
+        return self._key
+
+
+class InMemoryRefreshJobQueue:
+    """Refresh jobs kept in memory with their delays (tests and benchmarks)."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[RefreshJob, int]] = []
+
+    def enqueue(self, jobs: Sequence[tuple[RefreshJob, int]]) -> None:
+        self.jobs.extend(jobs)
 
 
 if TYPE_CHECKING:
