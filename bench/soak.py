@@ -160,8 +160,8 @@ log = logging.getLogger("soak")
 RESULTS_PATH: Final = REPO_ROOT / "bench" / "RESULTS.md"
 #: The second instance of the run's credentials: users are moved there, and the big bulk is made there.
 MOVE_TO: Final = "fleet-eu"
-#: The dead-letter queues the checks read: make run's, and the lifecycle function's.
-SOAK_DEAD_LETTER_QUEUES: Final = (*DEAD_LETTER_QUEUES, "LifecycleDeadLetterQueue")
+#: The dead-letter queues the checks read: make run's (every function's, each once: a second read finds none).
+SOAK_DEAD_LETTER_QUEUES: Final = tuple(dict.fromkeys(DEAD_LETTER_QUEUES))
 RUNNER_SCRIPT: Final = REPO_ROOT / "bench" / "soak_runtime.py"
 OUTCOME_SOURCE: Final = "telematics.registration"
 RUNNER_POLL_WAIT: Final = 1  # RuntimeOptions.poll_wait_seconds of the runner (its default)
