@@ -13,6 +13,10 @@ next one) would in AWS. Every
 sweep of either sweeper is appended to ``--events-file`` (JSON lines: which sweeper, start, end, its report), and the
 runtime's counters are written there every few seconds: a killed runner leaves what it did up to its death.
 
+With ``--clock-offset S`` every clock the functions read (``time.time``) runs S seconds ahead of the host's, as a
+worker whose clock drifted would: the soak runs such a runner beside the normal one, so that two fleets of workers
+whose clocks differ take and judge the same leases and claims.
+
 It prints ``ready`` on stdout once polling, then runs until SIGTERM (a clean stop: running invocations finish).
 Its handlers' logs (Powertools JSON, as in CloudWatch) go to ``--log-file``.
 """
@@ -30,6 +34,23 @@ from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
+
+
+def _skew_clock(argv: list[str]) -> None:
+    """Move ``time.time`` ahead by ``--clock-offset`` seconds, before the library is imported: its services take
+    ``clock=time.time`` as a default argument, bound when their module is first imported."""
+    if "--clock-offset" not in argv:
+        return
+    offset = float(argv[argv.index("--clock-offset") + 1])
+    host_clock = time.time
+
+    def skewed() -> float:
+        return host_clock() + offset
+
+    time.time = skewed
+
+
+_skew_clock(sys.argv)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 for _path in (REPO_ROOT, REPO_ROOT / "layers" / "telematics"):
@@ -124,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-file", type=Path, required=True)
     parser.add_argument("--events-file", type=Path, required=True)
     parser.add_argument("--twin", action="store_true", help="fire a second sweeper with every scheduled sweep")
+    parser.add_argument("--clock-offset", type=float, default=0.0, help="this runner's clock ahead of the host's, s")
     args = parser.parse_args(argv)
 
     log_stream = args.log_file.open("a", encoding="utf-8")
@@ -150,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             twin = twin_sweeper(runtime)
             record_sweeps(twin, "twin", events)
         record_sweeps(runtime.functions[SWEEPER], "schedule", events, with_twin=twin)
-        events.write("started")
+        events.write("started", clock_offset=args.clock_offset)
         print(READY, file=out, flush=True)
         while not stop.wait(3.0):
             events.write("stats", stats=asdict(runtime.stats()))

@@ -22,8 +22,11 @@ SMOKE = (
     *("--signups", "20", "--registrations", "20", "--both-paths", "4", "--bulk", "120", "--rate", "5"),
     *("--malformed-rate", "0.1", "--token-lifetime", "70", "--sweep-every", "3", "--cycles", "1"),
     *("--dead-tokens", "1", "--revoke-fraction", "0.05"),
-    *("--claim-seconds", "10", "--lease-seconds", "8", "--orphan-visibility", "12", "--kill-after-refreshes", "0"),
-    # About 45 s on an idle 2-CPU machine: the run's own limit leaves twice that for a loaded one.
+    *("--claim-seconds", "10", "--lease-seconds", "10", "--orphan-visibility", "12", "--kill-after-refreshes", "0"),
+    # Issue 11's phases and issue 14's traffic, tiny: a runner 1.5 s ahead (2 s of skew allowed in a quick run),
+    # 6 s of slow answers, a bulk of 30 without CreateMany, the redrive (on by default); lifecycle rates as default.
+    *("--clock-offset", "1.5", "--slow-seconds", "6", "--big-bulk", "30"),
+    # About 70 s on an idle 2-CPU machine: the run's own limit leaves three times that for a loaded one.
     *("--failure-visibility", "3", "--async-retry-delay", "2", "--timeout", "200", "--seed", "11"),
 )
 
@@ -54,8 +57,16 @@ def test_the_soak_runs_checks_every_invariant_and_records_its_results(tmp_path: 
         "One upstream user per ClientId",
         "Users stored vs expected",
         "Bulk request never doubled",
+        "Bulk without CreateMany continued",
+        "Operator redrive",
         "RegistrationDeadLetterQueue",
         "SignupDeadLetterQueue",
+        "LifecycleDeadLetterQueue",
+        "Deleted users: nothing left",
+        "Deleted users: none resurrected upstream",
+        "Stale changes applied",
+        "Upstream profile and flags = last change",
+        "Admin Logins",
         "No token lost",
         "Refresh tokens rejected",
         "No secret in logs, events, dead letters",
@@ -64,7 +75,9 @@ def test_the_soak_runs_checks_every_invariant_and_records_its_results(tmp_path: 
     ):
         line = next(line for line in summary.splitlines() if heading in line)
         assert line.startswith("ok"), line
-    assert "36/36 ClientIds have exactly 1 upstream user" in summary  # 20 + 20, 4 of them on both paths
+    # 20 + 20, 4 of them on both paths; 1 of them deleted, and 1 more deleted racing its registration.
+    assert "35/35 ClientIds have exactly 1 upstream user, 2/2 deleted ones have none" in summary
+    assert "made upstream but not stored 0" in summary
     recorded = results.read_text(encoding="utf-8")
     assert "### Soak: smoke" in recorded
     assert "| One upstream user per ClientId | ok |" in recorded
@@ -81,11 +94,22 @@ def _soak_module() -> ModuleType:
     return module
 
 
-def _end_state(soak: ModuleType, per_client: dict[str, int]) -> Any:
-    options = soak.SoakOptions(signups=6, registrations=6, both_paths=2, bulk=0, malformed_rate=0.5, seed=3)
+def _end_state(soak: ModuleType, per_client: dict[str, int], *, delete_rate: float = 0.0) -> Any:
+    options = soak.SoakOptions(
+        signups=6,
+        registrations=6,
+        both_paths=2,
+        bulk=0,
+        malformed_rate=0.5,
+        seed=3,
+        update_rate=0,
+        delete_rate=delete_rate,
+        move_rate=0,
+        deactivate_rate=0,
+    )
     work = soak.build_workload(options)
     return soak.EndState(
-        soak=SimpleNamespace(work=work, instance_id="instance-1"),
+        soak=SimpleNamespace(work=work, instance_id="instance-1", instance_ids={"default": "instance-1"}),
         m=soak.Measures(),
         counters={"users_by_client_id": per_client, "creates": len(per_client), "logins": 0},
         by_device={},
@@ -115,6 +139,22 @@ def test_the_gate_fails_on_a_duplicate_upstream_user_or_bad_input_that_reached_t
     assert "1 have 2" in soak.check_one_user_per_client(doubled).detail
     assert not soak.check_one_user_per_client(lost).ok
     assert not soak.check_bad_input(leaked).ok
+
+
+def test_the_gate_fails_on_a_deleted_user_left_upstream() -> None:
+    soak = _soak_module()
+    good = _end_state(soak, {}, delete_rate=0.2)
+    gone = good.soak.work.gone
+    assert gone  # deletions drawn, and one racing its registration
+    exact = {f"instance-1/{cid}": 1 for cid in good.soak.work.client_ids if cid not in gone}
+    good.counters["users_by_client_id"] = exact
+    deleted = sorted(gone)[0]
+    resurrected = _end_state(soak, {**exact, f"instance-1/{deleted}": 1}, delete_rate=0.2)
+
+    assert soak.check_one_user_per_client(good).ok
+    check = soak.check_one_user_per_client(resurrected)
+    assert not check.ok
+    assert "deleted but upstream" in check.detail
 
 
 def test_options_that_break_the_simulations_timing_are_refused() -> None:
