@@ -17,7 +17,7 @@ import pytest
 from local.fake_lifecycle import InMemoryAdminSessionStore, StaticAdminCredentials
 from local.fakes import FakeUserService, InMemoryLoginBudget
 from telematics_reg.errors import OutcomeUnknownError, TransientUpstreamError, UnauthorizedError
-from telematics_reg.lifecycle.admin import AdminSessionUnavailableError, FleetAdminSession
+from telematics_reg.lifecycle.admin import AdminCredentialsError, AdminSessionUnavailableError, FleetAdminSession
 from telematics_reg.management_models import AdminCredentials, AdminSession
 from telematics_reg.store import StoreError
 
@@ -364,3 +364,28 @@ def logins_logged(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
 
 def answers_lost_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [getattr(r, "call", "") for r in caplog.records if r.getMessage() == "admin answer lost"]
+
+
+def test_unreadable_admin_credentials_give_the_lease_back_so_no_lost_answer_is_counted(
+    world: World, upstream: InFlight, store: InMemoryAdminSessionStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Unreadable:
+        def get(self) -> AdminCredentials:
+            raise AdminCredentialsError("cannot read the admin credentials secret: GetParameterError")
+
+    broken = FleetAdminSession(
+        upstream=upstream,  # type: ignore[arg-type]
+        store=store,
+        credentials=Unreadable(),
+        timing=TIMING,
+        clock=world.clock,
+        sleep=world.clock.sleep,
+    )
+    with pytest.raises(AdminCredentialsError):
+        broken.call(noop)
+    assert store.item is not None
+    assert store.item.lease_owner is None
+    watch(caplog)
+    assert container(world, upstream, store).call(noop) == "ok"
+    assert logins_logged(caplog) == [("no_session", "ok")]
+    assert answers_lost_logged(caplog) == []

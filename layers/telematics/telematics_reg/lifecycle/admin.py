@@ -517,7 +517,12 @@ class FleetAdminSession:
 
     def _login(self, held: _Held, cause: AdminLoginCause) -> AdminSession:
         """Log in under the lease (the client takes the fleet's Login budget first); ``cause`` says why."""
-        credentials = self._credentials.get()
+        try:
+            credentials = self._credentials.get()
+        except BaseException:
+            # Nothing sent: give the lease back (a lapsed one would read as a renewal cut off mid-call).
+            self._store.release(owner=held.owner, login_cause=cause)
+            raise
         if not self._start_call(held, "admin_login"):
             self._store.release(owner=held.owner, login_cause=cause)
             raise AdminSessionUnavailableError("the admin session's lease has no room for a Login now")
