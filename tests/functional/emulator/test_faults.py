@@ -197,7 +197,7 @@ def test_faults_by_call_tell_the_admins_login_and_refresh_from_the_users(emulato
     for send in (
         lambda: api.refresh(admin["AccessToken"]["Token"], admin["RefreshToken"]),
         lambda: api.refresh(created["AccessToken"]["Token"], created["RefreshToken"]),
-        lambda: api.admin_login(),
+        api.admin_login,
     ):
         with pytest.raises(requests.exceptions.ConnectionError):
             send()
