@@ -160,47 +160,68 @@ class InMemoryAdminSessionStore:
     def get(self) -> StoredAdminSession | None:
         return self.item
 
-    def lease(self, *, version: int | None, owner: str, now: float, ttl: int) -> bool:
+    def _version_is(self, version: int | None) -> bool:
+        current = self.item.version if self.item is not None and self.item.committed else None
+        return current == version
+
+    def lease(self, *, version: int | None, owner: str, now: float, ttl: int) -> StoredAdminSession | None:
         with self._lock:
             item = self.item or StoredAdminSession(version=-1)  # -1: never committed, as in DynamoDB
-            if (item.version if item.version >= 0 else None) != version:
-                return False
+            if not self._version_is(version):
+                return None
             if item.lease_expires_at is not None and item.lease_expires_at >= int(now):
-                return False
-            self.item = StoredAdminSession(
-                **{**item.__dict__, "lease_owner": owner, "lease_expires_at": int(now) + ttl}
-            )
-            return True
+                return None
+            lapsed = item.lease_owner is not None
+            self.item = replace(item, lease_owner=owner, lease_expires_at=int(now) + ttl, lease_lapsed=False)
+            return replace(self.item, lease_lapsed=lapsed)
 
-    def commit(self, *, version: int | None, session: AdminSession, expires_at: int, now: float) -> bool:
+    def renew_lease(self, *, version: int | None, owner: str, now: float, ttl: int) -> int | None:
         with self._lock:
-            current = self.item.version if self.item and self.item.version >= 0 else None
-            if current != version:
+            if self.item is None or self.item.lease_owner != owner or not self._version_is(version):
+                return None
+            self.item = replace(self.item, lease_expires_at=int(now) + ttl)
+            return int(now) + ttl
+
+    def commit(
+        self,
+        *,
+        version: int | None,
+        owner: str,
+        session: AdminSession,
+        expires_at: int,
+        renew_at: int,
+        now: float,
+    ) -> bool:
+        with self._lock:
+            if self.item is None or self.item.lease_owner != owner or not self._version_is(version):
                 return False
             self.item = StoredAdminSession(
                 version=(version or 0) + 1,
                 access_token=session.access_token.token.get_secret_value(),
                 refresh_token=session.refresh_token.get_secret_value(),
                 expires_at=expires_at,
+                renew_at=renew_at,
             )
             return True
 
-    def release(self, *, owner: str, refresh_token_dead: bool) -> None:
+    def release(self, *, owner: str, login_cause: str | None) -> None:
         with self._lock:
             if self.item is not None and self.item.lease_owner == owner:
-                self.item = StoredAdminSession(
-                    **{
-                        **self.item.__dict__,
-                        "lease_owner": None,
-                        "lease_expires_at": None,
-                        "refresh_token_dead": self.item.refresh_token_dead or refresh_token_dead,
-                    }
-                )
+                self.item = replace(self.item, lease_owner=None, lease_expires_at=None)
+                if login_cause is not None:
+                    self.item = replace(self.item, refresh_token_dead=True, login_cause=login_cause)
+
+    def mark_dead(self, *, version: int, login_cause: str) -> bool:
+        with self._lock:
+            if self.item is None or self.item.version != version:
+                return False
+            self.item = replace(self.item, refresh_token_dead=True, login_cause=login_cause)
+            return True
 
     def expire(self, *, version: int) -> None:
         with self._lock:
             if self.item is not None and self.item.version == version:
-                self.item = StoredAdminSession(**{**self.item.__dict__, "expires_at": 0})
+                self.item = replace(self.item, expires_at=0)
 
 
 class StaticAdminCredentials:

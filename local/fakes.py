@@ -188,6 +188,10 @@ class FakeUserService:
         self.admin = admin
         """When given, admin Logins must match it; otherwise any admin credentials are accepted."""
         self._admin_refresh_tokens: set[str] = set()
+        self.admin_token_lifetime = 86_400
+        """``ExpiresIn`` of issued admin JWTs (the vendor's: a day)."""
+        self.rejected_admin_refresh_tokens = 0
+        """Admin refresh tokens refused as used or unknown (a token presented twice shows here)."""
         self.login_budget = login_budget
         """Spent by every Login (Create recovery included) and blocked by a 429 on one, as the real client does."""
 
@@ -358,8 +362,6 @@ class FakeUserService:
 
     def admin_login(self, admin: AdminCredentials) -> AdminSession:
         # As the real client: an admin Login takes the fleet's Login budget too.
-        if self.login_budget is not None:
-            self.login_budget.acquire()
         with self._lock:
             if self.login_budget is not None:
                 self.login_budget.acquire()  # as the real client: every Login, user or admin, spends the budget
@@ -379,6 +381,7 @@ class FakeUserService:
             token = refresh_token.get_secret_value() if isinstance(refresh_token, SecretStr) else refresh_token
             if token not in self._admin_refresh_tokens:
                 self.rejected_refresh_tokens += 1
+                self.rejected_admin_refresh_tokens += 1
                 raise DeadRefreshTokenError(
                     "User Service admin_refresh failed: Bad Request", status=400, call="admin_refresh"
                 )
@@ -495,12 +498,13 @@ class FakeUserService:
 
     def _issue_admin(self) -> AdminSession:
         now = int(self._clock())
-        claims = {"sub": "admin", "Role": "Admin", "jti": str(uuid.uuid4()), "iat": now, "exp": now + 86_400}
+        lifetime = self.admin_token_lifetime
+        claims = {"sub": "admin", "Role": "Admin", "jti": str(uuid.uuid4()), "iat": now, "exp": now + lifetime}
         refresh_token = base64.b64encode(secrets.token_bytes(32)).decode()
         self._admin_refresh_tokens.add(refresh_token)
         return AdminSession.model_validate(
             {
-                "AccessToken": {"Token": f"{_b64({'alg': 'none'})}.{_b64(claims)}.fake", "ExpiresIn": 86_400},
+                "AccessToken": {"Token": f"{_b64({'alg': 'none'})}.{_b64(claims)}.fake", "ExpiresIn": lifetime},
                 "RefreshToken": refresh_token,
             }
         )

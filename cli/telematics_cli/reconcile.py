@@ -17,7 +17,7 @@ from rich.table import Table
 from telematics_cli import output
 from telematics_cli.errors import EXIT_DATA, EXIT_OK, CliError, DataError
 from telematics_cli.target import Target, secure_user_service_url
-from telematics_cli.users import _library_logs_on_stderr
+from telematics_cli.users import _library_logs_on_stderr, lease_timing
 from telematics_reg.budget import DynamoLoginBudget
 from telematics_reg.credentials import (
     CredentialsConfigError,
@@ -110,6 +110,7 @@ def _build(target: Target, options: ReconcileOptions) -> _Parts:
         upstream=upstream,
         store=DynamoAdminSessionStore(store),
         credentials=SecretsManagerAdminCredentials(admin_secret, max_age=300, client=secrets),
+        timing=lease_timing(target),  # its client makes at most 3 attempts, as the read path's
     )
     adopter = ChunkAdopter(
         upstream=upstream,

@@ -166,6 +166,7 @@ def build_admin_session(target: Target, options: TokenOptions) -> tuple[FleetAdm
         upstream=client,
         store=DynamoAdminSessionStore(store),
         credentials=SecretsManagerAdminCredentials(secret, max_age=300, client=target.client("secretsmanager")),
+        timing=lease_timing(target),
     )
     return admin, client
 
@@ -306,6 +307,26 @@ def build_user_service(target: Target, options: TokenOptions) -> UserServiceClie
     )
 
 
+def lease_timing(target: Target) -> LeaseTiming:
+    """The lease arithmetic of this tool's calls (a user's refresh lease, the admin session's), with this target's
+    lease and skew.
+
+    Unlike a function, this process is never cut off at a Timeout: only the lease's arithmetic keeps its calls
+    from overlapping a worker's. Its own client bounds its calls; the skew allowed is the stack's.
+    """
+    call_seconds = longest_call_seconds(
+        max_attempts=_ATTEMPTS, connect_timeout=3.05, read_timeout=10.0, max_retry_after=_MAX_RETRY_AFTER
+    )
+    try:
+        return LeaseTiming(
+            lease_seconds=target.int_setting("REFRESH_LEASE_SECONDS", None, 180),
+            call_seconds=call_seconds,
+            clock_skew_seconds=target.int_setting("CLOCK_SKEW_SECONDS", None, 10),
+        )
+    except ValueError as exc:
+        raise CliError(f"{target.description}: {exc}") from None
+
+
 def build_refresher(target: Target, options: TokenOptions) -> TokenRefresher:
     """The read path's service, wired as the refresh worker is, to this target's resources."""
     upstream = build_user_service(target, options)
@@ -316,19 +337,7 @@ def build_refresher(target: Target, options: TokenOptions) -> TokenRefresher:
     dynamodb = target.client("dynamodb")
     shards = target.int_setting("REFRESH_SHARDS", "RefreshIndexShards", 8)
     bus = target.outputs.get("EventBusName") or target.setting("EVENT_BUS_NAME", "SignupEventBusName", "default")
-    # Unlike a function, this process is never cut off at a Timeout: only the lease's arithmetic keeps its calls
-    # from overlapping a worker's. Its own client bounds its calls; the skew allowed is the stack's.
-    call_seconds = longest_call_seconds(
-        max_attempts=_ATTEMPTS, connect_timeout=3.05, read_timeout=10.0, max_retry_after=_MAX_RETRY_AFTER
-    )
-    try:
-        timing = LeaseTiming(
-            lease_seconds=target.int_setting("REFRESH_LEASE_SECONDS", None, 180),
-            call_seconds=call_seconds,
-            clock_skew_seconds=target.int_setting("CLOCK_SKEW_SECONDS", None, 10),
-        )
-    except ValueError as exc:
-        raise CliError(f"{target.description}: {exc}") from None
+    timing = lease_timing(target)
     return TokenRefresher(
         upstream=upstream,
         store=DynamoTokenStore(dynamodb, table_name=table, shards=shards),

@@ -67,6 +67,7 @@ class App:
         self.state = state
         self.faults = faults
         public = PublicApi(state, issuer)
+        self._public = public
         management = ManagementApi(state, issuer)
         admin = AdminApi(state, faults)
 
@@ -183,13 +184,14 @@ class App:
 
     def _run_public(self, route: Route, request: Request, client_gone: Callable[[], bool]) -> Outcome:
         decision = self.faults.decide(route.call) if route.call is not None else NO_FAULT
+        call = self._public.call_name(route.call, request) if route.call is not None and decision.fault else None
         if decision.latency_s > 0:
             time.sleep(decision.latency_s)
         if decision.fault == ERROR:
-            self.state.count_fault(ERROR)
+            self.state.count_fault(ERROR, call)
             return Outcome(error_envelope(ApiError.single(decision.status, "Fault", "Injected server error")))
         if decision.fault == RATE_LIMIT:
-            self.state.count_fault(RATE_LIMIT)
+            self.state.count_fault(RATE_LIMIT, call)
             error = ApiError(
                 429,
                 [FieldError("Fault", "Injected rate limit")],
@@ -197,7 +199,7 @@ class App:
             )
             return Outcome(error_envelope(error))
         if decision.fault == HANG:
-            self.state.count_fault(HANG)
+            self.state.count_fault(HANG, call)
             time.sleep(decision.hang_s)
             if decision.abandon_if_gone and client_gone():
                 return Outcome(None, drop=True)
@@ -209,7 +211,7 @@ class App:
             traceback.print_exc(file=sys.stderr)
             reply = error_envelope(ApiError.single(500, "Server", "Internal error in the emulator"))
         if decision.fault == DROP_AFTER_COMMIT:
-            self.state.count_fault(DROP_AFTER_COMMIT)
+            self.state.count_fault(DROP_AFTER_COMMIT, call)
             return Outcome(None, drop=True)
         return Outcome(reply)
 

@@ -156,6 +156,10 @@ class Counters:
     instance_changes: int = 0
     requests_total: int = 0
     faults_served: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAULT_KINDS, 0))
+    # The same by call, the admin's Login and Refresh apart from the users': a run can tell how many admin answers
+    # were dropped after commit (each costs the service's admin session one Login).
+    faults_by_call: dict[str, Counter[str]] = field(default_factory=dict)
+    admin_rejected_refresh_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -243,9 +247,12 @@ class EmulatorState:
         with self._lock:
             self._in_flight -= 1
 
-    def count_fault(self, kind: str) -> None:
+    def count_fault(self, kind: str, call: str | None = None) -> None:
+        """One fault served; ``call`` names the call (``admin_login``/``admin_refresh`` for the admin's)."""
         with self._lock:
             self._counters.faults_served[kind] = self._counters.faults_served.get(kind, 0) + 1
+            if call is not None:
+                self._counters.faults_by_call.setdefault(call, Counter())[kind] += 1
 
     def counters(self) -> dict[str, Any]:
         with self._lock:
@@ -270,6 +277,7 @@ class EmulatorState:
                 "admin_logins": counters.admin_logins,
                 "failed_admin_logins": counters.failed_admin_logins,
                 "admin_refreshes": counters.admin_refreshes,
+                "admin_rejected_refresh_tokens": counters.admin_rejected_refresh_tokens,
                 "logins_refused_by_limit": self.login_limiter.refused,
                 "login_blocks_begun": self.login_limiter.blocks_begun,
                 "login_blocked_addresses": self.login_limiter.blocked_addresses(),
@@ -281,6 +289,7 @@ class EmulatorState:
                 "deletes": counters.deletes,
                 "instance_changes": counters.instance_changes,
                 "faults_served": dict(counters.faults_served),
+                "faults_by_call": {call: dict(kinds) for call, kinds in sorted(counters.faults_by_call.items())},
                 "requests_total": counters.requests_total,
             }
 
@@ -473,6 +482,7 @@ class EmulatorState:
                 cause, _ = self._retired_tokens.get(refresh_token, ("unknown", ""))
                 self._counters.rejected_refresh_tokens += 1
                 self._counters.rejected_by_cause[cause] += 1
+                self._counters.admin_rejected_refresh_tokens += 1
                 raise ApiError.single(400, "RefreshToken", "The refresh token is invalid, used or revoked")
             self._admin_refresh_tokens.discard(refresh_token)
             self._retired_tokens[refresh_token] = ("spent", "")

@@ -429,7 +429,8 @@ class DynamoTokenStore:
         if return_new or return_old:
             kwargs["ReturnValues"] = "ALL_NEW" if return_new else "ALL_OLD"
         response = self._call("update_item", **kwargs)
-        return _from_item(response["Attributes"]) if return_new or return_old else None
+        # ALL_OLD of an item the update creates is no item at all: {}.
+        return _from_item(response.get("Attributes", {})) if return_new or return_old else None
 
     @staticmethod
     def _record_of(values: dict[str, Any]) -> UserRecord:

@@ -199,6 +199,9 @@ def build_admin_session(settings: ServiceSettings) -> FleetAdminSession:
             max_age=settings.credentials_cache_seconds,
             client=aws_client("secretsmanager", settings),
         ),
+        # The refresh lease's arithmetic (the same client, the same skew): a Refresh or Login starts only while the
+        # lease has room for the longest call and its commit, so a slow answer is never taken over.
+        timing=settings.lease_timing,
     )
 
 

@@ -607,6 +607,7 @@ def test_counters_count_what_happened(emulator: EmulatorHandle, api: Api) -> Non
         "admin_logins": 1,
         "failed_admin_logins": 0,
         "admin_refreshes": 0,
+        "admin_rejected_refresh_tokens": 0,
         "logins_refused_by_limit": 0,
         "login_blocks_begun": 0,
         "login_blocked_addresses": [],
@@ -618,6 +619,7 @@ def test_counters_count_what_happened(emulator: EmulatorHandle, api: Api) -> Non
         "deletes": 0,
         "instance_changes": 0,
         "faults_served": {"error": 0, "rate_limit": 0, "hang": 0, "drop_after_commit": 0},
+        "faults_by_call": {},
         "requests_total": 11,
     }
     assert refreshed["DeviceToken"] == first["DeviceToken"]

@@ -183,6 +183,39 @@ def test_drop_after_commit_on_refresh_rotates_the_tokens(emulator: EmulatorHandl
     assert_envelope(api.login(created["DeviceToken"]), 200)
 
 
+def test_faults_by_call_tell_the_admins_login_and_refresh_from_the_users(emulator: EmulatorHandle, api: Api) -> None:
+    created = api.created()
+    admin = api.admin_login()
+    emulator.set_faults(
+        script=[
+            {"call": "refresh", "fault": "drop_after_commit"},
+            {"call": "refresh", "fault": "drop_after_commit"},
+            {"call": "login", "fault": "drop_after_commit"},
+            {"call": "login", "fault": "error"},
+        ]
+    )
+    for send in (
+        lambda: api.refresh(admin["AccessToken"]["Token"], admin["RefreshToken"]),
+        lambda: api.refresh(created["AccessToken"]["Token"], created["RefreshToken"]),
+        api.admin_login,
+    ):
+        with pytest.raises(requests.exceptions.ConnectionError):
+            send()
+    assert_envelope(api.login(created["DeviceToken"]), 503, "Fault")
+
+    counters = emulator.counters()
+    assert counters["faults_by_call"] == {
+        "admin_refresh": {"drop_after_commit": 1},
+        "refresh": {"drop_after_commit": 1},
+        "admin_login": {"drop_after_commit": 1},
+        "login": {"error": 1},
+    }
+    assert counters["faults_served"]["drop_after_commit"] == 3
+    # The admin refresh token the dropped answer spent, presented again: counted apart from the users'.
+    assert_envelope(api.refresh(admin["AccessToken"]["Token"], admin["RefreshToken"]), 400, "RefreshToken")
+    assert emulator.counters()["admin_rejected_refresh_tokens"] == 1
+
+
 def test_drop_after_commit_on_create_many(emulator: EmulatorHandle, api: Api) -> None:
     emulator.set_faults(drop_after_commit_rate=1.0, calls=["create_many"])
 
