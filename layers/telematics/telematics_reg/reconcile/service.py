@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from telematics_reg.errors import LoginDeferredError
+from telematics_reg.lifecycle.admin import AdminSessionUnavailableError
 from telematics_reg.observability import logger
 from telematics_reg.reconcile.adoption import ChunkAdopter, ChunkAdoption
 from telematics_reg.reconcile.audit import AuditStep, DriftAudit
@@ -57,7 +58,9 @@ class Reconciler:
         try:
             adoptions = self.adopter.adopt_pending(time_left=time_left)
             step = self.audit.run(time_left=time_left)
-        except LoginDeferredError as exc:
-            logger.warning("reconcile deferred: no admin Login allowed now", extra={"detail": exc.message})
-            return TickReport(adoptions, AuditStep("busy", detail=f"admin Login deferred: {exc.message}"))
+        except (LoginDeferredError, AdminSessionUnavailableError) as exc:
+            # No admin JWT now (the budget is spent, another worker renews the session, a Login's answer was lost):
+            # the next wake-up goes on from the cursor; failing the invocation would only dead-letter the schedule.
+            logger.warning("reconcile deferred: no admin session now", extra={"detail": str(exc)})
+            return TickReport(adoptions, AuditStep("busy", detail=f"admin session unavailable: {exc}"))
         return TickReport(adoptions, step)
