@@ -124,6 +124,7 @@ class InMemoryTokenStore:
                     version=1,
                     client_id=user.client_id,
                     bulk_request_id=user.bulk_request_id,
+                    bulk_chunk=user.bulk_chunk,
                     access_token=tokens.access_token if tokens else None,
                     refresh_token=tokens.refresh_token if tokens else None,
                     access_expires_at=tokens.expires_at if tokens else None,

@@ -303,6 +303,73 @@ def test_more_users_than_the_chunk_in_its_window_are_reported(fresh: Env, dynamo
     assert _bulk_users(dynamodb, shared.store._table, request_id) == []
 
 
+class Killed(BaseException):
+    """Lambda stopping the runner mid-call: not an ``Exception``, so nothing in the service catches it."""
+
+
+class _DiesWhileStoring(DynamoTokenStore):
+    """The token store of a runner killed after ``survive`` batch writes of users (25 users each)."""
+
+    def __init__(self, client: Any, *, table_name: str, survive: int) -> None:
+        super().__init__(client, table_name=table_name, shards=8)
+        self.survive = survive
+
+    def _batch_write(self, requests: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.survive <= 0:
+            raise Killed
+        self.survive -= 1
+        return super()._batch_write(requests)
+
+
+def _service(env: Env, store: DynamoTokenStore, *, ahead: float = 0.0) -> RegistrationService:
+    return RegistrationService(
+        upstream=env.upstream,
+        bulk_upstream=UserServiceClient(env.emulator.url, max_attempts=1),
+        store=store,
+        credentials=env.credentials,
+        device_token_key=StaticDeviceTokenKey(KEY),
+        publisher=RecordingPublisher(),
+        clock=lambda: time.time() + ahead,
+    )
+
+
+def test_a_chunk_partly_stored_when_its_runner_died_is_adopted_counting_the_users_it_stored(
+    fresh: Env, dynamodb: Any
+) -> None:
+    # The soak's case: the runner was killed while storing a CreateMany answer of 50, after 25 users. The chunk stayed
+    # CALLING, the redelivery reported it (UNKNOWN, bulk_incomplete), and adoption counted only the 25 unstored users.
+    env, table = fresh, fresh.store._table
+    request_id = f"partly-{uuid.uuid4().hex[:8]}"
+    request = BulkRegistrationRequest.model_validate({"Quantity": 50, "RequestId": request_id})
+    dying = _DiesWhileStoring(dynamodb, table_name=table, survive=1)
+    with pytest.raises(Killed):
+        _service(env, dying).register_bulk(request, source="queue", message_id=str(uuid.uuid4()))
+    assert len(_bulk_users(dynamodb, table, request_id)) == 25
+    assert env.emulator.counters()["users_total"] == 50
+    # The redelivery, once the dead runner's claim lapsed: the chunk is reported, never called again.
+    with pytest.raises(BulkIncompleteError):
+        _service(env, env.store, ahead=200).register_bulk(request, source="queue", message_id=str(uuid.uuid4()))
+    progress = env.records.get_bulk("default", request_id)
+    assert progress is not None
+    assert progress.chunks[0] is ChunkState.UNKNOWN
+
+    (adopted,) = env.adopter().adopt_pending()
+
+    assert (adopted.outcome, adopted.adopted) == ("adopted", 25), adopted.reason
+    users = _bulk_users(dynamodb, table, request_id)
+    assert len(users) == 50 == len({u["DeviceToken"] for u in users})
+    assert sorted(u["Status"] for u in users) == ["ACTIVE"] * 25 + ["TOKENLESS"] * 25
+    assert all(u.get("BulkChunk") == f"{request_id}#0" or u.get("AdoptedFrom") == f"{request_id}#0" for u in users)
+    assert env.emulator.counters()["users_total"] == 50  # every user made upstream is stored, once
+    final = env.records.get_bulk("default", request_id)
+    assert final is not None
+    assert (final.chunks[0], final.stored[0]) == (ChunkState.DONE, 50)
+    # Nobody announced the 25 the runner stored (it died before the chunk was done): the adoption announces all 50.
+    events = [e for e in env.publisher.of_type(UserRegistered) if isinstance(e, UserRegistered)]
+    assert sorted(e.device_token for e in events) == sorted(u["DeviceToken"] for u in users)
+    assert sorted(e.has_tokens for e in events) == [False] * 25 + [True] * 25
+
+
 # -------------------------------------------------------------------------------------------------------- audit
 
 
