@@ -20,6 +20,7 @@ from local.fake_lifecycle import InMemoryAdminSessionStore, StaticAdminCredentia
 from local.fake_reconcile import InMemoryAdoptionRecords
 from local.fake_store import InMemoryTokenStore
 from local.fakes import FakeUserService, RecordingPublisher
+from telematics_reg.errors import FieldError, OutcomeUnknownError, UpstreamValidationError
 from telematics_reg.lifecycle.admin import FleetAdminSession
 from telematics_reg.management_models import AdminCredentials
 from telematics_reg.models import BulkRegistrationRequest, CreateManyRequest, CreateResult, InstanceCredentials
@@ -219,6 +220,10 @@ def test_a_runner_killed_between_any_two_writes_of_a_chunk_answer_leaves_every_u
     # The runner died before it announced anything: the adoption announces the chunk's 50 users.
     assert sorted(e.device_token for e in bulks.announced("partly")) == sorted(bulks.stored_of("partly"))
     assert pending_key("default", "partly", 0) not in bulks.records.pending_adoptions()
+    # The letter redriven (README, troubleshooting): the bulk completes, nobody is made again.
+    bulks.register("partly", 50)
+    assert bulks.upstream.calls["create_many"] == 1
+    _every_user_stored_once(bulks, "partly", 50)
 
 
 def test_users_stored_under_another_chunk_or_request_are_never_counted_for_this_one(bulks: Bulks) -> None:
@@ -389,3 +394,31 @@ def test_retry_unmade_sees_a_user_the_upstream_made_after_the_call_window(bulks:
     assert refused.outcome == "needs_operator"
     assert len(refused.candidates) == 20
     assert bulks.chunk("late") is ChunkState.UNKNOWN
+
+
+# --------------------------------------------------------------------------------------- the README's redrive advice
+
+
+def test_redriving_a_bulk_incomplete_letter_reports_a_failed_or_lost_chunk_again_and_never_calls_it(
+    bulks: Bulks,
+) -> None:
+    # Chunk 0 rejected, chunk 1 lost (its answer dropped after the upstream made its users), chunk 2 made and stored.
+    bulks.upstream.fail_next(
+        UpstreamValidationError("rejected", status=422, errors=[FieldError("Quantity", "bad")]),
+        calls=["create_many"],
+    )
+    bulks.upstream.fail_next(OutcomeUnknownError("read timeout"), calls=["create_many"], after_commit=True)
+    with pytest.raises(BulkIncompleteError) as first:
+        bulks.register("mixed", 250)
+    made = set(bulks.anonymous_upstream())
+    assert [e.key for e in first.value.errors][-2:] == ["Chunk0", "Chunk1"]
+
+    for _ in range(2):  # redriven, twice
+        with pytest.raises(BulkIncompleteError) as again:
+            bulks.register("mixed", 250)
+        assert {e.key for e in again.value.errors} == {"Chunk0", "Chunk1"}
+
+    assert bulks.upstream.calls["create_many"] == 3
+    assert bulks.anonymous_upstream() == made
+    assert len(bulks.stored_of("mixed")) == 50
+    assert [bulks.chunk("mixed", i) for i in range(3)] == [ChunkState.FAILED, ChunkState.UNKNOWN, ChunkState.DONE]

@@ -13,11 +13,12 @@ Exactly one user per (Instance, ClientId) rests on two things:
 A bulk request (``Quantity``) is split into CreateMany calls of at most 100 users. Each chunk's progress is
 kept in the store and moves TODO -> CALLING -> DONE with conditional writes, so a redelivered message skips
 what is done. CALLING names its caller and since when: a duplicate delivery waits (retries later) while the
-caller may be alive, and only a chunk whose CreateMany answer was lost, or whose caller died mid-call, is
-reported (UNKNOWN) instead of doubled. When CreateMany is not offered, a chunk is made one Create per user with
-deterministic CustomTokens, each user stored as it is made, so such a chunk is resumed, never lost. The bulk's
-``RequestId`` travels in the message body (stamped by the intake, by dead letters and by a redrive), so a
-re-sent message continues the same bulk.
+caller may be alive, and only a chunk whose CreateMany answer was lost, or whose caller died mid-call or while
+storing the answer, is reported (UNKNOWN) instead of doubled; the reconcile flow adopts its users, counting those
+its own call stored (each stored bulk user carries its chunk, ``BulkChunk``). When CreateMany is not offered, a
+chunk is made one Create per user with deterministic CustomTokens, each user stored as it is made, so such a chunk
+is resumed, never lost. The bulk's ``RequestId`` travels in the message body (stamped by the intake, by dead
+letters and by a redrive), so a re-sent message continues the same bulk.
 """
 
 from __future__ import annotations

@@ -1,24 +1,36 @@
 """Adoption of a lost CreateMany chunk: the users its lost answer left upstream, found and stored, never guessed.
 
-A chunk ends ``UNKNOWN`` when its CreateMany answer was lost, or when its caller died mid-call (a redelivery judges
-the claim abandoned; adoption judges it too). Up to 100 users may then exist upstream with no token stored. The
-token store keeps the call's window (``Since<n>`` .. ``Ended<n>``) and records every chunk call of the instance
-(``CHUNKCALLS#``), so adoption can ask the upstream who they are:
+A chunk ends ``UNKNOWN`` when its CreateMany answer was lost, when its caller died mid-call or while storing the
+answer (a redelivery judges the claim abandoned; adoption judges it too), or when the table kept refusing the answer.
+Up to 100 users may then exist upstream with no token stored, or only some of them stored. The token store keeps the
+call's window (``Since<n>`` .. ``Ended<n>``), records every chunk call of the instance (``CHUNKCALLS#``), and tags
+every user a chunk's own call stored with ``BulkChunk`` (``<RequestId>#<n>``), so adoption can ask the upstream who
+they are:
 
 1. Wait until every call that could overlap the window has ended and stored its users: the window's end plus a
    claim (a call never outlives its claim) plus the clock skew.
 2. Refuse when another chunk's call of the same instance overlapped the window and is not settled (not ``DONE``):
    its users and ours cannot be told apart.
 3. List the instance's users created in the window (GetFilteredPage, ``DateCreatedFrom``/``To`` widened by a
-   margin for the upstream's clock) that carry no ClientId and are not in our table (or were adopted from this very
-   chunk by an earlier run cut off part-way).
-4. Exactly the chunk's size found: store them ``TOKENLESS`` under the bulk request, in the refresh index with their
-   due times spread at the fleet's Login pace (the refresh worker logs each in within the Login budget), move the
-   chunk to ``DONE`` and publish ``TelematicsUserRegistered``. Anything else is reported to an operator with the
-   candidates (log, metric ``AdoptionNeedsOperator``, note ``Adoption<n>`` on the bulk item).
+   margin for the upstream's clock) that carry no ClientId. Count those stored under this chunk (``BulkChunk``, or
+   ``AdoptedFrom`` by an earlier run cut off part-way) and those not in our table (the candidates); a user stored
+   under any other chunk or request is never counted.
+4. Stored under the chunk plus candidates is exactly the chunk's size: store the candidates ``TOKENLESS`` under the
+   bulk request, in the refresh index with their due times spread at the fleet's Login pace (the refresh worker logs
+   each in within the Login budget), publish ``TelematicsUserRegistered`` for every user of the chunk (those its own
+   call stored were never announced), and move the chunk to ``DONE``. Anything else is reported to an operator with
+   the candidates (log, metric ``AdoptionNeedsOperator``, note ``Adoption<n>`` on the bulk item).
 
-Each step is safe to repeat: users are put with ``attribute_not_exists`` and tagged ``AdoptedFrom``, and the chunk
-moves to ``DONE`` only from ``UNKNOWN``.
+Each step is safe to repeat: users are put with ``attribute_not_exists`` and tagged ``AdoptedFrom``, events go out
+before ``DONE`` (at least once), and the chunk moves to ``DONE`` only from ``UNKNOWN``. A run killed between two
+writes leaves stored users that the next run counts as the chunk's::
+
+    call:  CreateMany -> 50 | put 25 (BulkChunk R#0) --x killed          chunk CALLING, then UNKNOWN
+    run 1: list: 25 stored under R#0 + 25 unstored = 50 | put 10 --x     chunk UNKNOWN
+    run 2: list: 35 stored under R#0 + 15 unstored = 50 | put 15 | announce 50 | UNKNOWN -> DONE
+
+:meth:`ChunkAdopter.retry_unmade` is the operator's way back for a chunk that provably made nobody (its call never
+reached the upstream): it is given back to the bulk (``TODO``) for the bulk's next delivery to call.
 """
 
 from __future__ import annotations
