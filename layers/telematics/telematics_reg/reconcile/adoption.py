@@ -72,6 +72,8 @@ if TYPE_CHECKING:
 Outcome = Literal["adopted", "would_adopt", "waiting", "needs_operator", "settled", "reopened", "would_reopen"]
 #: Candidates named in a note on the bulk item (the log line names them all).
 _NOTE_CANDIDATES = 120
+#: Statuses of a stored user that is announced when its chunk is adopted.
+_LIVE = frozenset({UserStatus.ACTIVE, UserStatus.TOKENLESS, UserStatus.NEEDS_RELOGIN})
 
 
 @dataclass(frozen=True)
@@ -327,7 +329,9 @@ class ChunkAdopter:
         adopted = self._store(progress, index, candidates, creds_instance_id=str(creds.instance_id), now=now)
         # Announced before the chunk is DONE, so that a run cut off in between announces them again rather than never.
         # The users the chunk's own call stored were never announced: it died (or gave up) before the chunk was DONE.
-        self._announce(progress, [(u.device_token, u.status is UserStatus.ACTIVE) for u in ours], candidates)
+        # (A user erased meanwhile is not announced again: a registration event never follows its deletion.)
+        live = [(u.device_token, u.status is UserStatus.ACTIVE) for u in ours if u.status in _LIVE]
+        self._announce(progress, live, candidates)
         if not self._records.finish_chunk(instance, request_id, index, expected, now=self._clock()):
             current = self._records.get_bulk(instance, request_id)
             settled = current.chunks.get(index) if current is not None else None
