@@ -21,7 +21,9 @@ from telematics_reg.store import (
     Tokens,
     UserRecord,
     UserStatus,
+    chunk_key,
     iso,
+    pending_key,
     prefer_live,
     shard_of,
 )
@@ -35,6 +37,10 @@ class InMemoryTokenStore:
         self._lock = threading.RLock()
         self.fail_next_commits = 0
         self.queued: dict[str, tuple[int, int]] = {}
+        #: As ``ADOPTIONS#PENDING``: chunks moved to UNKNOWN (``pending_key``) -> epoch s.
+        self.pending_adoptions: dict[str, int] = {}
+        #: As ``CHUNKCALLS#``: (instance, epoch minute) -> {``<RequestId>#<n>``: the claim's epoch s}.
+        self.chunk_calls: dict[tuple[str, int], dict[str, int]] = {}
 
     def get_user(self, device_token: str) -> UserRecord | None:
         with self._lock:
@@ -124,6 +130,7 @@ class InMemoryTokenStore:
                     version=1,
                     client_id=user.client_id,
                     bulk_request_id=user.bulk_request_id,
+                    bulk_chunk=user.bulk_chunk,
                     access_token=tokens.access_token if tokens else None,
                     refresh_token=tokens.refresh_token if tokens else None,
                     access_expires_at=tokens.expires_at if tokens else None,
@@ -181,6 +188,7 @@ class InMemoryTokenStore:
             if new is ChunkState.UNKNOWN:
                 # As in DynamoDB: the claim stays and the end of the call is noted (its window, for adoption).
                 progress.ended[index] = int(now)
+                self.pending_adoptions.setdefault(pending_key(instance, request_id, index), int(now))
             elif new is not ChunkState.CALLING:
                 progress.claims.pop(index, None)
 
@@ -195,6 +203,8 @@ class InMemoryTokenStore:
         abandoned: ChunkClaim | None = None,
     ) -> None:
         with self._lock:
+            # As in DynamoDB: every call is on record before its claim.
+            self.chunk_calls.setdefault((instance, int(now) // 60), {})[chunk_key(request_id, index)] = int(now)
             progress = self.bulks[(instance, request_id)]
             state = progress.chunks[index]
             if abandoned is None:

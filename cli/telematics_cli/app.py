@@ -377,7 +377,9 @@ def _add_bulk(commands: Any, common: argparse.ArgumentParser) -> None:
             "For each chunk of the bulk that is UNKNOWN (or CALLING past its claim): lists the instance's users "
             "created in the chunk's call window without a ClientId and not stored. Exactly the chunk's size: they are "
             "stored under the bulk and logged in within the Login budget. Anything else is reported with the "
-            "candidates (exit 1), never guessed."
+            "candidates (exit 1), never guessed. With --retry-unmade: a chunk that provably made nobody upstream (its "
+            "call window closed, and no user of it, nor any user without ClientId we do not store, created since "
+            "its call began) is given back to the bulk, so that redriving the bulk's dead letter calls it again."
         ),
         parents=[common],
         formatter_class=_Formatter,
@@ -386,6 +388,11 @@ def _add_bulk(commands: Any, common: argparse.ArgumentParser) -> None:
     adopt.add_argument("request_id", metavar="REQUEST_ID", help="the bulk's RequestId")
     adopt.add_argument("--instance", default="default", metavar="ALIAS", help="the bulk's instance (default: default)")
     adopt.add_argument("--dry-run", action="store_true", help="judge each chunk and list the candidates; store nothing")
+    adopt.add_argument(
+        "--retry-unmade",
+        action="store_true",
+        help="instead of adopting: give back each lost chunk that made nobody, to be called again (dry-run first)",
+    )
     _reconcile_options(adopt)
 
 
@@ -548,7 +555,12 @@ def _run_reconcile(args: argparse.Namespace, context: _Context) -> int:
 
 def _run_adopt(args: argparse.Namespace, context: _Context) -> int:
     return reconcile.run_adopt(
-        context(), _reconcile_opts(args), request_id=args.request_id, instance=args.instance, dry_run=args.dry_run
+        context(),
+        _reconcile_opts(args),
+        request_id=args.request_id,
+        instance=args.instance,
+        dry_run=args.dry_run,
+        retry_unmade=args.retry_unmade,
     )
 
 

@@ -190,21 +190,49 @@ def _print_report(report: dict[str, Any], options: ReconcileOptions) -> int:
     return EXIT_DATA if report.get("Drift") else EXIT_OK
 
 
-def run_adopt(target: Target, options: ReconcileOptions, *, request_id: str, instance: str, dry_run: bool) -> int:
-    """Adopt (or judge) the lost chunks of one bulk; exit 1 when one needs an operator or must wait."""
+def run_adopt(
+    target: Target,
+    options: ReconcileOptions,
+    *,
+    request_id: str,
+    instance: str,
+    dry_run: bool,
+    retry_unmade: bool = False,
+) -> int:
+    """Adopt (or judge) the lost chunks of one bulk, or with ``retry_unmade`` give back those that made nobody; exit 1
+    when one needs an operator or must wait."""
     with _library_logs_on_stderr(options.verbose):
         parts = _build(target, options)
         try:
-            results = parts.adopter.adopt_request(instance, request_id, dry_run=dry_run)
+            if retry_unmade:
+                results = parts.adopter.retry_unmade(instance, request_id, dry_run=dry_run)
+            else:
+                results = parts.adopter.adopt_request(instance, request_id, dry_run=dry_run)
         except LookupError as exc:
             raise DataError(str(exc.args[0])) from None
         except TelematicsError as exc:
             raise _library_errors("adoption", exc) from None
+    reopened = any(r.outcome == "reopened" for r in results)
+    next_step = (
+        f"telematics-reg dlq redrive --queue registration --reason bulk_incomplete --match {request_id}"
+        if reopened
+        else None
+    )
     if options.as_json:
-        output.print_json({"RequestId": request_id, "Instance": instance, "Chunks": [r.as_dict() for r in results]})
+        chunks = [r.as_dict() for r in results]
+        report: dict[str, Any] = {"RequestId": request_id, "Instance": instance, "Chunks": chunks}
+        if next_step:
+            report["Next"] = next_step
+        output.print_json(report)
     else:
         _print_adoptions(request_id, results)
-    good = {"adopted", "would_adopt", "settled"}
+        if next_step:
+            output.stdout().print(
+                f"the reopened chunks are called by the bulk's next delivery: redrive its dead letter ({next_step}), "
+                "or send the same bulk again with this RequestId and Quantity",
+                markup=False,
+            )
+    good = {"adopted", "would_adopt", "settled", "reopened", "would_reopen"}
     return EXIT_OK if all(r.outcome in good for r in results) else EXIT_DATA
 
 

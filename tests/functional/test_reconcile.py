@@ -11,7 +11,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -49,7 +49,7 @@ from telematics_reg.store import ChunkState, DynamoTokenStore, NewUser, Tokens, 
 from telematics_reg.timing import LeaseTiming
 from telematics_reg.upstream import UserServiceClient
 
-from .conftest import INSTANCES
+from .conftest import INSTANCES, Functions, drain, sqs_event
 
 KEY = "reconcile-test-device-token-key-0123456789"
 _deserialize = TypeDeserializer().deserialize
@@ -303,6 +303,127 @@ def test_more_users_than_the_chunk_in_its_window_are_reported(fresh: Env, dynamo
     assert _bulk_users(dynamodb, shared.store._table, request_id) == []
 
 
+class Killed(BaseException):
+    """Lambda stopping the runner mid-call: not an ``Exception``, so nothing in the service catches it."""
+
+
+class _DiesWhileStoring(DynamoTokenStore):
+    """The token store of a runner killed after ``survive`` batch writes of users (25 users each)."""
+
+    def __init__(self, client: Any, *, table_name: str, survive: int) -> None:
+        super().__init__(client, table_name=table_name, shards=8)
+        self.survive = survive
+
+    def _batch_write(self, requests: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.survive <= 0:
+            raise Killed
+        self.survive -= 1
+        return super()._batch_write(requests)
+
+
+def _service(env: Env, store: DynamoTokenStore, *, ahead: float = 0.0) -> RegistrationService:
+    return RegistrationService(
+        upstream=env.upstream,
+        bulk_upstream=UserServiceClient(env.emulator.url, max_attempts=1),
+        store=store,
+        credentials=env.credentials,
+        device_token_key=StaticDeviceTokenKey(KEY),
+        publisher=RecordingPublisher(),
+        clock=lambda: time.time() + ahead,
+    )
+
+
+def test_a_chunk_partly_stored_when_its_runner_died_is_adopted_counting_the_users_it_stored(
+    fresh: Env, dynamodb: Any
+) -> None:
+    # The soak's case: the runner was killed while storing a CreateMany answer of 50, after 25 users. The chunk stayed
+    # CALLING, the redelivery reported it (UNKNOWN, bulk_incomplete), and adoption counted only the 25 unstored users.
+    env, table = fresh, fresh.store._table
+    request_id = f"partly-{uuid.uuid4().hex[:8]}"
+    request = BulkRegistrationRequest.model_validate({"Quantity": 50, "RequestId": request_id})
+    dying = _DiesWhileStoring(dynamodb, table_name=table, survive=1)
+    with pytest.raises(Killed):
+        _service(env, dying).register_bulk(request, source="queue", message_id=str(uuid.uuid4()))
+    assert len(_bulk_users(dynamodb, table, request_id)) == 25
+    assert env.emulator.counters()["users_total"] == 50
+    # The redelivery, once the dead runner's claim lapsed: the chunk is reported, never called again.
+    with pytest.raises(BulkIncompleteError):
+        _service(env, env.store, ahead=200).register_bulk(request, source="queue", message_id=str(uuid.uuid4()))
+    progress = env.records.get_bulk("default", request_id)
+    assert progress is not None
+    assert progress.chunks[0] is ChunkState.UNKNOWN
+
+    (adopted,) = env.adopter().adopt_pending()
+
+    assert (adopted.outcome, adopted.adopted) == ("adopted", 25), adopted.reason
+    users = _bulk_users(dynamodb, table, request_id)
+    assert len(users) == 50 == len({u["DeviceToken"] for u in users})
+    assert sorted(u["Status"] for u in users) == ["ACTIVE"] * 25 + ["TOKENLESS"] * 25
+    assert all(u.get("BulkChunk") == f"{request_id}#0" or u.get("AdoptedFrom") == f"{request_id}#0" for u in users)
+    assert env.emulator.counters()["users_total"] == 50  # every user made upstream is stored, once
+    final = env.records.get_bulk("default", request_id)
+    assert final is not None
+    assert (final.chunks[0], final.stored[0]) == (ChunkState.DONE, 50)
+    # Nobody announced the 25 the runner stored (it died before the chunk was done): the adoption announces all 50.
+    events = [e for e in env.publisher.of_type(UserRegistered) if isinstance(e, UserRegistered)]
+    assert sorted(e.device_token for e in events) == sorted(u["DeviceToken"] for u in users)
+    assert sorted(e.has_tokens for e in events) == [False] * 25 + [True] * 25
+    # The letter redriven (README, troubleshooting): the bulk completes, nobody is made again.
+    done = _service(env, env.store).register_bulk(request, source="queue", message_id=str(uuid.uuid4()))
+    assert (done.stored, done.chunks_done_now) == (50, 0)
+    assert env.emulator.counters()["users_total"] == 50
+
+
+class _DiesCalling(UserServiceClient):
+    """The bulk client of a runner killed as its CreateMany goes out: the upstream never sees the call."""
+
+    def create_many(self, *args: Any, **kwargs: Any) -> Any:
+        raise Killed
+
+
+def _lost_before_the_call(env: Env, dynamodb: Any, quantity: int, *, ago: int = 600) -> str:
+    """A bulk whose first chunk's runner died before its CreateMany reached the upstream, ``ago`` seconds ago: the
+    chunk is CALLING under a claim that lapsed long since."""
+    request_id = f"unmade-{uuid.uuid4().hex[:8]}"
+    request = BulkRegistrationRequest.model_validate({"Quantity": quantity, "RequestId": request_id})
+    service = _service(env, env.store)
+    service._bulk_upstream = _DiesCalling(env.emulator.url, max_attempts=1)
+    with pytest.raises(Killed):
+        service.register_bulk(request, source="queue", message_id=str(uuid.uuid4()))
+    dynamodb.update_item(
+        TableName=env.store._table,
+        Key={"pk": {"S": f"BULK#default#{request_id}"}},
+        UpdateExpression="SET Since0 = Since0 - :ago",
+        ExpressionAttributeValues={":ago": {"N": str(ago)}},
+    )
+    return request_id
+
+
+def test_a_lost_chunk_is_reopened_only_under_the_call_that_was_judged(fresh: Env, dynamodb: Any) -> None:
+    env = fresh
+    request_id = _lost_before_the_call(env, dynamodb, 20)
+    with pytest.raises(BulkIncompleteError):
+        _service(env, env.store).register_bulk(
+            BulkRegistrationRequest.model_validate({"Quantity": 20, "RequestId": request_id}),
+            source="queue",
+            message_id=str(uuid.uuid4()),
+        )
+    progress = env.records.get_bulk("default", request_id)
+    assert progress is not None
+    claim = progress.claims[0]
+    other = replace(claim, since=claim.since + 1)
+
+    assert not env.records.reopen_chunk("default", request_id, 0, other, now=time.time())  # another call's claim
+    assert env.records.reopen_chunk("default", request_id, 0, claim, now=time.time())
+    assert not env.records.reopen_chunk("default", request_id, 0, claim, now=time.time())  # done once only
+
+    reopened = env.records.get_bulk("default", request_id)
+    assert reopened is not None
+    assert reopened.chunks[0] is ChunkState.TODO
+    assert 0 not in reopened.claims
+    assert 0 not in reopened.ended
+
+
 # -------------------------------------------------------------------------------------------------------- audit
 
 
@@ -504,3 +625,88 @@ def test_the_cli_judges_a_lost_chunk_and_runs_the_audit(
     code, out = cli("reconcile", "--report")
     assert code == (1 if report["Drift"] else 0)
     assert json.loads(out)["RunId"] == report["RunId"]
+
+
+def test_the_operator_retries_a_lost_chunk_that_made_nobody_and_the_redriven_letter_makes_it_once(
+    stack: LocalStack,
+    emulator: EmulatorHandle,
+    dynamodb: Any,
+    sqs: Any,
+    functions: Functions,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The README's troubleshooting for bulk_incomplete, as an operator follows it.
+    env = _env(stack.outputs["TokensTableName"], dynamodb, emulator)
+    request_id = _lost_before_the_call(env, dynamodb, 30)
+    body = json.dumps({"Quantity": 30, "RequestId": request_id})
+    queue_url = stack.outputs["RegistrationQueueUrl"]
+    queue_fn = functions.get("RegistrationQueueFunction")
+    queue_arn = stack.queue_arn("RegistrationQueue")
+    assert queue_fn.invoke(sqs_event([body], queue_arn=queue_arn)) == {"batchItemFailures": []}
+    secrets = boto3.client("secretsmanager", endpoint_url=stack.endpoint_url, region_name=stack.region)
+    assert emulator.admin_account is not None
+    arn = secrets.create_secret(Name=f"admin-{uuid.uuid4().hex[:8]}", SecretString=json.dumps(emulator.admin_account))[
+        "ARN"
+    ]
+    stack_file = stack.save(tmp_path / "stack.json")
+
+    def cli(*args: str) -> tuple[int, dict[str, Any]]:
+        capsys.readouterr()
+        code = main(["--local-stack", str(stack_file), *args, "--json"])
+        return code, json.loads(capsys.readouterr().out)
+
+    def adopt(*args: str) -> tuple[int, dict[str, Any]]:
+        return cli("bulk", "adopt", request_id, *args, "--admin-credentials-secret-arn", arn)
+
+    def letters() -> list[tuple[str, str]]:
+        """The dead letters (reason, error detail), left in place."""
+        code, listed = cli("dlq", "list", "--queue", "registration")
+        assert code == 0
+        (queue,) = listed["queues"]
+        return [(group["reason"], example["Detail"]) for group in queue["groups"] for example in group["examples"]]
+
+    def redrive_and_process() -> None:
+        code, moved = cli(
+            "dlq", "redrive", "--queue", "registration", "--reason", "bulk_incomplete", "--match", request_id
+        )
+        assert (code, moved["moved"]) == (0, 1)
+        bodies = [m["Body"] for m in drain(sqs, queue_url)]
+        assert queue_fn.invoke(sqs_event(bodies, queue_arn=queue_arn)) == {"batchItemFailures": []}
+
+    ((reason, detail),) = letters()
+    assert reason == "bulk_incomplete"
+    assert "Chunk0" in detail
+
+    # "Redriving the letter reports the same chunks again and makes nothing."
+    redrive_and_process()
+    assert [reason for reason, _ in letters()] == ["bulk_incomplete"]
+    assert emulator.counters()["users_total"] == 0
+
+    # Adoption finds no user of the chunk: it is reported with no candidates (exit 1).
+    code, report = adopt()
+    assert code == 1
+    (chunk,) = report["Chunks"]
+    assert (chunk["Outcome"], chunk["Candidates"], chunk["StoredUnderChunk"]) == ("needs_operator", [], 0)
+
+    code, report = adopt("--retry-unmade", "--dry-run")
+    assert code == 0
+    assert [c["Outcome"] for c in report["Chunks"]] == ["would_reopen"]
+    progress = env.records.get_bulk("default", request_id)
+    assert progress is not None
+    assert progress.chunks[0] is ChunkState.UNKNOWN
+
+    code, report = adopt("--retry-unmade")
+    assert code == 0
+    assert [c["Outcome"] for c in report["Chunks"]] == ["reopened"]
+    assert f"--match {request_id}" in report["Next"]
+
+    redrive_and_process()
+    assert letters() == []
+    users = _bulk_users(dynamodb, stack.outputs["TokensTableName"], request_id)
+    assert len(users) == 30 == len({u["DeviceToken"] for u in users}) == emulator.counters()["users_total"]
+    final = env.records.get_bulk("default", request_id)
+    assert final is not None
+    assert (final.chunks[0], final.stored[0]) == (ChunkState.DONE, 30)
+    code, report = adopt("--retry-unmade")
+    assert (code, report["Chunks"]) == (0, [])  # nothing lost any more

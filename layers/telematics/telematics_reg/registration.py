@@ -13,11 +13,12 @@ Exactly one user per (Instance, ClientId) rests on two things:
 A bulk request (``Quantity``) is split into CreateMany calls of at most 100 users. Each chunk's progress is
 kept in the store and moves TODO -> CALLING -> DONE with conditional writes, so a redelivered message skips
 what is done. CALLING names its caller and since when: a duplicate delivery waits (retries later) while the
-caller may be alive, and only a chunk whose CreateMany answer was lost, or whose caller died mid-call, is
-reported (UNKNOWN) instead of doubled. When CreateMany is not offered, a chunk is made one Create per user with
-deterministic CustomTokens, each user stored as it is made, so such a chunk is resumed, never lost. The bulk's
-``RequestId`` travels in the message body (stamped by the intake, by dead letters and by a redrive), so a
-re-sent message continues the same bulk.
+caller may be alive, and only a chunk whose CreateMany answer was lost, or whose caller died mid-call or while
+storing the answer, is reported (UNKNOWN) instead of doubled; the reconcile flow adopts its users, counting those
+its own call stored (each stored bulk user carries its chunk, ``BulkChunk``). When CreateMany is not offered, a
+chunk is made one Create per user with deterministic CustomTokens, each user stored as it is made, so such a chunk
+is resumed, never lost. The bulk's ``RequestId`` travels in the message body (stamped by the intake, by dead
+letters and by a redrive), so a re-sent message continues the same bulk.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from telematics_reg.store import (
     TokenStore,
     UserRecord,
     UserStatus,
+    chunk_key,
 )
 
 if TYPE_CHECKING:  # annotations only: importing the client (and requests) is left to the function's set-up
@@ -71,6 +73,12 @@ if TYPE_CHECKING:  # annotations only: importing the client (and requests) is le
     from telematics_reg.upstream import UserService
 
 CREATE_MANY_CHUNK = 100
+#: Users per write while storing a CreateMany answer (DynamoDB's BatchWriteItem takes 25): a failed write is retried
+#: from its own batch, never from the first user.
+_STORE_BATCH = 25
+#: Attempts at storing one batch of an answer we hold, and the time kept back for reporting the chunk when they fail.
+_STORE_ATTEMPTS = 8
+_STORE_RESERVE_SECONDS = 5.0
 _T = TypeVar("_T")
 _REQUEST_ID_KEYS = frozenset({"requestid", "request_id"})
 # Part of every derivation message: another derivation (a v2) can never produce the same DeviceTokens.
@@ -184,6 +192,11 @@ class _Chunk:
     @property
     def key(self) -> str:
         return f"Chunk{self.index}"
+
+    @property
+    def tag(self) -> str:
+        """``BulkChunk`` of the users this chunk's call made."""
+        return chunk_key(self.request_id, self.index)
 
 
 class _ChunkProblem(Exception):  # internal control flow, never escapes register_bulk
@@ -598,13 +611,66 @@ class RegistrationService:
             errors = [FieldError(f"{chunk.key}.{e.key}", e.message) for e in exc.errors]
             raise _ChunkProblem([*errors, FieldError(chunk.key, f"rejected: {exc}")]) from None
         users = self._new_users(chunk, results)
-        # Stored before DONE: if this fails the chunk stays CALLING and is reported, never called again.
-        self._store.put_new_users(users, now=self._clock())
-        # UNKNOWN too: had this call outlived its claim, a later delivery reported the chunk; it is done after all.
-        self._move_chunk(
-            chunk, [ChunkState.CALLING, ChunkState.UNKNOWN], ChunkState.DONE, stored=len(users), owner=owner
-        )
+        self._store_answer(chunk, users, owner, time_left)
         return users
+
+    def _store_answer(
+        self, chunk: _Chunk, users: list[NewUser], owner: str, time_left: Callable[[], float] | None
+    ) -> None:
+        """Store a CreateMany answer we hold, then move its chunk to DONE; nothing else happens in between.
+
+        CreateMany takes no CustomToken: an answer that is not stored cannot be fetched again, and its users would
+        wait for adoption and then a Login each. So a failed write is retried while the invocation has time, from
+        the batch that failed. Every user carries ``BulkChunk``, so users stored before the runner died (or before
+        time ran out) are counted by adoption as this chunk's. When time runs out the chunk is reported at once
+        (UNKNOWN) instead of being left CALLING until its claim lapses::
+
+            D1:  CreateMany -> 50 | put 0-24 ok | put 25-49 throttled, retried, ok | DONE | announce 50
+            D1': CreateMany -> 50 | put 0-24 ok | put 25-49 keeps failing, time short | UNKNOWN | retried
+            D1": CreateMany -> 50 | put 0-24 ok | --x killed: CALLING; the redelivery reports it once the claim lapsed
+            reconcile (D1' and D1"): 25 stored under this chunk + 25 unstored in the window = 50: adopt 25, DONE
+        """
+        done = 0
+        attempt = 0
+        while True:
+            try:
+                while done < len(users):
+                    batch = users[done : done + _STORE_BATCH]
+                    self._store.put_new_users(batch, now=self._clock())
+                    done += len(batch)
+                    attempt = 0
+                # UNKNOWN too: had this call outlived its claim, a later delivery reported the chunk; it is done.
+                self._move_chunk(
+                    chunk, [ChunkState.CALLING, ChunkState.UNKNOWN], ChunkState.DONE, stored=len(users), owner=owner
+                )
+                return
+            except StoreError as exc:
+                attempt += 1
+                delay = random.uniform(0.0, min(2.0, 0.1 * 2**attempt))  # noqa: S311 - backoff jitter, not a secret
+                left = time_left() if time_left is not None else float("inf")
+                if attempt >= _STORE_ATTEMPTS or left - delay < _STORE_RESERVE_SECONDS:
+                    self._report_unstored(chunk, owner, done, len(users), exc)
+                logger.warning(
+                    "storing a bulk chunk's users failed; retried",
+                    extra={"request_id": chunk.request_id, "chunk": chunk.index, "stored": done, "error": str(exc)},
+                )
+                self._sleep(delay)
+
+    def _report_unstored(self, chunk: _Chunk, owner: str, done: int, total: int, exc: StoreError) -> None:
+        """Report a chunk whose answer could not all be stored, and raise ``exc``.
+
+        UNKNOWN at once (its window closes now, and adoption stores the rest from the upstream's listing); the
+        message is retried like any store failure, and its next delivery, with the table back, finishes the other
+        chunks and reports this one (``bulk_incomplete``). If even this write fails, the chunk stays CALLING and
+        the redelivery reports it once our claim lapsed.
+        """
+        logger.error(
+            "a bulk chunk's answer could not all be stored: reported for adoption",
+            extra={"request_id": chunk.request_id, "chunk": chunk.index, "stored": done, "made": total},
+        )
+        with contextlib.suppress(StoreError, ConditionFailedError):  # Condition: already reported by a redelivery
+            self._move_chunk(chunk, [ChunkState.CALLING], ChunkState.UNKNOWN, owner=owner)
+        raise exc
 
     def _register_per_user(
         self,
@@ -665,7 +731,14 @@ class RegistrationService:
                 user = self._new_users(chunk, [result])[0]
             except UserAlreadyExistsError:
                 # Made by a delivery cut off (or whose answer was lost) before it could store it.
-                user = NewUser(str(tokens[position]), chunk.instance, chunk.instance_id, None, chunk.request_id)
+                user = NewUser(
+                    str(tokens[position]),
+                    chunk.instance,
+                    chunk.instance_id,
+                    None,
+                    chunk.request_id,
+                    bulk_chunk=chunk.tag,
+                )
             except (RetryableUpstreamError, UnauthorizedError, OutcomeUnknownError) as exc:
                 # Nothing is lost: the users before this one are stored, and this one's Create is repeated with
                 # the same CustomToken by the next delivery. Put the chunk back so it need not wait for the claim.
@@ -746,6 +819,7 @@ class RegistrationService:
                 instance_id=chunk.instance_id,
                 tokens=tokens_of(r, now),
                 bulk_request_id=chunk.request_id,
+                bulk_chunk=chunk.tag,
             )
             for r in results
         ]

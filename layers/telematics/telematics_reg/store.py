@@ -9,7 +9,8 @@ Item shape (see README "Token store") -- partition key ``pk``:
     index, sorted by ``AccessExpiresAt``), ``ClaimOwner``/``ClaimExpiresAt`` (registration in flight),
     ``LeaseOwner``/``LeaseExpiresAt`` (refresh in flight), ``RetryAfter``, ``LastError``, ``RefreshTokenDead`` (the
     stored refresh token was rejected or may be spent: the next attempt logs in instead), ``BulkRequestId``,
-    ``CreatedAt``, ``UpdatedAt``.
+    ``BulkChunk`` (``<RequestId>#<n>``: the chunk of the bulk whose call made the user; adoption counts a lost
+    chunk's users already stored by it), ``CreatedAt``, ``UpdatedAt``.
 ``BULK#<Instance>#<RequestId>``
     progress of one bulk request: ``Quantity``, ``ChunkSize``, ``ChunkCount`` and per chunk ``Chunk<n>`` state,
     ``Stored<n>`` (users stored once DONE), ``Owner<n>``/``Since<n>`` (who is calling it, since when: epoch s) and,
@@ -112,6 +113,8 @@ class UserRecord:
     #: may be spent. Treated like ``refresh_token_dead``: the refresh goes to Login instead of replaying it.
     lease_lapsed: bool = False
     bulk_request_id: str | None = None
+    #: ``<RequestId>#<n>`` (:func:`chunk_key`): the bulk chunk whose call made this user.
+    bulk_chunk: str | None = None
     created_at: str = ""
     updated_at: str = ""
     #: Lifecycle: when the last change applied to this user occurred (epoch ms), the per-user order marker.
@@ -138,6 +141,8 @@ class NewUser:
     tokens: Tokens | None
     bulk_request_id: str | None = None
     client_id: str | None = None
+    #: ``<RequestId>#<n>`` of the chunk that made it: how adoption tells a lost chunk's stored users from others'.
+    bulk_chunk: str | None = None
 
 
 @dataclass(frozen=True)
@@ -198,6 +203,7 @@ def chunk_calls_pk(instance: str, minute: int) -> str:
 
 
 def chunk_key(request_id: str, index: int) -> str:
+    """``<RequestId>#<n>``: names chunk ``n`` of a bulk (in ``CHUNKCALLS#``, ``BulkChunk`` and ``AdoptedFrom``)."""
     return f"{request_id}#{index}"
 
 
@@ -341,6 +347,7 @@ _USER_ATTRS = {
     "LastError": "last_error",
     "RefreshTokenDead": "refresh_token_dead",
     "BulkRequestId": "bulk_request_id",
+    "BulkChunk": "bulk_chunk",
     "CreatedAt": "created_at",
     "UpdatedAt": "updated_at",
     "LastChangeAt": "last_change_at",
@@ -594,6 +601,7 @@ class DynamoTokenStore:
             "ClientId": user.client_id,
             "ClientKey": client_key(user.instance, user.client_id) if user.client_id else None,
             "BulkRequestId": user.bulk_request_id,
+            "BulkChunk": user.bulk_chunk,
             "Version": 1,
             "CreatedAt": stamp,
             "UpdatedAt": stamp,

@@ -6,7 +6,8 @@ Items and attributes (see README "Token store"):
     ``AuditRun`` (the last audit that saw the user upstream), ``AuditFlags`` (the upstream's ``UserFields`` as that
     audit read them: what a later change is judged against), ``Drift`` (the classes the last audit found, e.g.
     ``deactivated,moved``), ``DriftAt``, ``UpstreamInstanceId`` (where a moved user is now), ``GoneAt`` (status
-    ``GONE``), and ``AdoptedFrom`` (``<RequestId>#<n>``: the lost chunk an adopted user came from).
+    ``GONE``), and ``AdoptedFrom`` (``<RequestId>#<n>``: the lost chunk an adopted user came from). The token store
+    writes ``BulkChunk`` (the same form) on the users a chunk's own call stored.
 ``AUDIT#DRIFT``
     the drift audit: its lease (``LeaseOwner``, ``LeaseExpiresAt``), the run in progress and its cursor, and the
     last report (``LastReport``, JSON).
@@ -40,6 +41,7 @@ from telematics_reg.store import (
     _to_item,
     bulk_pk,
     chunk_calls_pk,
+    chunk_key,
     iso,
     shard_of,
     user_pk,
@@ -50,7 +52,7 @@ AUDIT_PK = "AUDIT#DRIFT"
 AUDITED_STATUSES = (UserStatus.ACTIVE, UserStatus.TOKENLESS, UserStatus.NEEDS_RELOGIN)
 _PROJECTION = (
     "pk, DeviceToken, Instance, InstanceId, ClientId, #s, Version, Deactivated, AuditFlags, AuditRun, "
-    "BulkRequestId, AdoptedFrom, CreatedAt"
+    "BulkRequestId, BulkChunk, AdoptedFrom, CreatedAt"
 )
 
 
@@ -70,6 +72,12 @@ class StoredUser:
     bulk_request_id: str | None = None
     adopted_from: str | None = None
     created_at: str = ""
+    #: ``<RequestId>#<n>``: the chunk whose own call stored the user.
+    bulk_chunk: str | None = None
+
+    def of_chunk(self, tag: str) -> bool:
+        """Whether the user was made by chunk ``tag`` (``<RequestId>#<n>``): stored by its call, or adopted from it."""
+        return tag in (self.bulk_chunk, self.adopted_from)
 
 
 @dataclass(frozen=True)
@@ -106,13 +114,13 @@ def _stored(values: Mapping[str, Any]) -> StoredUser:
         bulk_request_id=values.get("BulkRequestId"),
         adopted_from=values.get("AdoptedFrom"),
         created_at=str(values.get("CreatedAt", "")),
+        bulk_chunk=values.get("BulkChunk"),
     )
 
 
-class ReconcileRecords(Protocol):
-    """The reconcile flow's reads and writes of the tokens table."""
+class AdoptionRecords(Protocol):
+    """What adoption reads and writes in the tokens table."""
 
-    # -- adoption
     def get_bulk(self, instance: str, request_id: str) -> BulkProgress | None: ...
     def pending_adoptions(self) -> dict[str, int]: ...
     def drop_pending(self, key: str) -> None: ...
@@ -122,8 +130,13 @@ class ReconcileRecords(Protocol):
     def put_adopted(self, user: AdoptedUser, *, now: float) -> bool: ...
     def abandon_chunk(self, instance: str, request_id: str, index: int, claim: ChunkClaim, *, now: float) -> None: ...
     def finish_chunk(self, instance: str, request_id: str, index: int, stored: int, *, now: float) -> bool: ...
+    def reopen_chunk(self, instance: str, request_id: str, index: int, claim: ChunkClaim, *, now: float) -> bool: ...
     def note_chunk(self, instance: str, request_id: str, index: int, note: str, *, now: float) -> None: ...
-    # -- audit
+
+
+class ReconcileRecords(AdoptionRecords, Protocol):
+    """The reconcile flow's reads and writes of the tokens table: adoption's and the audit's."""
+
     def find_by_client(self, instance: str, client_id: str) -> UserRecord | None: ...
     def audit_state(self) -> dict[str, Any]: ...
     def take_audit_lease(self, owner: str, *, now: float, ttl: int) -> dict[str, Any] | None: ...
@@ -272,6 +285,42 @@ class DynamoReconcileRecords:
                 new=ChunkState.DONE,
                 stored=stored,
                 now=now,
+            )
+        except ConditionFailedError:
+            return False
+        return True
+
+    def reopen_chunk(self, instance: str, request_id: str, index: int, claim: ChunkClaim, *, now: float) -> bool:
+        """UNKNOWN -> TODO for a lost chunk proven to have made nobody, so that the bulk's next delivery calls it again
+        (``telematics-reg bulk adopt --retry-unmade``); False if it moved on meanwhile.
+
+        Condition: still UNKNOWN under exactly the call that was judged (same ``Owner<n>`` and ``Since<n>``), and
+        never made one Create per user. A chunk called again and lost again has another claim, so a proof about the
+        first call never reopens the second::
+
+            lost call (owner O, since t0) -> UNKNOWN ... listing [t0 - margin, now]: none of its users
+            operator: reopen if still (UNKNOWN, O, t0)   ok -> TODO; the redriven letter claims it anew (O', t1)
+            a second operator with the same proof: reopen if still (UNKNOWN, O, t0)   fails: nothing happens twice
+        """
+        try:
+            self._store._update(
+                bulk_pk(instance, request_id),
+                "SET #c = :todo, UpdatedAt = :now REMOVE #o, #t, #e",
+                "#c = :unknown AND #o = :owner AND #t = :since AND attribute_not_exists(#m)",
+                {
+                    ":todo": ChunkState.TODO.value,
+                    ":now": iso(now),
+                    ":unknown": ChunkState.UNKNOWN.value,
+                    ":owner": claim.owner,
+                    ":since": claim.since,
+                },
+                {
+                    "#c": f"Chunk{index}",
+                    "#o": f"Owner{index}",
+                    "#t": f"Since{index}",
+                    "#e": f"Ended{index}",
+                    "#m": f"Made{index}",
+                },
             )
         except ConditionFailedError:
             return False
@@ -448,8 +497,9 @@ class DynamoReconcileRecords:
 
 
 def chunk_tag(request_id: str, index: int) -> str:
-    """``AdoptedFrom`` of a user adopted from chunk ``index`` of bulk ``request_id``."""
-    return f"{request_id}#{index}"
+    """``AdoptedFrom`` of a user adopted from chunk ``index`` of bulk ``request_id`` (its ``BulkChunk`` had the chunk's
+    own call stored it)."""
+    return chunk_key(request_id, index)
 
 
 def group(values: Iterable[str], size: int) -> list[list[str]]:
