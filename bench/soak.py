@@ -1842,6 +1842,13 @@ def check_bulk(state: EndState) -> list[Check]:
     made = _anonymous_upstream(state, "default")
     orphans = sorted(made - stored)
     adopted = [u for u in bulk["users"] if u.get("AdoptedFrom")]
+    # Users of an adopted chunk that its runner stored before it died: adoption counted them, and adopted the rest.
+    adopted_chunks = {str(i) for i, n in bulk["adoptions"].items() if (n or {}).get("Outcome") == "adopted"}
+    stored_before = [
+        u
+        for u in bulk["users"]
+        if not u.get("AdoptedFrom") and str(u.get("BulkChunk") or "").rpartition("#")[2] in adopted_chunks
+    ]
     unreported = [i for i in bulk["unknown"] if (bulk["adoptions"].get(i) or {}).get("Outcome") != "needs_operator"]
     guessed = [i for i in bulk["unknown"] if (bulk["adoptions"].get(i) or {}).get("Candidates") is None]
     twin_lost = [seen for seen in phases.twin_seen if seen.endswith(":UNKNOWN")]
@@ -1868,7 +1875,8 @@ def check_bulk(state: EndState) -> list[Check]:
             f"flight saw {' '.join(phases.twin_seen) or 'nothing'}"
             + ("" if phases.twin_delivered else " (the second delivery did not happen)")
             + f"; upstream bulk users {len(made)}, stored {len(made & stored)} ({len(adopted)} adopted by the "
-            f"reconcile function), made upstream but not stored {len(orphans)}"
+            f"reconcile function, {len(stored_before)} of their chunks stored before the kill), "
+            f"made upstream but not stored {len(orphans)}"
             + (f"; adoption: {adoption}" if adoption else "")
             + (f"; UNKNOWN chunks not reported: {unreported}" if unreported else "")
             + (f"; a second delivery judged chunks in flight lost: {twin_lost}" if twin_lost else ""),
