@@ -206,6 +206,22 @@ def quick_timing_environment(claim_seconds: int | None, lease_seconds: int | Non
     return environment
 
 
+#: The lifecycle queue's maxReceiveCount in template.yaml.
+LIFECYCLE_MAX_RECEIVES: Final = 10
+
+
+def unknown_user_environment(failure_visibility: int) -> dict[str, str]:
+    """UNKNOWN_USER_SECONDS scaled to the run's visibility timeout, as the template scales it to its own.
+
+    On AWS a change waiting for its user's registration comes back every VisibilityTimeout (360 s) and has
+    maxReceiveCount (10) receives: an hour, well past the 900 s after which it is dead-lettered ``unknown_user``.
+    The run brings failed records back after ``failure_visibility`` seconds, so the bound shrinks with it (keeping
+    two receives spare for transient failures); otherwise the queue's redrive, not the function, would end the wait.
+    """
+    default = int(ServiceSettings.model_fields["unknown_user_seconds"].default)
+    return {"UNKNOWN_USER_SECONDS": str(min(default, (LIFECYCLE_MAX_RECEIVES - 2) * failure_visibility))}
+
+
 def clock_skew_allowed(claim_seconds: int | None, lease_seconds: int | None) -> float:
     """The clock skew the functions are told to allow (CLOCK_SKEW_SECONDS)."""
     quick = quick_timing_environment(claim_seconds, lease_seconds)
@@ -967,7 +983,8 @@ class Runner:
             # As many signup invocations at once as the template reserves for the function (SignupMaximumConcurrency).
             "async_concurrency": 10,
             "environment": quick_timing_environment(options.claim_seconds, options.lease_seconds)
-            | login_budget_environment(options.login_budget),
+            | login_budget_environment(options.login_budget)
+            | unknown_user_environment(options.failure_visibility),
         }
         env = {
             **os.environ,

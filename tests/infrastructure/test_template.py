@@ -1151,3 +1151,13 @@ def test_each_rule_fails_on_a_template_broken_the_way_it_is_about(sam: Template,
 def test_cfn_lint_fails_on_a_misspelt_property() -> None:
     text = TEMPLATE.read_text(encoding="utf-8").replace("VisibilityTimeout:", "VisibilityTimeOut:", 1)
     assert any(problem.startswith("E3002") for problem in lint_problems(text))
+
+
+def test_a_waiting_change_is_dead_lettered_with_its_reason_before_the_queue_gives_up(cfn: Template) -> None:
+    """A lifecycle change comes back every VisibilityTimeout while its user's registration is awaited; the function
+    dead-letters it ``unknown_user`` after UnknownUserSeconds. The queue's own redrive (maxReceiveCount, a letter
+    without a reason) must come later, with two receives spare for transient failures, whatever the parameter."""
+    queue = cfn["Resources"]["LifecycleQueue"]["Properties"]
+    longest = int(cfn["Parameters"]["UnknownUserSeconds"]["MaxValue"])
+    receives = int(queue["RedrivePolicy"]["maxReceiveCount"])
+    assert longest <= (receives - 2) * int(queue["VisibilityTimeout"])
