@@ -16,7 +16,10 @@ from telematics_reg.lifecycle.events import LifecycleFailed, UserDeleted, UserMo
 from telematics_reg.models import InstanceCredentials
 from telematics_reg.store import UserRecord, UserStatus
 
-from .test_lifecycle import Lifecycle, failures, iso_ms, lc, upstream_user  # noqa: F401 - lc: the fixture
+from . import test_lifecycle
+from .test_lifecycle import Lifecycle, failures, iso_ms, upstream_user
+
+lc = test_lifecycle.lc  # the fixture, shared with the lifecycle's other unit tests
 
 CLIENT = "c-1"
 
