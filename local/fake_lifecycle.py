@@ -92,6 +92,8 @@ class InMemoryLifecycleRecords:
                 changes["refresh_token_dead"] = True
             if moved is not None:
                 changes |= {"instance": moved.instance, "instance_id": moved.instance_id, "version": record.version + 1}
+                if moved.instance != record.instance:
+                    changes["moved_from"] = record.moved_from | {record.instance}  # ADD MovedFrom
             self._store.users[device_token] = replace(record, **changes)
 
     def release(self, *, device_token: str, owner: str, refresh_token_dead: bool = False) -> None:
@@ -137,6 +139,7 @@ class InMemoryLifecycleRecords:
                 updated_at=iso(now),
                 last_change_at=occurred_at,
                 deleted_at=occurred_at,
+                moved_from=record.moved_from,  # kept, as the update that begins the deletion keeps it
             )
             self._store.users[device_token] = tombstone
             return tombstone

@@ -10,7 +10,8 @@ Item shape (see README "Token store") -- partition key ``pk``:
     ``LeaseOwner``/``LeaseExpiresAt`` (refresh in flight), ``RetryAfter``, ``LastError``, ``RefreshTokenDead`` (the
     stored refresh token was rejected or may be spent: the next attempt logs in instead), ``BulkRequestId``,
     ``BulkChunk`` (``<RequestId>#<n>``: the chunk of the bulk whose call made the user; adoption counts a lost
-    chunk's users already stored by it), ``CreatedAt``, ``UpdatedAt``.
+    chunk's users already stored by it), ``MovedFrom`` (string set: the aliases lifecycle moves took the user from,
+    so a change still addressed to one of them finds it), ``CreatedAt``, ``UpdatedAt``.
 ``BULK#<Instance>#<RequestId>``
     progress of one bulk request: ``Quantity``, ``ChunkSize``, ``ChunkCount`` and per chunk ``Chunk<n>`` state,
     ``Stored<n>`` (users stored once DONE), ``Owner<n>``/``Since<n>`` (who is calling it, since when: epoch s) and,
@@ -123,6 +124,8 @@ class UserRecord:
     deactivated: bool = False
     #: Lifecycle: when the deletion occurred (epoch ms), on DELETING / DELETED items.
     deleted_at: int | None = None
+    #: Lifecycle: the instance aliases moves took the user from (``ClientKey`` names only the current one).
+    moved_from: frozenset[str] = frozenset()
 
     @property
     def tokens(self) -> Tokens | None:
@@ -353,6 +356,7 @@ _USER_ATTRS = {
     "LastChangeAt": "last_change_at",
     "Deactivated": "deactivated",
     "DeletedAt": "deleted_at",
+    "MovedFrom": "moved_from",
 }
 _INT_FIELDS = {
     "version",
@@ -379,6 +383,8 @@ def _record(values: dict[str, Any]) -> UserRecord:
         if attr in values:
             value = values[attr]
             kwargs[name] = int(value) if name in _INT_FIELDS else value
+    if "moved_from" in kwargs:
+        kwargs["moved_from"] = frozenset(str(alias) for alias in kwargs["moved_from"])
     kwargs["status"] = UserStatus(kwargs["status"])
     return UserRecord(**kwargs)
 

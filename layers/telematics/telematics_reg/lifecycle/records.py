@@ -9,6 +9,9 @@
   ``ClientId``/``ClientKey``, ``DeletedAt`` (epoch ms) and ``ExpiresAt`` (the table's TTL attribute). The write
   that starts a deletion removes every token and the refresh index key in the same update; the sweeper never sees
   a tombstone, and a registration that occurred before ``DeletedAt`` never replaces it.
+* ``MovedFrom`` (string set): every alias a move took the user from, kept on the tombstone. ``ClientKey`` follows
+  the user, so the ``ByClient`` index no longer finds it under the old alias; the service looks a change addressed
+  to one of these aliases up here (:meth:`LifecycleService.apply`), and a deletion erases dead letters under each.
 """
 
 from __future__ import annotations
@@ -207,6 +210,7 @@ class DynamoLifecycleRecords:
         """
         values: dict[str, Any] = {":me": owner, ":t": occurred_at, ":now": iso(now)}
         sets = ["LastChangeAt = :t", "UpdatedAt = :now"]
+        adds = ""
         reference = self._audit_flags_after(device_token, flags) if flags else None
         if reference is not None:
             # No condition on the reference read: an audit that marks the user meanwhile read the upstream either
@@ -233,9 +237,15 @@ class DynamoLifecycleRecords:
                 sets.append("ClientKey = :ck")
             else:
                 del values[":ck"]
+            if record is not None and record.instance != moved.instance:
+                # Read under our lease: no other change or refresh moved the user since. The old alias is kept so
+                # that a change still addressed to it (a redelivery of this very move, a late update) finds the
+                # user instead of waiting for a registration that never comes.
+                values[":from"] = {record.instance}
+                adds = " ADD MovedFrom :from"
         self._store._update(
             user_pk(device_token),
-            "SET " + ", ".join(sets) + " REMOVE " + _LEASE_ENDS,
+            "SET " + ", ".join(sets) + adds + " REMOVE " + _LEASE_ENDS,
             "LeaseOwner = :me",
             values,
         )

@@ -10,7 +10,13 @@
   A change (or a deletion) that occurred before a deletion already done is dropped (``user_deleted``), whether or
   not the ClientId was registered again since. A deletion is never dropped as ``stale``: erasure wins over order.
 * **Moves** keep the DeviceToken: the stored ``Instance``/``InstanceId`` follow, with a new ``Version``, so later
-  refreshes and Logins use the new instance's credentials.
+  refreshes and Logins use the new instance's credentials. A move to the instance the user is in (its alias, or
+  another alias of the same InstanceId) does not call the upstream.
+* **Changes addressed to an alias the user was moved from** (a redelivery of the move itself, a late update, a
+  deletion sent to the old alias) find the user through its ``MovedFrom``, looked up under the credentials
+  secret's other aliases only when the change's own alias holds no live user; then the user's order decides, as
+  for any change: older or equal is dropped (``stale`` / ``duplicate``), newer is applied to the user where it is
+  now. Without it such a change would wait for a registration that never comes and dead-letter ``unknown_user``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 from uuid import UUID
 
 from telematics_reg.credentials import CredentialsProvider, DeviceTokenKeyProvider
@@ -40,11 +47,18 @@ from telematics_reg.lifecycle.records import (
     Moved,
     Tombstone,
 )
+from telematics_reg.models import InstanceCredentials
 from telematics_reg.observability import logger
 from telematics_reg.outcomes import EventPublisher, OutcomeEvent
 from telematics_reg.registration import device_token_for, successor_device_token
 from telematics_reg.store import UserRecord, UserStatus
 from telematics_reg.upstream import UserService
+
+
+class InstanceCatalog(CredentialsProvider, Protocol):
+    """The instance credentials, and which aliases exist (to find a user moved away from a change's alias)."""
+
+    def aliases(self) -> list[str]: ...
 
 
 class UserNotRegisteredError(TelematicsError):
@@ -82,7 +96,7 @@ class LifecycleService:
         *,
         upstream: UserService,
         records: LifecycleRecords,
-        credentials: CredentialsProvider,
+        credentials: InstanceCatalog,
         device_token_key: DeviceTokenKeyProvider,
         admin: FleetAdminSession,
         publisher: EventPublisher,
@@ -116,7 +130,7 @@ class LifecycleService:
         """
         creds = self._credentials.get(change.instance)
         to_creds = self._credentials.get(change.to_instance) if change.to_instance else None
-        records = self._records.find_all(change.instance, change.client_id)
+        records = self._user_records(change)
         erased_after = [
             r for r in records if r.status.erased and r.deleted_at is not None and r.deleted_at >= change.occurred_at
         ]
@@ -128,8 +142,6 @@ class LifecycleService:
         live = next((r for r in records if not r.status.erased), None)
         if live is None or live.status is UserStatus.PENDING:
             raise UserNotRegisteredError(f"no registered user for {change.key} yet")
-        if to_creds is not None and change.to_instance == live.instance:
-            to_creds = None  # already there: the marker still moves, the upstream is not called
         owner = f"{LEASE_PREFIX}{message_id or uuid.uuid4()}/{uuid.uuid4()}"
         try:
             leased = self._records.lease(
@@ -141,16 +153,19 @@ class LifecycleService:
             )
         except ChangeRefusedError as refused:
             return self._refused(change, refused, live)
+        # Where a move takes the user, read from the leased item (another move may have committed since the find).
+        moved = (
+            Moved(change.to_instance, str(to_creds.instance_id))
+            if to_creds is not None and change.to_instance is not None and change.to_instance != leased.instance
+            else None
+        )
+        if to_creds is not None and str(to_creds.instance_id).lower() == leased.instance_id.lower():
+            to_creds = None  # already in that instance: the marker and the alias move, the upstream is not called
         try:
             self._call_upstream(change, leased, to_creds)
         except BaseException:
             self._records.release(device_token=leased.device_token, owner=owner, refresh_token_dead=leased.lease_lapsed)
             raise
-        moved = (
-            Moved(change.to_instance, str(to_creds.instance_id))
-            if to_creds is not None and change.to_instance is not None
-            else None
-        )
         deactivated = {Action.DEACTIVATE: True, Action.REACTIVATE: False}.get(change.action)
         flags = change.update.to_upstream().get("UserFields") if change.update is not None else None
         self._records.commit(
@@ -168,6 +183,33 @@ class LifecycleService:
 
     # ------------------------------------------------------------------------------------------ helpers
 
+    def _user_records(self, change: LifecycleChange) -> list[UserRecord]:
+        """The items of the change's user: those of its (Instance, ClientId) and, when none of them is a live user,
+        the items moves took away from that alias (their ``MovedFrom`` holds it), wherever they are now::
+
+            M (default -> eu, t1): commit: Instance = eu, ClientKey = eu#c, MovedFrom += default
+            M redelivered (default#c): ByClient finds nothing ... MovedFrom lookup: the user in eu
+                                       -> lease: LastChangeAt = t1 = t1: duplicate, dropped (never waits)
+
+        The lookup queries the secret's other aliases (few), only on this miss path: a user that was never moved,
+        or a change addressed to its current alias, costs nothing more.
+        """
+        records = self._records.find_all(change.instance, change.client_id)
+        if any(not record.status.erased for record in records):
+            return records
+        seen = {record.device_token for record in records}
+        moved: list[UserRecord] = []
+        for alias in self._credentials.aliases():
+            if alias == change.instance:
+                continue
+            for record in self._records.find_all(alias, change.client_id):
+                if change.instance in record.moved_from and record.device_token not in seen:
+                    seen.add(record.device_token)
+                    moved.append(record)
+        # A live user first (a move never leaves two), then the latest change.
+        moved.sort(key=lambda r: (r.status.erased, -(r.last_change_at or 0)))
+        return records + moved
+
     def _refused(self, change: LifecycleChange, refused: ChangeRefusedError, live: UserRecord) -> ChangeOutcome:
         record = refused.record or live
         if refused.reason == "not_registered":
@@ -178,12 +220,12 @@ class LifecycleService:
         applied = record.deleted_at if reason == "user_deleted" else record.last_change_at
         return ChangeOutcome("dropped", reason, record.device_token, applied)
 
-    def _call_upstream(self, change: LifecycleChange, leased: UserRecord, to_creds: object) -> None:
+    def _call_upstream(self, change: LifecycleChange, leased: UserRecord, to_creds: InstanceCredentials | None) -> None:
         token = UUID(leased.device_token)
         try:
             if change.action is Action.MOVE:
                 if to_creds is not None:
-                    target = self._credentials.get(str(change.to_instance))
+                    target = to_creds
                     self._admin.call(lambda admin: self._upstream.change_instance(admin, token, target))
             else:
                 assert change.update is not None
@@ -233,7 +275,7 @@ class LifecycleService:
         if done and (live is None or live.status is UserStatus.PENDING):
             # This deletion, or an older one (a duplicate, a redelivery): already final. Its erasure of dead
             # letters is repeated, so a retry after an incomplete erasure completes it.
-            self._eraser.erase(change.instance, change.client_id)
+            self._erase(change.client_id, {change.instance, done[0].instance, *done[0].moved_from})
             return ChangeOutcome("dropped", "duplicate", done[0].device_token, done[0].deleted_at)
         if done:
             # A live user next to a newer tombstone registered after that deletion (the registration gate admits
@@ -280,7 +322,8 @@ class LifecycleService:
         expires_at = int(self._clock()) + self._retention
         self._records.finish_deletion(device_token=begun.device_token, now=self._clock(), expires_at=expires_at)
         logger.info("user deleted", extra={"device_token": begun.device_token})
-        self._eraser.erase(begun.instance, begun.client_id or change.client_id)
+        # Its letters may name any alias it was known by: the one it was deleted in and those moves took it from.
+        self._erase(begun.client_id or change.client_id, {change.instance, begun.instance, *begun.moved_from})
         self._publish(
             UserDeleted(
                 device_token=begun.device_token,
@@ -290,3 +333,7 @@ class LifecycleService:
                 was_registered=was_registered,
             )
         )
+
+    def _erase(self, client_id: str, instances: set[str]) -> None:
+        for instance in sorted(instances):
+            self._eraser.erase(instance, client_id)
