@@ -28,8 +28,8 @@ ARGS ?=
 
 export PYTHONPATH := $(CURDIR)/layers/telematics:$(CURDIR)
 
-.PHONY: venv test unit functional infra fuzz artifact lint typecheck scan validate build lock cold-start emulator run \
-	bench soak clean
+.PHONY: venv test unit functional infra fuzz artifact lint typecheck scan validate build lock cold-start memory \
+	emulator run bench soak clean
 
 $(STAMP): requirements/dev.txt requirements/constraints.txt layers/telematics/requirements.txt pyproject.toml
 	@$(CHECK_PYTHON)
@@ -97,9 +97,14 @@ build: $(DEPLOY_STAMP)
 artifact: $(STAMP) $(RUNTIME_STAMP)
 	$(ARTIFACT_ENV) $(BIN)/python -m pytest -q tests/infrastructure/test_layer_lock.py tests/functional/test_built_artifact.py
 
-## make cold-start: the cold-start benchmark of the built artifact (bench/results/cold_start.md).
+## make cold-start: the cold-start benchmark of every function of the built artifact (bench/results/cold_start.md).
 cold-start: $(STAMP) $(RUNTIME_STAMP) build
 	$(ARTIFACT_ENV) $(BIN)/python bench/cold_start.py $(ARGS)
+
+## make memory: peak memory and time per realistic batch of every function of the built artifact, what each
+## MemorySize is chosen from (bench/results/memory.md).
+memory: $(STAMP) $(RUNTIME_STAMP) build
+	$(ARTIFACT_ENV) $(BIN)/python bench/memory.py $(ARGS)
 
 ## make lock: resolve layers/telematics/requirements.in into the layer's lock (every distribution pinned, with
 ## hashes) and requirements/runtime.in into the runtime stand-in's, at the versions already locked where possible.

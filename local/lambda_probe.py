@@ -15,9 +15,10 @@ The plan (JSON) says what to do:
   handler's module, run its ``warm()`` (the first invocation's set-up) unless ``setup`` is false, then invoke it
   once per event with a Lambda-like context.
 
-The report holds the import time, each invocation's wall and CPU time, its result (or the exception's type and
-message, as Lambda reports a failed invocation), the process's peak resident memory, and where boto3, botocore and
-the handler's modules were loaded from.
+The report holds the import and set-up times (wall and CPU), each invocation's wall and CPU time, its result (or
+the exception's type and message, as Lambda reports a failed invocation), the process's peak resident memory (after
+the import, after the set-up, after each invocation, at the end), and where boto3, botocore and the handler's
+modules were loaded from.
 """
 
 from __future__ import annotations
@@ -96,14 +97,16 @@ def function(plan: dict[str, Any]) -> dict[str, Any]:
     import_ms, import_cpu_ms = (time.perf_counter() - started) * 1000, (_cpu_seconds() - cpu) * 1000
     handler = getattr(module, handler_name)
     modules_after_import = len(sys.modules)
+    import_peak_mb = _peak_rss_mb()
     # The first invocation's set-up (settings, clients, the services a handler builds once per container) is timed
     # on its own through the handler module's warm(): exactly what its first invocation would do before its work.
-    setup_ms = None
+    setup_ms = setup_cpu_ms = None
     warm = getattr(module, "warm", None)
     if plan.get("setup", True) and callable(warm):
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), _cpu_seconds()
         warm()
-        setup_ms = (time.perf_counter() - started) * 1000
+        setup_ms, setup_cpu_ms = (time.perf_counter() - started) * 1000, (_cpu_seconds() - cpu) * 1000
+    setup_peak_mb = _peak_rss_mb()
 
     invocations: list[dict[str, Any]] = []
     for event in plan.get("events", []):
@@ -114,12 +117,19 @@ def function(plan: dict[str, Any]) -> dict[str, Any]:
             outcome = {"result": handler(event, context)}
         except Exception as exc:  # noqa: BLE001 - reported as Lambda reports a failed invocation
             outcome = {"error": {"type": type(exc).__name__, "message": str(exc)}}
-        outcome |= {"ms": (time.perf_counter() - wall) * 1000, "cpu_ms": (_cpu_seconds() - cpu) * 1000}
+        outcome |= {
+            "ms": (time.perf_counter() - wall) * 1000,
+            "cpu_ms": (_cpu_seconds() - cpu) * 1000,
+            "peak_mb": _peak_rss_mb(),  # the process's peak so far: after this invocation
+        }
         invocations.append(outcome)
     return {
         "import_ms": import_ms,
         "import_cpu_ms": import_cpu_ms,
         "setup_ms": setup_ms,
+        "setup_cpu_ms": setup_cpu_ms,
+        "import_peak_mb": import_peak_mb,
+        "setup_peak_mb": setup_peak_mb,
         "modules_after_import": modules_after_import,
         "invocations": invocations,
         "handler_module": _origin(module_name),

@@ -41,10 +41,26 @@ SAMPLES = {
     ],
     "RefreshSweeperFunction": ["refresh-sweep.json"],
     "RefreshWorkerFunction": ["refresh-jobs.json"],
-    # Malformed changes only: each is dead-lettered with its reason, without the upstream.
-    "LifecycleFunction": ["lifecycle-poison.json"],
+    # Every change in the lives of customer-1001 and customer-1002 (registered by signup.json and
+    # signup-camelcase.json), in the order of tests/unit/test_lifecycle.py, then the malformed changes (each
+    # dead-lettered with its reason, without the upstream).
+    "LifecycleFunction": [
+        "lifecycle-updated.json",
+        "lifecycle-stale.json",
+        "lifecycle-deactivated.json",
+        "lifecycle-reactivated.json",
+        "lifecycle-moved.json",
+        "lifecycle-deleted.json",
+        "lifecycle-operator-actions.json",
+        "lifecycle-poison.json",
+    ],
     "ReconcileFunction": ["reconcile.json"],
 }
+#: The lifecycle function applies a batch's records one after the other, so that the samples' outcomes do not hang
+#: on which of a user's concurrent records wins its lease (the loser would be retried by SQS, then dropped or
+#: dead-lettered depending on what applied meanwhile); the concurrent case has tests of its own
+#: (tests/unit/test_lifecycle.py, tests/e2e/test_lifecycle_stack.py).
+OVERRIDES = {"LifecycleFunction": {"UPSTREAM_CONCURRENCY": "1"}}
 #: The queue whose records a function's samples stand for.
 SOURCE_QUEUES = {"RefreshWorkerFunction": "RefreshQueue", "LifecycleFunction": "LifecycleQueue"}
 
@@ -110,6 +126,25 @@ def _assert_ran_from_the_build(report: dict[str, Any], built: BuiltArtifact, log
     assert secrets_in(report["stdout"], keys) == []
 
 
+def _items_of(stack: LocalStack, client_id: str) -> list[dict[str, Any]]:
+    """The table's items of a ClientId, in every instance."""
+    dynamodb = boto3.client("dynamodb", endpoint_url=stack.endpoint_url, region_name=stack.region)
+    table = stack.physical["TokensTable"]
+    items = []
+    for instance in INSTANCES:
+        keys = dynamodb.query(
+            TableName=table,
+            IndexName="ByClient",
+            KeyConditionExpression="ClientKey = :k",
+            ExpressionAttributeValues={":k": {"S": f"{instance}#{client_id}"}},
+        )["Items"]
+        for key in keys:
+            item = dynamodb.get_item(TableName=table, Key={"pk": key["pk"]}, ConsistentRead=True).get("Item")
+            if item:
+                items.append({name: next(iter(value.values())) for name, value in item.items()})
+    return items
+
+
 def test_every_function_of_the_build_runs_the_samples_with_only_boto3_beside_it(
     built: BuiltArtifact, runtime_python: Path, artifact_stack: LocalStack, emulator: EmulatorHandle
 ) -> None:
@@ -120,7 +155,13 @@ def test_every_function_of_the_build_runs_the_samples_with_only_boto3_beside_it(
     for logical_id, names in SAMPLES.items():
         queue = SOURCE_QUEUES.get(logical_id, "RegistrationQueue")
         events = [_sample(name, artifact_stack, queue) for name in names]
-        reports[logical_id] = built.run(logical_id, runtime_python=runtime_python, stack=artifact_stack, events=events)
+        reports[logical_id] = built.run(
+            logical_id,
+            runtime_python=runtime_python,
+            stack=artifact_stack,
+            events=events,
+            overrides=OVERRIDES.get(logical_id),
+        )
         _assert_ran_from_the_build(reports[logical_id], built, logical_id)
 
     signup, duplicate, camel, poison = _results(reports["SignupFunction"])
@@ -134,9 +175,21 @@ def test_every_function_of_the_build_runs_the_samples_with_only_boto3_beside_it(
     assert {"not_json", "invalid_fields", "unknown_instance"} <= reasons
     assert {"users_due", "queued", "items_read"} <= set(_results(reports["RefreshSweeperFunction"])[0])
     assert _results(reports["RefreshWorkerFunction"]) == [{"batchItemFailures": []}]
-    assert _results(reports["LifecycleFunction"]) == [{"batchItemFailures": []}]
     changes = drain(sqs, artifact_stack.queue_url("LifecycleDeadLetterQueue"))
-    assert len(changes) == len(_sample("lifecycle-poison.json", artifact_stack)["Records"])
+    poisoned = {record["messageId"] for record in _sample("lifecycle-poison.json", artifact_stack)["Records"]}
+    assert {m["MessageAttributes"]["OriginalMessageId"]["StringValue"] for m in changes} == poisoned
+    assert len(changes) == len(poisoned)
+    # customer-1001 was updated, deactivated, reactivated, moved to fleet-eu, then erased there: gone upstream, and
+    # only its tombstone here, without a token or a profile field.
+    assert emulator.users(client_id="customer-1001") == []
+    (erased,) = _items_of(artifact_stack, "customer-1001")
+    assert (erased["Instance"], erased["Status"]) == ("fleet-eu", "DELETED")
+    assert {"RefreshToken", "AccessToken", "FirstName", "Email", "DueShard"} & set(erased) == set()
+    # customer-1002 was renamed, deactivated and moved by the operator's messages: one user, in fleet-eu.
+    (moved,) = emulator.users(client_id="customer-1002")
+    assert moved["InstanceId"] == INSTANCES["fleet-eu"]["InstanceId"]
+    (kept,) = _items_of(artifact_stack, "customer-1002")
+    assert (kept["Instance"], kept["DeviceToken"], kept["Deactivated"]) == ("fleet-eu", moved["DeviceToken"], True)
     (wake_up,) = _results(reports["ReconcileFunction"])
     assert wake_up["Adoptions"] == []
     assert wake_up["Audit"]["Status"] != "off"
