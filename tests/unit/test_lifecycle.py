@@ -5,108 +5,35 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from local.fake_lifecycle import (
     InMemoryAdminSessionStore,
-    InMemoryLifecycleRecords,
-    RecordingDeadLetterEraser,
     StaticAdminCredentials,
 )
-from local.fakes import InMemoryLoginBudget, InMemoryRefreshJobQueue, RecordingDeadLetters
+from local.fakes import InMemoryLoginBudget, InMemoryRefreshJobQueue
 from telematics_reg.errors import OutcomeUnknownError, TransientUpstreamError, UnauthorizedError
 from telematics_reg.lifecycle.admin import AdminSessionUnavailableError, FleetAdminSession
 from telematics_reg.lifecycle.changes import Action
 from telematics_reg.lifecycle.events import LifecycleFailed, UserDeleted, UserMoved, UserUpdated
-from telematics_reg.lifecycle.intake import LifecycleIntake
-from telematics_reg.lifecycle.service import LifecycleService, UserBusyError, UserNotRegisteredError
-from telematics_reg.management_models import AdminCredentials
-from telematics_reg.models import CreateUserRequest, InstanceCredentials, RegistrationRequest
+from telematics_reg.lifecycle.service import UserBusyError, UserNotRegisteredError
+from telematics_reg.models import CreateUserRequest
+from telematics_reg.occurred import iso_ms
 from telematics_reg.outcomes import RegistrationFailed
 from telematics_reg.refresh import RefreshOutcome, Sweeper
 from telematics_reg.registration import device_token_for, successor_device_token
 from telematics_reg.store import ConditionFailedError, Tokens, UserStatus
 
 from .conftest import DEVICE_TOKEN_KEY, World
-
-ADMIN = AdminCredentials(email="ops@example.com", password="pw")
-
-
-@dataclass
-class Lifecycle:
-    world: World
-    eu: InstanceCredentials
-    records: InMemoryLifecycleRecords
-    sessions: InMemoryAdminSessionStore
-    admin: FleetAdminSession
-    eraser: RecordingDeadLetterEraser
-    dead_letters: RecordingDeadLetters
-    service: LifecycleService
-    intake: LifecycleIntake
-
-    def ms(self, offset_s: float = 0) -> int:
-        return int((self.world.clock() + offset_s) * 1000)
-
-    def send(self, detail_type: str, detail: dict[str, object], *, sent_ms: int | None = None, mid: str = "") -> str:
-        now = datetime.fromtimestamp(self.world.clock(), UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-        event = {"detail-type": detail_type, "source": "customer.app", "time": now, "detail": detail}
-        return self.intake.handle(json.dumps(event), message_id=mid or str(uuid.uuid4()), first_sent_ms=sent_ms).status
-
-    def register(self, client_id: str, occurred_ms: int | None = None) -> str:
-        request = RegistrationRequest.model_validate({"ClientId": client_id, "FirstName": "Ada"})
-        at = occurred_ms if occurred_ms is not None else self.ms()
-        return self.world.intake.handle(
-            request.model_dump(mode="json", by_alias=True, exclude_none=True),
-            message_id=str(uuid.uuid4()),
-            source="queue",
-            occurred_at_ms=at,
-        ).status
-
-
-def iso_ms(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+from .worlds import ADMIN, Lifecycle, new_lifecycle
 
 
 @pytest.fixture
 def lc(world: World) -> Lifecycle:
-    eu = InstanceCredentials.model_validate({"InstanceId": str(uuid.uuid4()), "InstanceKey": str(uuid.uuid4())})
-    world.upstream._instances[eu.instance_id] = eu.instance_key.get_secret_value()  # type: ignore[index]
-    world.credentials._known["eu"] = eu
-    world.credentials._known["fleet-eu"] = eu  # the alias the samples in events/ use
-    world.upstream.admin = ADMIN
-    records = InMemoryLifecycleRecords(world.store)
-    sessions = InMemoryAdminSessionStore()
-    admin = FleetAdminSession(
-        upstream=world.upstream,
-        store=sessions,
-        credentials=StaticAdminCredentials(ADMIN),
-        clock=world.clock,
-        sleep=world.clock.sleep,
-    )
-    eraser = RecordingDeadLetterEraser()
-    dead_letters = RecordingDeadLetters()
-    service = LifecycleService(
-        upstream=world.upstream,
-        records=records,
-        credentials=world.credentials,
-        device_token_key=DEVICE_TOKEN_KEY,
-        admin=admin,
-        publisher=world.publisher,
-        eraser=eraser,
-        clock=world.clock,
-    )
-    intake = LifecycleIntake(
-        service=service,
-        dead_letters=dead_letters,
-        publisher=world.publisher,
-        unknown_user_seconds=900,
-        clock=world.clock,
-    )
-    return Lifecycle(world, eu, records, sessions, admin, eraser, dead_letters, service, intake)
+    return new_lifecycle(world)
 
 
 def upstream_user(lc: Lifecycle, client_id: str) -> list[object]:
