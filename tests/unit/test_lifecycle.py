@@ -17,7 +17,7 @@ from local.fake_lifecycle import (
 from local.fakes import InMemoryLoginBudget, InMemoryRefreshJobQueue
 from telematics_reg.errors import OutcomeUnknownError, TransientUpstreamError, UnauthorizedError
 from telematics_reg.lifecycle.admin import AdminSessionUnavailableError, FleetAdminSession
-from telematics_reg.lifecycle.changes import Action
+from telematics_reg.lifecycle.changes import FUTURE_TOLERANCE_MS, Action
 from telematics_reg.lifecycle.events import LifecycleFailed, UserDeleted, UserMoved, UserUpdated
 from telematics_reg.lifecycle.service import UserBusyError, UserNotRegisteredError
 from telematics_reg.models import CreateUserRequest
@@ -362,6 +362,9 @@ def test_a_move_keeps_the_device_token_and_later_logins_use_the_new_instance(lc:
         ("UserUpdated", {"ClientId": "c-1"}, "invalid_fields"),
         ("UserMoved", {"ClientId": "c-1", "ToInstance": "nowhere"}, "unknown_instance"),
         ("UserDeleted", {"ClientId": "c-1", "OccurredAt": "yesterday"}, "invalid_fields"),
+        # Past the calendar once in UTC: refused, not an OverflowError retried until SQS moved it without a reason.
+        ("UserUpdated", {"ClientId": "c-1", "City": "x", "OccurredAt": "9999-12-31T23:59:59-02:00"}, "invalid_fields"),
+        ("UserDeleted", {"ClientId": "c-1", "OccurredAt": "9999-12-31T23:59:59.999Z"}, "invalid_fields"),
     ],
 )
 def test_bad_input_dead_letters_with_its_reason_and_never_reaches_the_upstream(
@@ -376,6 +379,32 @@ def test_bad_input_dead_letters_with_its_reason_and_never_reaches_the_upstream(
     (failed,) = failures(lc)
     assert failed.dead_lettered
     assert failed.reason == reason
+
+
+def test_a_change_from_the_future_is_refused_and_does_not_shut_out_the_changes_that_follow(lc: Lifecycle) -> None:
+    lc.register("c-1")
+    ahead = lc.ms(FUTURE_TOLERANCE_MS / 1000 + 60)
+    assert lc.send("UserDeactivated", {"ClientId": "c-1", "OccurredAt": iso_ms(ahead)}) == "dead_lettered"
+    (letter,) = lc.dead_letters.letters
+    assert (letter.reason, letter.errors[0].key) == ("invalid_fields", "OccurredAt")
+    # Applied, it would have become the user's order marker: every change until then dropped as stale.
+    assert lc.send("UserUpdated", {"ClientId": "c-1", "City": "Paris", "OccurredAt": iso_ms(lc.ms(1))}) == "applied"
+    # Within the tolerance (a producer's clock a little ahead) it is applied.
+    assert lc.send("UserDeactivated", {"ClientId": "c-1", "OccurredAt": iso_ms(lc.ms(120))}) == "applied"
+    # An event whose own time is that far ahead (PutEvents lets the sender set it), without OccurredAt: the same.
+    event = {"detail-type": "UserReactivated", "time": "2100-01-01T00:00:00Z", "detail": {"ClientId": "c-1"}}
+    assert lc.intake.handle(json.dumps(event), message_id="far").status == "dead_lettered"
+    assert lc.dead_letters.letters[-1].errors[0].key == "time"
+    assert lc.world.upstream.calls["update_user"] == 2
+
+
+def test_a_time_before_the_calendar_once_in_utc_is_a_time_not_a_crash(lc: Lifecycle) -> None:
+    lc.register("c-1")
+    assert lc.send("UserUpdated", {"ClientId": "c-1", "City": "Rome", "OccurredAt": iso_ms(lc.ms())}) == "applied"
+    # 0001-01-01T00:00:00+02:00 is in year 0 in UTC: it raised OverflowError (retried, then moved without a reason).
+    old = {"ClientId": "c-1", "City": "Oslo", "OccurredAt": "0001-01-01T00:00:00+02:00"}
+    assert lc.send("UserUpdated", old) == "dropped"
+    assert failures(lc)[0].reason == "stale"
 
 
 def test_an_operator_message_with_an_unknown_action_dead_letters(lc: Lifecycle) -> None:

@@ -7,7 +7,8 @@ five, ``detail`` the change) or an operator's message with an ``Action``. Every 
   ``TelematicsLifecycleFailed`` with ``DeadLettered: false``);
 * retried (the exception propagates: a batch item failure): the user's registration is in flight, another change
   or a refresh holds the user, the upstream or DynamoDB failed;
-* dead-lettered with its reason: bad input (``invalid_fields``, ``unknown_action``, ``unknown_instance``, ...)
+* dead-lettered with its reason: bad input (``invalid_fields``, ``unknown_action``, ``unknown_instance``, a time
+  more than ``FUTURE_TOLERANCE_MS`` ahead of this function's clock, ...)
   before anything is looked up or sent upstream; ``unknown_user`` once a change has waited ``unknown_user_seconds``
   since its first delivery; ``upstream_rejected`` / ``not_found_upstream``. A dead letter says when its change
   occurred as it was ordered (``OccurredAt``, in the body of a message and in an attribute), not when it was
@@ -27,7 +28,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from telematics_reg.dead_letters import DeadLetter, DeadLetterSink
 from telematics_reg.errors import FieldError, InvalidMessageError
 from telematics_reg.intake import event_time_ms
-from telematics_reg.lifecycle.changes import LifecycleChange, parse_change
+from telematics_reg.lifecycle.changes import FUTURE_TOLERANCE_MS, LifecycleChange, parse_change
 from telematics_reg.lifecycle.events import LifecycleFailed
 from telematics_reg.lifecycle.service import LifecycleRejectedError, LifecycleService, UserNotRegisteredError
 from telematics_reg.observability import logger, metrics
@@ -88,7 +89,9 @@ class LifecycleIntake:
         try:
             payload, detail_type, event_time = self._unwrap(body, detail_type, event_time)
             fallback = event_time_ms(event_time) or sent_ms
-            change = parse_change(payload, detail_type=detail_type, fallback_ms=fallback)
+            change = parse_change(
+                payload, detail_type=detail_type, fallback_ms=fallback, not_after_ms=now_ms + FUTURE_TOLERANCE_MS
+            )
         except InvalidMessageError as exc:
             return self._dead_letter(raw, exc.reason, exc.errors, message_id, None, occurred_at_ms=fallback)
         if payload is body:
