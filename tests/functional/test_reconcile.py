@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,7 +84,16 @@ class Env:
             clock=lambda: time.time() + ahead,
         )
 
-    def audit(self, *, page_size: int = 1000, ahead: float = 5.0, lease: int = 180) -> DriftAudit:
+    def audit(
+        self,
+        *,
+        page_size: int = 1000,
+        ahead: float = 5.0,
+        lease: int = 180,
+        settle_seconds: int = 900,
+        clock: Callable[[], float] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> DriftAudit:
         return DriftAudit(
             upstream=self.upstream,
             admin=self.admin,
@@ -97,7 +106,9 @@ class Env:
             created_margin_seconds=0,
             page_size=page_size,
             scan_page_size=25,
-            clock=lambda: time.time() + ahead,
+            settle_seconds=settle_seconds,
+            clock=clock or (lambda: time.time() + ahead),
+            sleep=sleep,
         )
 
 
@@ -606,19 +617,7 @@ def test_without_a_time_limit_the_audit_waits_for_the_lease_and_gives_up_after_i
         slept.append(seconds)
         offset[0] += seconds
 
-    audit = DriftAudit(
-        upstream=fresh.upstream,
-        admin=fresh.admin,
-        records=fresh.records,
-        credentials=fresh.credentials,
-        device_token_key=StaticDeviceTokenKey(KEY),
-        publisher=fresh.publisher,
-        lease_seconds=180,
-        created_margin_seconds=0,
-        settle_seconds=300,
-        clock=lambda: time.time() + offset[0],
-        sleep=sleep,
-    )
+    audit = fresh.audit(settle_seconds=300, clock=lambda: time.time() + offset[0], sleep=sleep)
 
     step = audit.run(force=True)  # as the CLI runs it: no time limit
 
