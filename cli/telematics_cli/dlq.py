@@ -15,7 +15,9 @@ dead-letter queue only after it was sent back successfully.
 
 Privacy: a body holds a user's profile, so ``list`` shows ids, reasons and a summary without values (kind, size,
 key names) unless ``--bodies`` is given. ``redrive`` writes ``OccurredAt`` into a body that names a user and lacks
-it, so a letter from before its user's deletion is dropped when redriven after it, not registered anew.
+it (the time the function ordered it by, which our letters carry in their ``OccurredAt`` attribute), so a letter
+from before its user's deletion is dropped when redriven after it, not registered anew, and an old change redriven
+after a newer one is dropped as stale, not applied over it.
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ class Letter:
     event: dict[str, Any] | None = None
     #: Id of the message that was dead-lettered (our ``OriginalMessageId``; SQS keeps the id when it moves one).
     original_message_id: str | None = None
+    #: Our ``OccurredAt`` attribute (epoch ms): when the message occurred, as the function ordered it.
+    occurred_ms: int | None = None
 
     def matches(self, reasons: list[str], needle: str | None) -> bool:
         if reasons and self.reason not in reasons:
@@ -157,6 +161,7 @@ def classify(message: dict[str, Any]) -> Letter:
         sent_ms=int(sent) if sent else None,
     )
     letter.original_message_id = _attribute(message, "OriginalMessageId") or letter.message_id
+    letter.occurred_ms = event_time_ms(_attribute(message, "OccurredAt"))
     reason = _attribute(message, "Reason")
     if reason:
         letter.reason = reason
@@ -384,11 +389,15 @@ def _with_occurred_at(body: str, letter: Letter) -> str:
 
     Sent back as is, it would be ordered by the time of the redrive: a registration dead-lettered before its
     user's deletion and redriven after it would register the user anew, and an old change would apply over newer
-    ones. The letter's event ``time``, else its ``SentTimestamp`` (a letter SQS moved keeps its first send's; our own
-    letters are sent when the function gave up, after the message occurred), is when it occurred at the latest::
+    ones. When it occurred: our letter's ``OccurredAt`` attribute (the time the function ordered it by), else its
+    event's ``time``, else its ``SentTimestamp`` (a letter SQS moved keeps its first send's). Never our own letter's
+    ``SentTimestamp`` when the attribute is there: that is when the function gave up, which for a change that waited
+    for its user (``unknown_user``) is up to ``UNKNOWN_USER_SECONDS`` later, after changes that came after it::
 
-        letter L sent at t0 -> deletion D at T > t0 (its erasure misses L: held by this redrive)
-        -> redrive: OccurredAt t0 <= T -> the registration is dropped (user_deleted), nothing is created
+        change C at t0 (no user yet) ... dead-lettered at t0 + 900 s (unknown_user), OccurredAt t0
+        user registered; update U at t1 (t0 < t1 < t0 + 900 s) applied: LastChangeAt t1
+        redrive C: OccurredAt t0 < t1 -> dropped (stale), never applied over U
+        (stamped with its SentTimestamp t0 + 900 s > t1 it would have been applied over U)
     """
     try:
         document = json.loads(body)
@@ -398,7 +407,8 @@ def _with_occurred_at(body: str, letter: Letter) -> str:
         return body  # an EventBridge event: its own ``time`` orders it
     if any(isinstance(k, str) and k.lower() in ("quantity", "requestid") for k in document):
         return body  # a bulk: anonymous users, no order to keep (and the bulk contract takes no OccurredAt)
-    when = event_time_ms(letter.event.get("time")) if letter.event is not None else None
+    when = letter.occurred_ms
+    when = when or (event_time_ms(letter.event.get("time")) if letter.event is not None else None)
     when = when or letter.sent_ms
     return stamp_occurred_at(body, when) if when else body
 

@@ -23,7 +23,7 @@ from local.lambda_runtime import LocalFunction
 from local.stack import LocalStack, provision
 from telematics_cli import dlq, main, rows
 from telematics_cli.lifecycle import judge
-from telematics_cli.stamps import OccurredAtStamp
+from telematics_cli.stamps import OccurredAtStamp, iso_ms
 from telematics_reg.batching import BatchFailedError
 from telematics_reg.lifecycle.changes import Action, LifecycleChange
 from telematics_reg.store import UserRecord, UserStatus
@@ -494,6 +494,79 @@ def test_a_letter_redriven_after_its_users_deletion_is_dropped_not_registered_an
     assert (tombstone["DeviceToken"], tombstone["Status"]) == (device_token, "DELETED")
     assert upstream.users(client_id=client_id) == []  # ... nor upstream
     assert queued(sqs, lc.outputs["RegistrationDeadLetterQueueUrl"]) == []
+
+
+def test_a_change_dead_lettered_unknown_user_and_redriven_after_a_newer_one_is_dropped_as_stale(
+    cli: Cli, sqs: Any, lc: LocalStack, functions_lc: Functions, upstream: EmulatorHandle
+) -> None:
+    client_id = f"late-{uuid.uuid4().hex[:8]}"
+    queue = lc.outputs["LifecycleQueueUrl"]
+    # C: an update without OccurredAt (ordered by its send) for a user not registered yet.
+    sqs.send_message(QueueUrl=queue, MessageBody=json.dumps({"Action": "Update", "ClientId": client_id, "City": "Old"}))
+    time.sleep(0.05)
+    between = int(time.time() * 1000)
+    time.sleep(0.05)
+    # Its user never appeared within the bound: dead-lettered unknown_user, later than it occurred.
+    assert deliver(sqs, lc, "LifecycleQueue", functions_lc.get("LifecycleFunction", UNKNOWN_USER_SECONDS="0")) == []
+    (letter,) = sqs.receive_message(
+        QueueUrl=lc.outputs["LifecycleDeadLetterQueueUrl"],
+        AttributeNames=["All"],
+        MessageAttributeNames=["All"],
+        VisibilityTimeout=0,
+    )["Messages"]
+    assert letter["MessageAttributes"]["Reason"]["StringValue"] == "unknown_user"
+    occurred = occurred_ms(letter["MessageAttributes"]["OccurredAt"]["StringValue"])
+    assert occurred < between < int(letter["Attributes"]["SentTimestamp"])
+    assert occurred_ms(json.loads(letter["Body"])["OccurredAt"]) == occurred  # the body says it too
+
+    # The user registers; U, a change that occurred after C, is applied.
+    device_token = register(sqs, lc, functions_lc, client_id)
+    newer = {"Action": "Update", "ClientId": client_id, "City": "New", "OccurredAt": iso_ms(between)}
+    sqs.send_message(QueueUrl=queue, MessageBody=json.dumps(newer))
+    assert deliver(sqs, lc, "LifecycleQueue", functions_lc.get("LifecycleFunction")) == []
+    assert upstream.user(device_token)["Profile"]["City"] == "New"  # type: ignore[index]
+
+    code, out, err = cli("dlq", "redrive", "--queue", "lifecycle", "--json")
+    assert code == 0, err
+    assert json.loads(out)["moved"] == 1
+    (redriven,) = sqs.receive_message(QueueUrl=queue, AttributeNames=["All"], VisibilityTimeout=0)["Messages"]
+    assert occurred_ms(json.loads(redriven["Body"])["OccurredAt"]) == occurred
+    assert deliver(sqs, lc, "LifecycleQueue", functions_lc.get("LifecycleFunction")) == []
+
+    # C is older than U: dropped as stale, never applied over it.
+    assert upstream.user(device_token)["Profile"]["City"] == "New"  # type: ignore[index]
+    (item,) = [i for i in items(lc, sqs, client_id) if i["Status"] == "ACTIVE"]
+    assert int(item["LastChangeAt"]) == between
+    assert queued(sqs, lc.outputs["LifecycleDeadLetterQueueUrl"]) == []
+
+
+def test_a_registration_dead_letter_carries_the_time_it_was_ordered_by_and_the_redrive_uses_it(
+    cli: Cli, sqs: Any, lc: LocalStack, functions_lc: Functions
+) -> None:
+    # A registration naming an instance the secret does not hold: dead-lettered at once, after it was sent.
+    sqs.send_message(
+        QueueUrl=lc.outputs["RegistrationQueueUrl"],
+        MessageBody=json.dumps({"ClientId": f"nowhere-{uuid.uuid4().hex[:8]}", "Instance": "nowhere"}),
+    )
+    (sent,) = sqs.receive_message(
+        QueueUrl=lc.outputs["RegistrationQueueUrl"], AttributeNames=["All"], VisibilityTimeout=0
+    )["Messages"]
+    first_sent = int(sent["Attributes"]["SentTimestamp"])
+    time.sleep(0.05)
+    assert deliver(sqs, lc, "RegistrationQueue", functions_lc.get("RegistrationQueueFunction")) == []
+    (letter,) = sqs.receive_message(
+        QueueUrl=lc.outputs["RegistrationDeadLetterQueueUrl"],
+        AttributeNames=["All"],
+        MessageAttributeNames=["All"],
+        VisibilityTimeout=0,
+    )["Messages"]
+    assert occurred_ms(letter["MessageAttributes"]["OccurredAt"]["StringValue"]) == first_sent
+    assert int(letter["Attributes"]["SentTimestamp"]) > first_sent
+
+    code, _, err = cli("dlq", "redrive", "--queue", "registration", "--json")
+    assert code == 0, err
+    (redriven,) = sqs.receive_message(QueueUrl=lc.outputs["RegistrationQueueUrl"], VisibilityTimeout=0)["Messages"]
+    assert occurred_ms(json.loads(redriven["Body"])["OccurredAt"]) == first_sent
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from telematics_reg.reconcile.audit import DriftAudit
 from telematics_reg.reconcile.events import UserGone
 from telematics_reg.reconcile.records import DynamoReconcileRecords
 from telematics_reg.refresh import RefreshJob, TokenRefresher
-from telematics_reg.registration import BulkIncompleteError, RegistrationService, device_token_for
+from telematics_reg.registration import BulkIncompleteError, RegistrationService, device_token_for, tokens_of
 from telematics_reg.store import ChunkState, DynamoTokenStore, NewUser, Tokens, UserStatus, pending_key
 from telematics_reg.timing import LeaseTiming
 from telematics_reg.upstream import UserServiceClient
@@ -84,7 +84,16 @@ class Env:
             clock=lambda: time.time() + ahead,
         )
 
-    def audit(self, *, page_size: int = 1000, ahead: float = 5.0, lease: int = 180) -> DriftAudit:
+    def audit(
+        self,
+        *,
+        page_size: int = 1000,
+        ahead: float = 5.0,
+        lease: int = 180,
+        settle_seconds: int = 900,
+        clock: Callable[[], float] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> DriftAudit:
         return DriftAudit(
             upstream=self.upstream,
             admin=self.admin,
@@ -97,7 +106,9 @@ class Env:
             created_margin_seconds=0,
             page_size=page_size,
             scan_page_size=25,
-            clock=lambda: time.time() + ahead,
+            settle_seconds=settle_seconds,
+            clock=clock or (lambda: time.time() + ahead),
+            sleep=sleep,
         )
 
 
@@ -441,6 +452,19 @@ def _registered(env: Env, client_id: str, alias: str = "default") -> str:
     return token
 
 
+def _registered_with_tokens(env: Env, client_id: str) -> str:
+    """As :func:`_registered`, storing the pair the upstream issued (so that a Refresh succeeds)."""
+    creds = env.creds()
+    token = device_token_for(str(creds.instance_id), client_id, key=StaticDeviceTokenKey(KEY).get())
+    body = CreateUserRequest(custom_token=UUID(token), user_fields=UserFields(client_id=client_id))
+    tokens = tokens_of(env.upstream.create(creds, body), time.time())
+    assert tokens is not None
+    env.store.put_new_users(
+        [NewUser(token, "default", str(creds.instance_id), tokens, client_id=client_id)], now=time.time() - 60
+    )
+    return token
+
+
 def _update(env: Env, token: str, changes: UserUpdate) -> None:
     env.admin.call(lambda admin: env.upstream.update_user(admin, UUID(token), changes))
 
@@ -581,6 +605,155 @@ def test_two_audits_never_run_at_once_and_a_dead_holder_is_taken_over_after_its_
     assert step.report is not None
     assert step.report.audited == 12
     assert step.report.drift == 0
+
+
+# ------------------------------------------------------------------------------- a gone user's lease at the sweep
+
+
+def _refresher(env: Env, upstream: Any = None, store: Any = None) -> TokenRefresher:
+    return TokenRefresher(
+        upstream=upstream or env.upstream,
+        store=store or env.store,
+        credentials=env.credentials,
+        publisher=env.publisher,
+        margin_seconds=10**6,  # every user is due
+        timing=LeaseTiming(lease_seconds=180, call_seconds=30, clock_skew_seconds=10, commit_seconds=10),
+    )
+
+
+def _gone_events(env: Env) -> list[str]:
+    return [e.device_token for e in env.publisher.events if isinstance(e, UserGone)]
+
+
+class _AuditDuringRefresh:
+    """The upstream, with the audit run while a refresh call is in flight (the worker holds the user's lease)."""
+
+    def __init__(self, env: Env, steps: list[Any]) -> None:
+        self._env, self._steps = env, steps
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._env.upstream, name)
+
+    def refresh(self, access_token: str, refresh_token: str) -> Any:
+        self._steps.append(self._env.audit().run(force=True, time_left=lambda: 61.0))
+        return self._env.upstream.refresh(access_token, refresh_token)
+
+
+def test_a_user_gone_whose_refresh_holds_its_lease_at_the_sweep_is_marked_by_the_same_run_once_it_ends(
+    fresh: Env,
+) -> None:
+    gone = _registered(fresh, "gone-leased")
+    kept = _registered(fresh, "kept-leased")
+    fresh.admin.call(lambda t: fresh.upstream.delete_user(t, UUID(gone)))
+    record = fresh.store.get_user(gone)
+    assert record is not None
+    steps: list[Any] = []
+
+    # The refresh takes the lease; its call is in flight when the audit walks and sweeps. The mark must not step on
+    # the holder. The call then fails (the user is gone: Refresh 400, Login 404) and the worker lets the lease go.
+    _refresher(fresh, upstream=_AuditDuringRefresh(fresh, steps)).refresh_job(RefreshJob(gone, record.version))
+
+    (during,) = steps
+    assert during.status == "in_progress"  # waiting for the lease of a user it judged gone
+    assert during.report.samples["gone"] == [gone]
+    assert _gone_events(fresh) == []
+    # The next wake-up (well within the interval) finishes the same run: the user is marked now, not a day later.
+    step = fresh.audit().run(time_left=lambda: 61.0)
+    assert step.status == "finished"
+    assert step.report is not None
+    assert step.report.run_id == during.report.run_id
+    assert (step.report.counts["gone"], step.report.gone_not_marked) == (1, 0)
+    marked = fresh.store.get_user(gone)
+    assert marked is not None
+    assert marked.status is UserStatus.GONE
+    assert (marked.due_shard, marked.tokens, marked.lease_owner) == (None, None, None)
+    assert _gone_events(fresh) == [gone]
+    still = fresh.store.get_user(kept)
+    assert still is not None
+    assert still.status is UserStatus.ACTIVE
+
+
+class _AuditBeforeCommit:
+    """The token store, with the user deleted upstream and the audit run between a refresh's answer and its commit:
+    the pair was rotated just before the deletion, and is committed (a new version) after the sweep."""
+
+    def __init__(self, env: Env, steps: list[Any]) -> None:
+        self._env, self._steps = env, steps
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._env.store, name)
+
+    def commit_tokens(self, **kwargs: Any) -> Any:
+        env = self._env
+        env.admin.call(lambda t: env.upstream.delete_user(t, UUID(kwargs["device_token"])))
+        self._steps.append(env.audit().run(force=True, time_left=lambda: 61.0))
+        return env.store.commit_tokens(**kwargs)
+
+
+def test_a_user_gone_whose_refresh_commits_a_new_version_after_the_sweep_is_marked_at_that_version(
+    fresh: Env,
+) -> None:
+    gone = _registered_with_tokens(fresh, "gone-committed")
+    record = fresh.store.get_user(gone)
+    assert record is not None
+    steps: list[Any] = []
+
+    outcome = _refresher(fresh, store=_AuditBeforeCommit(fresh, steps)).refresh_job(RefreshJob(gone, record.version))
+
+    assert outcome.value == "refreshed"  # the holder's commit was not stepped on
+    (during,) = steps
+    assert during.status == "in_progress"
+    committed = fresh.store.get_user(gone)
+    assert committed is not None
+    assert (committed.status, committed.version) == (UserStatus.ACTIVE, record.version + 1)
+    step = fresh.audit().run(time_left=lambda: 61.0)
+    assert step.status == "finished"
+    assert step.report is not None
+    assert step.report.gone_not_marked == 0
+    marked = fresh.store.get_user(gone)
+    assert marked is not None
+    assert (marked.status, marked.version, marked.tokens, marked.due_shard) == (
+        UserStatus.GONE,
+        record.version + 2,
+        None,
+        None,
+    )
+    assert _gone_events(fresh) == [gone]
+
+
+def test_without_a_time_limit_the_audit_waits_for_the_lease_and_gives_up_after_its_bound(fresh: Env) -> None:
+    short = _registered(fresh, "gone-short-lease")
+    long = _registered(fresh, "gone-long-lease")
+    for token in (short, long):
+        fresh.admin.call(lambda t, tok=token: fresh.upstream.delete_user(t, UUID(tok)))
+    now = time.time()
+    for token, ttl in ((short, 30), (long, 10_000)):  # holders that died: their leases lapse at their expiry
+        record = fresh.store.get_user(token)
+        assert record is not None
+        assert fresh.store.acquire_lease(device_token=token, version=record.version, owner="w", now=now, ttl=ttl)
+    offset = [5.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        offset[0] += seconds
+
+    audit = fresh.audit(settle_seconds=300, clock=lambda: time.time() + offset[0], sleep=sleep)
+
+    step = audit.run(force=True)  # as the CLI runs it: no time limit
+
+    assert step.status == "finished"
+    assert step.report is not None
+    assert step.report.counts["gone"] == 2
+    assert step.report.gone_not_marked == 1  # the lease that outlives the bound is never stepped on
+    assert 300 <= sum(slept) <= 400
+    assert max(slept) <= 5  # read again every few seconds: a holder usually lets its lease go early
+    marked, left = fresh.store.get_user(short), fresh.store.get_user(long)
+    assert marked is not None
+    assert left is not None
+    assert (marked.status, left.status) == (UserStatus.GONE, UserStatus.ACTIVE)
+    assert left.lease_owner == "w"
+    assert _gone_events(fresh) == [short]
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI

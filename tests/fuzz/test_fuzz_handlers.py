@@ -27,7 +27,7 @@ from telematics_reg.models import BulkRegistrationRequest, parse_registration_me
 from telematics_reg.refresh import RefreshJob
 from telematics_reg.registration import device_token_for
 from telematics_reg.store import UserStatus
-from tests.unit.conftest import DEVICE_TOKEN_KEY
+from tests.unit.worlds import DEVICE_TOKEN_KEY
 
 from .conftest import INPUTS
 from .strategies import any_json, client_ids, message_bodies, registration_like, valid_registration

@@ -33,7 +33,7 @@ from telematics_reg.refresh import RefreshJob, RefreshOutcome, TokenRefresher
 from telematics_reg.registration import tokens_of
 from telematics_reg.store import Tokens, UserStatus
 from telematics_reg.upstream import UserServiceClient, parse_retry_after
-from tests.unit.conftest import TIMING
+from tests.unit.worlds import TIMING
 
 from .conftest import INPUTS
 from .strategies import any_json, edge_integers, hostile_text

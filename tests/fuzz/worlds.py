@@ -5,54 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import uuid
 from collections.abc import Iterable, Iterator
 
 from aws_lambda_powertools.logging.formatter import LambdaPowertoolsFormatter
 
-from local.fake_store import InMemoryTokenStore
-from local.fakes import FakeUserService, InMemoryLoginBudget, RecordingDeadLetters, RecordingPublisher
-from telematics_reg.credentials import StaticCredentials
-from telematics_reg.intake import RegistrationIntake
-from telematics_reg.models import InstanceCredentials
 from telematics_reg.observability import SERVICE
-from telematics_reg.refresh import TokenRefresher
-from telematics_reg.registration import RegistrationService
-from tests.unit.conftest import DEVICE_TOKEN_KEY, TIMING, FakeClock, World
+from tests.unit.worlds import Lifecycle, World, new_lifecycle, new_world
 
-
-def new_world(*, token_lifetime: int = 3600) -> World:
-    clock = FakeClock()
-    creds = InstanceCredentials.model_validate({"InstanceId": str(uuid.uuid4()), "InstanceKey": str(uuid.uuid4())})
-    budget = InMemoryLoginBudget(per_minute=5, clock=clock)
-    upstream = FakeUserService(instances=[creds], token_lifetime=token_lifetime, clock=clock, login_budget=budget)
-    store = InMemoryTokenStore(shards=4)
-    credentials = StaticCredentials({"default": creds})
-    publisher = RecordingPublisher()
-    dead_letters = RecordingDeadLetters()
-    service = RegistrationService(
-        upstream=upstream,
-        store=store,
-        credentials=credentials,
-        device_token_key=DEVICE_TOKEN_KEY,
-        publisher=publisher,
-        clock=clock,
-        sleep=clock.sleep,
-    )
-    refresher = TokenRefresher(
-        upstream=upstream,
-        store=store,
-        credentials=credentials,
-        publisher=publisher,
-        margin_seconds=600,
-        timing=TIMING,
-        clock=clock,
-        sleep=clock.sleep,
-    )
-    intake = RegistrationIntake(service=service, dead_letters=dead_letters, publisher=publisher)
-    return World(
-        clock, creds, upstream, store, credentials, publisher, dead_letters, budget, service, intake, refresher
-    )
+__all__ = ["Lifecycle", "LogCapture", "captured_logs", "leaks", "new_lifecycle", "new_world", "world_secrets"]
 
 
 class LogCapture(logging.Handler):

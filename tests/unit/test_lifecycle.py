@@ -5,108 +5,35 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from local.fake_lifecycle import (
     InMemoryAdminSessionStore,
-    InMemoryLifecycleRecords,
-    RecordingDeadLetterEraser,
     StaticAdminCredentials,
 )
-from local.fakes import InMemoryLoginBudget, InMemoryRefreshJobQueue, RecordingDeadLetters
+from local.fakes import InMemoryLoginBudget, InMemoryRefreshJobQueue
 from telematics_reg.errors import OutcomeUnknownError, TransientUpstreamError, UnauthorizedError
 from telematics_reg.lifecycle.admin import AdminSessionUnavailableError, FleetAdminSession
-from telematics_reg.lifecycle.changes import Action
+from telematics_reg.lifecycle.changes import FUTURE_TOLERANCE_MS, Action
 from telematics_reg.lifecycle.events import LifecycleFailed, UserDeleted, UserMoved, UserUpdated
-from telematics_reg.lifecycle.intake import LifecycleIntake
-from telematics_reg.lifecycle.service import LifecycleService, UserBusyError, UserNotRegisteredError
-from telematics_reg.management_models import AdminCredentials
-from telematics_reg.models import CreateUserRequest, InstanceCredentials, RegistrationRequest
+from telematics_reg.lifecycle.service import UserBusyError, UserNotRegisteredError
+from telematics_reg.models import CreateUserRequest
+from telematics_reg.occurred import iso_ms
 from telematics_reg.outcomes import RegistrationFailed
 from telematics_reg.refresh import RefreshOutcome, Sweeper
 from telematics_reg.registration import device_token_for, successor_device_token
 from telematics_reg.store import ConditionFailedError, Tokens, UserStatus
 
 from .conftest import DEVICE_TOKEN_KEY, World
-
-ADMIN = AdminCredentials(email="ops@example.com", password="pw")
-
-
-@dataclass
-class Lifecycle:
-    world: World
-    eu: InstanceCredentials
-    records: InMemoryLifecycleRecords
-    sessions: InMemoryAdminSessionStore
-    admin: FleetAdminSession
-    eraser: RecordingDeadLetterEraser
-    dead_letters: RecordingDeadLetters
-    service: LifecycleService
-    intake: LifecycleIntake
-
-    def ms(self, offset_s: float = 0) -> int:
-        return int((self.world.clock() + offset_s) * 1000)
-
-    def send(self, detail_type: str, detail: dict[str, object], *, sent_ms: int | None = None, mid: str = "") -> str:
-        now = datetime.fromtimestamp(self.world.clock(), UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-        event = {"detail-type": detail_type, "source": "customer.app", "time": now, "detail": detail}
-        return self.intake.handle(json.dumps(event), message_id=mid or str(uuid.uuid4()), first_sent_ms=sent_ms).status
-
-    def register(self, client_id: str, occurred_ms: int | None = None) -> str:
-        request = RegistrationRequest.model_validate({"ClientId": client_id, "FirstName": "Ada"})
-        at = occurred_ms if occurred_ms is not None else self.ms()
-        return self.world.intake.handle(
-            request.model_dump(mode="json", by_alias=True, exclude_none=True),
-            message_id=str(uuid.uuid4()),
-            source="queue",
-            occurred_at_ms=at,
-        ).status
-
-
-def iso_ms(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+from .worlds import ADMIN, Lifecycle, new_lifecycle
 
 
 @pytest.fixture
 def lc(world: World) -> Lifecycle:
-    eu = InstanceCredentials.model_validate({"InstanceId": str(uuid.uuid4()), "InstanceKey": str(uuid.uuid4())})
-    world.upstream._instances[eu.instance_id] = eu.instance_key.get_secret_value()  # type: ignore[index]
-    world.credentials._known["eu"] = eu
-    world.credentials._known["fleet-eu"] = eu  # the alias the samples in events/ use
-    world.upstream.admin = ADMIN
-    records = InMemoryLifecycleRecords(world.store)
-    sessions = InMemoryAdminSessionStore()
-    admin = FleetAdminSession(
-        upstream=world.upstream,
-        store=sessions,
-        credentials=StaticAdminCredentials(ADMIN),
-        clock=world.clock,
-        sleep=world.clock.sleep,
-    )
-    eraser = RecordingDeadLetterEraser()
-    dead_letters = RecordingDeadLetters()
-    service = LifecycleService(
-        upstream=world.upstream,
-        records=records,
-        credentials=world.credentials,
-        device_token_key=DEVICE_TOKEN_KEY,
-        admin=admin,
-        publisher=world.publisher,
-        eraser=eraser,
-        clock=world.clock,
-    )
-    intake = LifecycleIntake(
-        service=service,
-        dead_letters=dead_letters,
-        publisher=world.publisher,
-        unknown_user_seconds=900,
-        clock=world.clock,
-    )
-    return Lifecycle(world, eu, records, sessions, admin, eraser, dead_letters, service, intake)
+    return new_lifecycle(world)
 
 
 def upstream_user(lc: Lifecycle, client_id: str) -> list[object]:
@@ -435,6 +362,9 @@ def test_a_move_keeps_the_device_token_and_later_logins_use_the_new_instance(lc:
         ("UserUpdated", {"ClientId": "c-1"}, "invalid_fields"),
         ("UserMoved", {"ClientId": "c-1", "ToInstance": "nowhere"}, "unknown_instance"),
         ("UserDeleted", {"ClientId": "c-1", "OccurredAt": "yesterday"}, "invalid_fields"),
+        # Past the calendar once in UTC: refused, not an OverflowError retried until SQS moved it without a reason.
+        ("UserUpdated", {"ClientId": "c-1", "City": "x", "OccurredAt": "9999-12-31T23:59:59-02:00"}, "invalid_fields"),
+        ("UserDeleted", {"ClientId": "c-1", "OccurredAt": "9999-12-31T23:59:59.999Z"}, "invalid_fields"),
     ],
 )
 def test_bad_input_dead_letters_with_its_reason_and_never_reaches_the_upstream(
@@ -449,6 +379,32 @@ def test_bad_input_dead_letters_with_its_reason_and_never_reaches_the_upstream(
     (failed,) = failures(lc)
     assert failed.dead_lettered
     assert failed.reason == reason
+
+
+def test_a_change_from_the_future_is_refused_and_does_not_shut_out_the_changes_that_follow(lc: Lifecycle) -> None:
+    lc.register("c-1")
+    ahead = lc.ms(FUTURE_TOLERANCE_MS / 1000 + 60)
+    assert lc.send("UserDeactivated", {"ClientId": "c-1", "OccurredAt": iso_ms(ahead)}) == "dead_lettered"
+    (letter,) = lc.dead_letters.letters
+    assert (letter.reason, letter.errors[0].key) == ("invalid_fields", "OccurredAt")
+    # Applied, it would have become the user's order marker: every change until then dropped as stale.
+    assert lc.send("UserUpdated", {"ClientId": "c-1", "City": "Paris", "OccurredAt": iso_ms(lc.ms(1))}) == "applied"
+    # Within the tolerance (a producer's clock a little ahead) it is applied.
+    assert lc.send("UserDeactivated", {"ClientId": "c-1", "OccurredAt": iso_ms(lc.ms(120))}) == "applied"
+    # An event whose own time is that far ahead (PutEvents lets the sender set it), without OccurredAt: the same.
+    event = {"detail-type": "UserReactivated", "time": "2100-01-01T00:00:00Z", "detail": {"ClientId": "c-1"}}
+    assert lc.intake.handle(json.dumps(event), message_id="far").status == "dead_lettered"
+    assert lc.dead_letters.letters[-1].errors[0].key == "time"
+    assert lc.world.upstream.calls["update_user"] == 2
+
+
+def test_a_time_before_the_calendar_once_in_utc_is_a_time_not_a_crash(lc: Lifecycle) -> None:
+    lc.register("c-1")
+    assert lc.send("UserUpdated", {"ClientId": "c-1", "City": "Rome", "OccurredAt": iso_ms(lc.ms())}) == "applied"
+    # 0001-01-01T00:00:00+02:00 is in year 0 in UTC: it raised OverflowError (retried, then moved without a reason).
+    old = {"ClientId": "c-1", "City": "Oslo", "OccurredAt": "0001-01-01T00:00:00+02:00"}
+    assert lc.send("UserUpdated", old) == "dropped"
+    assert failures(lc)[0].reason == "stale"
 
 
 def test_an_operator_message_with_an_unknown_action_dead_letters(lc: Lifecycle) -> None:

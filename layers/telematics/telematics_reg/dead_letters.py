@@ -1,17 +1,22 @@
 """Dead letters with their reason: bad input goes here at once instead of being retried until maxReceiveCount.
 
-The original body is kept byte for byte so an operator can fix and redrive it; the reason travels in message
-attributes (``Reason``, ``ErrorDetail``, ``Source``, ``OriginalMessageId``) so it can be listed without parsing.
+The original body is kept so an operator can fix and redrive it; the reason travels in message attributes
+(``Reason``, ``ErrorDetail``, ``Source``, ``OriginalMessageId``) so it can be listed without parsing, and
+``OccurredAt`` (ISO 8601, ms) says when the message occurred as the function ordered it: the dead letter itself is
+sent later (a change waits up to ``UNKNOWN_USER_SECONDS`` for its user), so its ``SentTimestamp`` would order it
+after changes that came after it (``telematics-reg dlq redrive`` stamps this time into what it sends back).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from telematics_reg.errors import FieldError
+from telematics_reg.occurred import iso_ms
 
 # SQS allows 256 KiB per message including attributes; a reason is a summary, not a dump.
 _MAX_DETAIL_CHARS = 2000
@@ -36,6 +41,9 @@ class DeadLetter:
     source: str
     errors: list[FieldError] = field(default_factory=list)
     original_message_id: str | None = None
+    #: When the message occurred (epoch ms), as it was ordered: its ``OccurredAt``, else its event's ``time`` or its
+    #: first send. ``None`` when not known (a body that is not a message at all).
+    occurred_at_ms: int | None = None
 
     def detail(self) -> str:
         text = json.dumps([e.as_dict() for e in self.errors], ensure_ascii=False)
@@ -68,6 +76,9 @@ class SqsDeadLetters:
                 "DataType": "String",
                 "StringValue": sqs_text(letter.original_message_id),
             }
+        if letter.occurred_at_ms is not None:
+            with contextlib.suppress(ValueError, OverflowError, OSError):  # a time past the calendar: not said
+                attributes["OccurredAt"] = {"DataType": "String", "StringValue": iso_ms(letter.occurred_at_ms)}
         self._client.send_message(
             QueueUrl=self._queue_url, MessageBody=sqs_text(letter.body) or "(empty)", MessageAttributes=attributes
         )

@@ -116,13 +116,17 @@ class RegistrationIntake:
         try:
             request = parse_registration_message(body)
         except InvalidMessageError as exc:
-            return self._dead_letter(raw, exc.reason, exc.errors, message_id, source, None, None)
+            return self._dead_letter(raw, exc.reason, exc.errors, message_id, source, None, None, occurred_at_ms)
 
         if isinstance(request, BulkRegistrationRequest) and source == "signup":
             # A signup event is one user (DESIGN.md); bulk loads belong on the registration queue.
             problem = FieldError("Quantity", "bulk requests go on the registration queue, not in a signup event")
-            return self._dead_letter(raw, "invalid_fields", [problem], message_id, source, request.instance, None)
+            return self._dead_letter(
+                raw, "invalid_fields", [problem], message_id, source, request.instance, None, occurred_at_ms
+            )
         request, raw = _stamped(request, raw, message_id, occurred_at_ms)
+        # When it was ordered (its OccurredAt, else the event's time or the first send): kept on a dead letter.
+        when = request.occurred_at_ms if isinstance(request, RegistrationRequest) else occurred_at_ms
         client_id = None if isinstance(request, BulkRegistrationRequest) else request.client_id
         logger.thread_safe_append_keys(client_id=client_id, message_id=message_id)
         foreign: str | None = None
@@ -133,12 +137,14 @@ class RegistrationIntake:
                 return MessageResult("bulk", stored=bulk.stored)
             outcome = self._service.register(request, source=source, message_id=message_id)
         except InvalidMessageError as exc:  # e.g. an instance alias the credentials secret does not hold
-            return self._dead_letter(raw, exc.reason, exc.errors, message_id, source, request.instance, client_id)
+            return self._dead_letter(raw, exc.reason, exc.errors, message_id, source, request.instance, client_id, when)
         except UpstreamValidationError as exc:
             errors = exc.errors or [FieldError("Upstream", str(exc))]
-            return self._dead_letter(raw, "upstream_rejected", errors, message_id, source, request.instance, client_id)
+            return self._dead_letter(
+                raw, "upstream_rejected", errors, message_id, source, request.instance, client_id, when
+            )
         except (BulkIncompleteError, BulkRequestConflictError) as exc:
-            return self._dead_letter(raw, exc.reason, exc.errors, message_id, source, request.instance, None)
+            return self._dead_letter(raw, exc.reason, exc.errors, message_id, source, request.instance, None, when)
         except UserErasedError as exc:
             # Occurred before the deletion of its user: dropped, not dead-lettered (a dead letter would keep the
             # erased user's profile), and announced with ids only.
@@ -234,11 +240,19 @@ class RegistrationIntake:
         source: Source,
         instance: str | None,
         client_id: str | None,
+        occurred_at_ms: int | None = None,
     ) -> MessageResult:
         text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
         # If this send fails the exception propagates and the message is retried: it is never dropped.
         self._dead_letters.send(
-            DeadLetter(body=text, reason=reason, source=source, errors=errors, original_message_id=message_id)
+            DeadLetter(
+                body=text,
+                reason=reason,
+                source=source,
+                errors=errors,
+                original_message_id=message_id,
+                occurred_at_ms=occurred_at_ms,
+            )
         )
         metrics.add_metric("MessagesDeadLettered", MetricUnit.Count, 1)
         logger.warning(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Final
 
@@ -36,6 +36,11 @@ from telematics_reg.models import (
 )
 
 _MAX_URL: Final = 2048
+#: How far ahead of the service's clock a change's time (``OccurredAt``, or its event's ``time``) may be: a producer's
+#: clock runs a little ahead at most. A time further ahead is refused (``invalid_fields``): applied, it would become
+#: the user's order marker, and every real change until then would be dropped as stale (a deletion's, the time
+#: before which every registration of its ClientId is refused).
+FUTURE_TOLERANCE_MS: Final = 300_000
 
 
 class Action(StrEnum):
@@ -170,10 +175,20 @@ class LifecycleChange:
 
 
 def _ms(value: datetime) -> int:
-    return int(value.astimezone(UTC).timestamp() * 1000)
+    # ``timestamp()`` of an aware time, not ``astimezone(UTC)``: the latter fails (OverflowError) for a time whose
+    # UTC date falls outside the calendar, such as 0001-01-01T00:00:00+02:00.
+    return int(value.timestamp() * 1000)
 
 
-__all__ = ["DETAIL_TYPES", "Action", "LifecycleChange", "action_of", "event_time_ms", "parse_change"]
+__all__ = [
+    "DETAIL_TYPES",
+    "FUTURE_TOLERANCE_MS",
+    "Action",
+    "LifecycleChange",
+    "action_of",
+    "event_time_ms",
+    "parse_change",
+]
 
 
 def _invalid(key: str, message: str, reason: str = "invalid_fields") -> InvalidMessageError:
@@ -208,7 +223,11 @@ def action_of(raw: str | bytes | Mapping[str, Any]) -> Action | None:
 
 
 def parse_change(
-    raw: str | bytes | Mapping[str, Any], *, detail_type: str | None = None, fallback_ms: int
+    raw: str | bytes | Mapping[str, Any],
+    *,
+    detail_type: str | None = None,
+    fallback_ms: int,
+    not_after_ms: int | None = None,
 ) -> LifecycleChange:
     """Parse one change: an event's ``detail`` (with its ``detail_type``) or a queue message with ``Action``.
 
@@ -220,6 +239,8 @@ def parse_change(
         The EventBridge ``detail-type``; ``None`` for a queue message (its ``Action`` field decides).
     fallback_ms
         The order time when the change has no ``OccurredAt``: the event's ``time``, the message's send time.
+    not_after_ms
+        The latest order time accepted (the caller's clock plus :data:`FUTURE_TOLERANCE_MS`); ``None``: any.
 
     Raises
     ------
@@ -247,6 +268,9 @@ def parse_change(
     except ValidationError as exc:
         raise InvalidMessageError("invalid_fields", field_errors(exc)) from None
     occurred = _ms(body.occurred_at) if body.occurred_at is not None else fallback_ms
+    if not_after_ms is not None and occurred > not_after_ms:
+        key = "OccurredAt" if body.occurred_at is not None else "time"
+        raise _invalid(key, f"{key} is in the future (more than {FUTURE_TOLERANCE_MS // 1000} s ahead of the service)")
     common = {"client_id": body.client_id, "instance": body.instance, "occurred_at": occurred}
     if isinstance(body, _UpdateBody):
         return LifecycleChange(Action.UPDATE, update=_update_of(body), **common)  # type: ignore[arg-type]

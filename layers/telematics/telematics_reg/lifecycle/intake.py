@@ -7,9 +7,12 @@ five, ``detail`` the change) or an operator's message with an ``Action``. Every 
   ``TelematicsLifecycleFailed`` with ``DeadLettered: false``);
 * retried (the exception propagates: a batch item failure): the user's registration is in flight, another change
   or a refresh holds the user, the upstream or DynamoDB failed;
-* dead-lettered with its reason: bad input (``invalid_fields``, ``unknown_action``, ``unknown_instance``, ...)
+* dead-lettered with its reason: bad input (``invalid_fields``, ``unknown_action``, ``unknown_instance``, a time
+  more than ``FUTURE_TOLERANCE_MS`` ahead of this function's clock, ...)
   before anything is looked up or sent upstream; ``unknown_user`` once a change has waited ``unknown_user_seconds``
-  since its first delivery; ``upstream_rejected`` / ``not_found_upstream``.
+  since its first delivery; ``upstream_rejected`` / ``not_found_upstream``. A dead letter says when its change
+  occurred as it was ordered (``OccurredAt``, in the body of a message and in an attribute), not when it was
+  dead-lettered, so a redriven change keeps its place in its user's order.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ from aws_lambda_powertools.metrics import MetricUnit
 from telematics_reg.dead_letters import DeadLetter, DeadLetterSink
 from telematics_reg.errors import FieldError, InvalidMessageError
 from telematics_reg.intake import event_time_ms
-from telematics_reg.lifecycle.changes import LifecycleChange, parse_change
+from telematics_reg.lifecycle.changes import FUTURE_TOLERANCE_MS, LifecycleChange, parse_change
 from telematics_reg.lifecycle.events import LifecycleFailed
 from telematics_reg.lifecycle.service import LifecycleRejectedError, LifecycleService, UserNotRegisteredError
 from telematics_reg.observability import logger, metrics
+from telematics_reg.occurred import stamp_occurred_at
 from telematics_reg.outcomes import ErrorItem, EventPublisher
 
 
@@ -81,12 +85,21 @@ class LifecycleIntake:
         raw = body if isinstance(body, str | bytes) else json.dumps(body)
         now_ms = int(self._clock() * 1000)
         sent_ms = first_sent_ms if first_sent_ms is not None else now_ms
+        fallback: int | None = None
         try:
             payload, detail_type, event_time = self._unwrap(body, detail_type, event_time)
             fallback = event_time_ms(event_time) or sent_ms
-            change = parse_change(payload, detail_type=detail_type, fallback_ms=fallback)
+            change = parse_change(
+                payload, detail_type=detail_type, fallback_ms=fallback, not_after_ms=now_ms + FUTURE_TOLERANCE_MS
+            )
         except InvalidMessageError as exc:
-            return self._dead_letter(raw, exc.reason, exc.errors, message_id, None)
+            return self._dead_letter(raw, exc.reason, exc.errors, message_id, None, occurred_at_ms=fallback)
+        if payload is body:
+            # A message (not an event, whose own ``time`` stays in the body): a dead letter of it carries the time it
+            # was ordered by in its body, so that however it is sent back it keeps its place in the user's order.
+            raw = stamp_occurred_at(
+                raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw, change.occurred_at
+            )
         logger.thread_safe_append_keys(client_id=change.client_id, message_id=message_id)
         try:
             outcome = self._service.apply(change, message_id=message_id)
@@ -163,11 +176,20 @@ class LifecycleIntake:
         errors: list[FieldError],
         message_id: str,
         change: LifecycleChange | None,
+        *,
+        occurred_at_ms: int | None = None,
     ) -> LifecycleResult:
         text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
         # If this send fails the exception propagates and the message is retried: it is never dropped.
         self._dead_letters.send(
-            DeadLetter(body=text, reason=reason, source="lifecycle", errors=errors, original_message_id=message_id)
+            DeadLetter(
+                body=text,
+                reason=reason,
+                source="lifecycle",
+                errors=errors,
+                original_message_id=message_id,
+                occurred_at_ms=change.occurred_at if change is not None else occurred_at_ms,
+            )
         )
         metrics.add_metric("LifecycleDeadLettered", MetricUnit.Count, 1)
         logger.warning(

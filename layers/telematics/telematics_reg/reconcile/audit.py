@@ -19,6 +19,13 @@ One run has two phases, each resumable from a cursor kept in the item ``AUDIT#DR
 2. **Sweep** the table (a Scan, paged) for registered users created before the run (less a margin) that the walk
    did not see: ``gone``. Each is marked ``GONE`` (out of the refresh index, tokens dropped) and announced with
    ``TelematicsUserGone``.
+3. **Settle** the users judged gone whose mark was refused: a refresh or a lifecycle change held the user's lease
+   (the mark never steps on a lease holder), or committed a new version since the scan. Each is read again and
+   marked at the version it now has, once no lease is live, by this same run: the run waits for the lease (within
+   the invocation's time, else at the next wake-up), for at most ``settle_seconds``; what is left then is counted
+   as ``GoneNotMarked`` and judged again by the next run. Waiting is safe: the walk did not see the user, so it was
+   deleted upstream before the walk read its page, and whatever the holder stores now (a pair rotated just before
+   the deletion) is dead with it.
 
 Users without a ClientId that we do not store (a lost CreateMany chunk's) are counted, not judged: adoption
 (:mod:`telematics_reg.reconcile.adoption`) is what finds their owner.
@@ -55,6 +62,11 @@ if TYPE_CHECKING:
 
 DRIFT_CLASSES = ("gone", "deactivated", "reflagged", "moved", "unstored")
 SAMPLE_SIZE = 50
+#: Users judged gone whose mark waits for a lease, kept in the cursor at most (more are left to the next run).
+MAX_UNSETTLED = 1000
+#: How often a run waiting for leases reads those users again: a holder usually lets its lease go long before it
+#: would lapse (it releases or commits), and one consistent read of a few users costs little.
+SETTLE_POLL_SECONDS = 5.0
 Status = Literal["finished", "in_progress", "not_due", "busy", "off"]
 
 
@@ -190,6 +202,9 @@ class DriftAudit:
         after the walk's end): at least a registration claim plus the clock skew.
     page_size, scan_page_size
         Users per GetFilteredPage page; items read per page of the table's Scan.
+    settle_seconds
+        How long after the sweep the run keeps waiting for the leases of users judged gone (a lease lives minutes:
+        a refresh's ``REFRESH_LEASE_SECONDS``, a change's ``LIFECYCLE_LEASE_SECONDS``).
     """
 
     def __init__(
@@ -207,7 +222,9 @@ class DriftAudit:
         page_size: int = 1000,
         scan_page_size: int = 1000,
         workers: int = 8,
+        settle_seconds: int = 900,
         clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._upstream = upstream
         self._admin = admin
@@ -221,7 +238,9 @@ class DriftAudit:
         self._page_size = page_size
         self._scan_page = scan_page_size
         self._workers = workers
+        self._settle = settle_seconds
         self._clock = clock
+        self._sleep = sleep
         self.upstream_calls = 0
 
     # -------------------------------------------------------------------------------------------- entry point
@@ -262,16 +281,29 @@ class DriftAudit:
             report.invocations += 1
             cursor = _Cursor.from_state(state) if state.get("RunId") == report.run_id else _Cursor()
             while report.phase != "done":
+                wait = 0.0
                 if report.phase == "walk":
                     if self._walk_page(report, cursor):
                         report.phase = "sweep"
-                elif self._sweep_page(report, cursor):
+                elif report.phase == "sweep":
+                    if self._sweep_page(report, cursor):
+                        report.phase = "settle"
+                        cursor.settle_until = int(self._clock()) + self._settle
+                else:
+                    wait = self._settle_gone(report, cursor)
+                if report.phase == "settle" and not cursor.unsettled:
                     report.phase = "done"
                     report.finished_at = int(self._clock())
                 self._checkpoint(owner, report, cursor)
-                if report.phase != "done" and time_left is not None and time_left() < reserve:
+                if report.phase == "done":
+                    break
+                # A wait for leases is short (our own lease is renewed by each checkpoint) and never outlasts the
+                # invocation: the next wake-up goes on waiting.
+                if time_left is not None and time_left() - wait < reserve:
                     logger.info("drift audit continues at the next invocation", extra={"audit": report.as_dict()})
                     return AuditStep("in_progress", report)
+                if wait > 0:
+                    self._sleep(wait)
             self._finish(report)
             return AuditStep("finished", report)
         except ConditionFailedError:
@@ -319,6 +351,8 @@ class DriftAudit:
             "WalkSeen": json.dumps(sorted(cursor.walk_seen)),
             "ScanKey": cursor.scan_key,
             "ScanStarted": cursor.scan_started,
+            "Unsettled": json.dumps(sorted(cursor.unsettled)),
+            "SettleUntil": cursor.settle_until,
         }
         if report.phase == "done":
             values |= {"FinishedAt": report.finished_at, "LastReport": json.dumps(report.as_dict())}
@@ -525,17 +559,64 @@ class DriftAudit:
             )
             if report.dry_run:
                 continue
-            if not self._records.mark_gone(user, run_id=report.run_id, now=self._clock()):
-                report.gone_not_marked += 1  # refreshed or leased meanwhile: judged again by the next audit
-                continue
-            try:
-                self._publisher.publish(
-                    UserGone(device_token=user.device_token, instance=user.instance, client_id=user.client_id)
-                )
-            except Exception:  # noqa: BLE001 - the mark is the record; the event a notification
-                logger.exception("could not publish TelematicsUserGone")
+            if self._records.mark_gone(user, run_id=report.run_id, now=self._clock()):
+                self._announce_gone(user)
+            elif len(cursor.unsettled) < MAX_UNSETTLED:
+                cursor.unsettled.add(user.device_token)  # leased or refreshed meanwhile: settled after the sweep
+            else:
+                report.gone_not_marked += 1  # judged again by the next run
         cursor.scan_key = next_key
         return next_key is None
+
+    def _announce_gone(self, user: StoredUser) -> None:
+        try:
+            self._publisher.publish(
+                UserGone(device_token=user.device_token, instance=user.instance, client_id=user.client_id)
+            )
+        except Exception:  # noqa: BLE001 - the mark is the record; the event a notification
+            logger.exception("could not publish TelematicsUserGone")
+
+    # -------------------------------------------------------------------------------------------------- settle
+
+    def _settle_gone(self, report: AuditReport, cursor: _Cursor) -> float:
+        """Mark the users judged gone whose lease has ended since; the seconds to wait before trying the rest again
+        (0 when none is left, or the run stops waiting for them).
+
+        Each is read again (consistently) and marked at the version it has now, under :meth:`mark_gone`'s conditions
+        (registered, unseen by this run, no live lease). Timeline of a user whose refresh held the lease::
+
+            walk: user absent (deleted upstream) .. sweep: mark(v) refused: leased ........ settle: read v+1 -> GONE
+            refresh:                            lease(v) -- Refresh ok (before the deletion) -- commit -> v+1
+        """
+        now = self._clock()
+        current = self._records.users(sorted(cursor.unsettled))
+        next_try: float | None = None
+        for token in sorted(cursor.unsettled):
+            user = current.get(token)
+            if user is None or user.status not in AUDITED_STATUSES or user.audit_run == report.run_id:
+                cursor.unsettled.discard(token)  # erased here meanwhile (a deletion): nothing left to mark
+                continue
+            if user.lease_expires_at is not None and user.lease_expires_at >= int(now):
+                # Free by our clock once LeaseExpiresAt < now (whole seconds, as mark_gone judges it).
+                ends = user.lease_expires_at + 1 - now
+                next_try = ends if next_try is None else min(next_try, ends)
+                continue
+            if self._records.mark_gone(user, run_id=report.run_id, now=now):
+                cursor.unsettled.discard(token)
+                self._announce_gone(user)
+            else:
+                next_try = 1.0 if next_try is None else min(next_try, 1.0)  # changed again since the read: re-read
+        if not cursor.unsettled:
+            return 0.0
+        if cursor.settle_until is not None and now >= cursor.settle_until:
+            report.gone_not_marked += len(cursor.unsettled)
+            logger.warning(
+                "users judged gone left to the next audit: their lease outlasted the wait",
+                extra={"device_tokens": sorted(cursor.unsettled)[:SAMPLE_SIZE], "count": len(cursor.unsettled)},
+            )
+            cursor.unsettled.clear()
+            return 0.0
+        return min(SETTLE_POLL_SECONDS, max(1.0, next_try or 1.0))
 
 
 @dataclass
@@ -545,6 +626,9 @@ class _Cursor:
     walk_seen: set[str] = field(default_factory=set)
     scan_key: str | None = None
     scan_started: bool = False
+    #: Users judged gone whose mark waits for a lease to end, and until when the run waits for them (epoch s).
+    unsettled: set[str] = field(default_factory=set)
+    settle_until: int | None = None
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> _Cursor:
@@ -554,4 +638,6 @@ class _Cursor:
             walk_seen=set(json.loads(state.get("WalkSeen", "[]"))),
             scan_key=state.get("ScanKey"),
             scan_started=bool(state.get("ScanStarted", False)),
+            unsettled=set(json.loads(state.get("Unsettled", "[]"))),
+            settle_until=int(state["SettleUntil"]) if state.get("SettleUntil") is not None else None,
         )

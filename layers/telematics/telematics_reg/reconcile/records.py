@@ -52,7 +52,7 @@ AUDIT_PK = "AUDIT#DRIFT"
 AUDITED_STATUSES = (UserStatus.ACTIVE, UserStatus.TOKENLESS, UserStatus.NEEDS_RELOGIN)
 _PROJECTION = (
     "pk, DeviceToken, Instance, InstanceId, ClientId, #s, Version, Deactivated, AuditFlags, AuditRun, "
-    "BulkRequestId, BulkChunk, AdoptedFrom, CreatedAt"
+    "BulkRequestId, BulkChunk, AdoptedFrom, CreatedAt, LeaseExpiresAt"
 )
 
 
@@ -74,6 +74,8 @@ class StoredUser:
     created_at: str = ""
     #: ``<RequestId>#<n>``: the chunk whose own call stored the user.
     bulk_chunk: str | None = None
+    #: The refresh or lifecycle lease on the user, if any (epoch s, by its holder's clock).
+    lease_expires_at: int | None = None
 
     def of_chunk(self, tag: str) -> bool:
         """Whether the user was made by chunk ``tag`` (``<RequestId>#<n>``): stored by its call, or adopted from it."""
@@ -115,6 +117,7 @@ def _stored(values: Mapping[str, Any]) -> StoredUser:
         adopted_from=values.get("AdoptedFrom"),
         created_at=str(values.get("CreatedAt", "")),
         bulk_chunk=values.get("BulkChunk"),
+        lease_expires_at=int(values["LeaseExpiresAt"]) if values.get("LeaseExpiresAt") is not None else None,
     )
 
 
@@ -461,12 +464,12 @@ class DynamoReconcileRecords:
     def mark_gone(self, user: StoredUser, *, run_id: str, now: float) -> bool:
         """Stop keeping a user the upstream no longer has: ``GONE``, out of the refresh index, its tokens dropped.
 
-        Condition: the version the scan read, still unseen by this audit, and no live refresh or lifecycle lease.
-        A refresh that commits meanwhile moves the version (the user is judged again by the next audit); a lease
-        holder is never stepped on (its commit would then fail)::
+        Condition: the version read, still unseen by this audit, and no live refresh or lifecycle lease. A lease
+        holder is never stepped on (its commit would then fail); a refused mark is settled by the same run once the
+        lease has ended, with the version read again (see :class:`telematics_reg.reconcile.audit.DriftAudit`)::
 
-            audit  scan(v) ............................ mark_gone(v): refused, judged next audit
-            worker         lease(v) -- Login -> 404 -- release   (or commit -> v+1)
+            audit  scan(v) ........ mark_gone(v): refused (leased) ...... settle: read v' -> mark_gone(v'): GONE
+            worker         lease(v) -- Refresh -> 400, Login -> 404 -- release (or commit -> v' = v+1)
         """
         try:
             self._store._update(
