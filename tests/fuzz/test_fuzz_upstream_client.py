@@ -136,7 +136,8 @@ SENT_BY = {"refresh": [ACCESS, REFRESH]}
 
 
 def _echoing_only(body: bytes, *, not_sent: list[str]) -> bytes:
-    # An answer can quote what its request carried, not what another call did (see the xfail test below).
+    # An answer can quote what its request carried, not what another call did (see
+    # test_a_login_error_quoting_the_users_tokens_is_not_repeated for the worker's own scrubbing).
     for secret in not_sent:
         body = body.replace(json.dumps(secret)[1:-1].encode(), b"not-sent")
         body = body.replace(json.dumps(secret.upper())[1:-1].encode(), b"NOT-SENT")
@@ -261,8 +262,9 @@ def test_refresh_never_stores_tokens_from_an_answer_it_cannot_trust(answer: tupl
         try:
             outcome = refresher.refresh_job(RefreshJob(str(USER), record.version))
         except UpstreamError:
-            # Some answers (403, 3xx, other 4xx) escape the worker today: see the xfail test below. What matters
-            # here is that they did not touch the stored pair.
+            # An answer the worker does not expect is deferred with the lease released
+            # (test_refresh_worker_defers_an_answer_it_does_not_expect); one that still raises must not have touched
+            # the stored pair.
             outcome = None
 
     after = world.store.get_user(str(USER))
