@@ -820,6 +820,8 @@ class Outcomes:
         #: ClientId -> SentTimestamp (epoch s) of its first TelematicsUserRegistered event.
         self.registered: dict[str, float] = {}
         self.kinds: collections.Counter[str] = collections.Counter()
+        #: ClientIds announced deleted (TelematicsUserDeleted, first or repeated).
+        self.deleted: set[str] = set()
         self.bulk_users: set[str] = set()
         self.failed_message_ids: dict[str, str] = {}  # MessageId -> Reason
         self.token_failed: dict[str, str] = {}  # DeviceToken -> Reason
@@ -858,6 +860,10 @@ class Outcomes:
             self.failed_message_ids[str(detail.get("MessageId"))] = str(detail.get("Reason"))
         elif kind == "TelematicsTokenRefreshFailed":
             self.token_failed[str(detail.get("DeviceToken"))] = str(detail.get("Reason"))
+        elif kind == "TelematicsUserDeleted":
+            self.deleted.add(str(detail.get("ClientId")))
+            if detail.get("Duplicate"):
+                kind += " (duplicate)"
         self.kinds[kind] += 1
 
 
@@ -2184,6 +2190,8 @@ def check_lifecycle(state: EndState) -> list[Check]:
             differ.append(f"{cid} {wrong}")
     admin_logins = int(state.counters.get("admin_logins", 0))
     deleted_events = soak.outcomes.kinds.get("TelematicsUserDeleted", 0)
+    repeated = soak.outcomes.kinds.get("TelematicsUserDeleted (duplicate)", 0)
+    unannounced = sorted(soak.work.gone - soak.outcomes.deleted)
     counts = (
         f"{len(lifecycle.updated)} updated ({len(lifecycle.stale)} then sent a stale update), "
         f"{len(lifecycle.deleted)} deleted (each then sent a redelivered registration and a late update, both older), "
@@ -2194,10 +2202,11 @@ def check_lifecycle(state: EndState) -> list[Check]:
     return [
         Check(
             "Deleted users: nothing left",
-            not left and not in_letters and tombstoned == soak.work.gone,
+            not left and not in_letters and tombstoned == soak.work.gone and not unannounced,
             f"{len(soak.work.gone)} deleted, {len(tombstoned)} tombstones; with a token or profile left: {len(left)}"
             f"{' ' + str(left[:5]) if left else ''}; named in a dead letter: {len(in_letters)}; "
-            f"TelematicsUserDeleted {deleted_events}",
+            f"TelematicsUserDeleted {deleted_events} (+ {repeated} repeated by a redelivered deletion); "
+            f"deleted users never announced: {len(unannounced)}" + (f" {unannounced[:5]}" if unannounced else ""),
         ),
         Check(
             "Deleted users: none resurrected upstream",

@@ -18,6 +18,7 @@ from local.fakes import InMemoryLoginBudget, InMemoryRefreshJobQueue
 from telematics_reg.errors import OutcomeUnknownError, TransientUpstreamError, UnauthorizedError
 from telematics_reg.lifecycle.admin import AdminSessionUnavailableError, FleetAdminSession
 from telematics_reg.lifecycle.changes import FUTURE_TOLERANCE_MS, Action
+from telematics_reg.lifecycle.erasure import ErasureIncompleteError
 from telematics_reg.lifecycle.events import LifecycleFailed, UserDeleted, UserMoved, UserUpdated
 from telematics_reg.lifecycle.service import UserBusyError, UserNotRegisteredError
 from telematics_reg.models import CreateUserRequest
@@ -537,3 +538,33 @@ def test_the_lifecycle_samples_do_what_their_names_say(lc: Lifecycle) -> None:
     }
     assert_erased_everywhere = [r.status for r in lc.world.store.find_all_by_client("fleet-eu", "customer-1001")]
     assert assert_erased_everywhere == [UserStatus.DELETED]
+
+
+def test_a_deletion_whose_erasure_was_retried_is_still_announced(lc: Lifecycle) -> None:
+    """The soak's interleaving: the user is deleted upstream and here, then the erasure of its dead letters finds a
+    letter in flight (an operator listing the DLQ) and the message is retried. The retry finds the deletion final
+    (a duplicate): it finishes the erasure and announces the deletion, marked Duplicate, so it is announced."""
+    lc.register("c-1")
+    lc.eraser.bodies.append(json.dumps({"ClientId": "c-1", "FirstName": "Ada"}))
+    real_erase = lc.eraser.erase
+    calls = {"n": 0}
+
+    def erase_in_flight_once(instance: str, client_id: str) -> int:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ErasureIncompleteError("0 dead letters removed; some were in flight: retry")
+        return real_erase(instance, client_id)
+
+    lc.eraser.erase = erase_in_flight_once  # type: ignore[method-assign]
+    body = {"ClientId": "c-1", "OccurredAt": iso_ms(lc.ms())}
+    with pytest.raises(ErasureIncompleteError):
+        lc.send("UserDeleted", body)
+    assert not [e for e in lc.world.publisher.events if isinstance(e, UserDeleted)]
+
+    assert lc.send("UserDeleted", body) == "dropped"  # the redelivery: already final
+
+    (event,) = [e for e in lc.world.publisher.events if isinstance(e, UserDeleted)]
+    assert event.duplicate is True
+    assert event.client_id == "c-1"
+    assert_erased(lc, "c-1")
+    assert lc.eraser.bodies == []

@@ -32,8 +32,12 @@ class UserReactivated(_Applied):
 
 class UserDeleted(_Applied):
     detail_type: ClassVar[str] = "TelematicsUserDeleted"
-    #: False when the user was never registered here (the tombstone stops a late registration).
-    was_registered: bool = Field(True, alias="WasRegistered")
+    #: False when the user was never registered here (the tombstone stops a late registration); null when
+    #: ``Duplicate``.
+    was_registered: bool | None = Field(True, alias="WasRegistered")
+    #: Announced again by a redelivered deletion (at least once: the first delivery may have been cut off, or its
+    #: erasure of dead letters retried, after the user was deleted and before it announced it).
+    duplicate: bool = Field(False, alias="Duplicate")
 
 
 class UserMoved(_Applied):

@@ -275,8 +275,21 @@ class LifecycleService:
         if done and (live is None or live.status is UserStatus.PENDING):
             # This deletion, or an older one (a duplicate, a redelivery): already final. Its erasure of dead
             # letters is repeated, so a retry after an incomplete erasure completes it.
-            self._erase(change.client_id, {change.instance, done[0].instance, *done[0].moved_from})
-            return ChangeOutcome("dropped", "duplicate", done[0].device_token, done[0].deleted_at)
+            tombstone = done[0]
+            self._erase(change.client_id, {change.instance, tombstone.instance, *tombstone.moved_from})
+            # Announced again: the delivery that deleted it may have ended before its announcement (an incomplete
+            # erasure retried, a cut-off), and the deletion must be announced at least once.
+            self._publish(
+                UserDeleted(
+                    device_token=tombstone.device_token,
+                    instance=tombstone.instance,
+                    client_id=tombstone.client_id or change.client_id,
+                    occurred_at=tombstone.deleted_at or change.occurred_at,
+                    was_registered=None,
+                    duplicate=True,
+                )
+            )
+            return ChangeOutcome("dropped", "duplicate", tombstone.device_token, tombstone.deleted_at)
         if done:
             # A live user next to a newer tombstone registered after that deletion (the registration gate admits
             # no other): a new user, which this older deletion does not name.
