@@ -1095,6 +1095,10 @@ class BulkPhases:
     slow_faults: dict[str, Any] = field(default_factory=dict)
     redrive_at: float = 0.0
     redrive: dict[str, Any] = field(default_factory=dict)
+    #: The operator's redrives of lifecycle changes dead-lettered ``unknown_user`` once their users registered.
+    lifecycle_redrives: list[dict[str, Any]] = field(default_factory=list)
+    lifecycle_redrive_checked: float = 0.0
+    lifecycle_redrive_running: bool = False
 
 
 @dataclass
@@ -1203,6 +1207,8 @@ class Soak:
             self._revoke()
         if self.options.redrive and not self.phases.redrive_at and self._main_bulk_settled():
             self._redrive()
+        if self.options.redrive and self.feeder.done and self.kill is not None and self.kill.expired_at:
+            self._maybe_redrive_lifecycle()
 
     # ---------------------------------------------------------------- the bulks
 
@@ -1308,6 +1314,48 @@ class Soak:
         if done.returncode != 0:
             self.problems.append(f"telematics-reg dlq redrive exited {done.returncode}: {report}")
         self.say(f"operator: telematics-reg dlq redrive --queue registration -> {json.dumps(report)[:300]}")
+
+    def _maybe_redrive_lifecycle(self) -> None:
+        """What README tells an operator to do with an ``unknown_user`` dead letter: once the user is registered,
+        redrive it. (A registration can take longer than the bound: a lost Create answer whose recovery Logins
+        meet faults.) The letter carries the time its change was ordered by, so the redriven change keeps its
+        place: an older one is dropped as stale, never applied over a newer one."""
+        phases = self.phases
+        if phases.lifecycle_redrive_running or time.time() < phases.lifecycle_redrive_checked + 20:
+            return
+        phases.lifecycle_redrive_checked = time.time()
+        malformed = sum(1 for m in self.work.malformed if m.path == "lifecycle")
+        waiting = self._depth("LifecycleDeadLetterQueue") - malformed
+        if waiting <= 0 or any(cid not in self.outcomes.registered for cid in self.work.client_ids):
+            return
+        phases.lifecycle_redrive_running = True
+        threading.Thread(target=self._run_lifecycle_redrive, name="soak-lifecycle-redrive", daemon=True).start()
+
+    def _run_lifecycle_redrive(self) -> None:
+        command = [
+            str(Path(sys.executable).with_name("telematics-reg")),
+            *("dlq", "redrive", "--queue", "lifecycle", "--reason", "unknown_user", "--json"),
+            *("--local-stack", str(self.stack_path)),
+        ]
+        try:
+            done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
+            try:
+                printed = json.loads(done.stdout)
+                report: dict[str, Any] = {k: printed.get(k) for k in ("examined", "moved")}
+                report["failed"] = len(printed.get("failed") or [])
+            except (ValueError, AttributeError):
+                report = {"output": (done.stdout + done.stderr)[-500:]}
+            report["exit"] = done.returncode
+            report["at"] = self.at(time.time())
+            self.phases.lifecycle_redrives.append(report)
+            if done.returncode != 0:
+                self.problems.append(f"telematics-reg dlq redrive --queue lifecycle exited {done.returncode}: {report}")
+            self.say(
+                f"operator: telematics-reg dlq redrive --queue lifecycle --reason unknown_user -> "
+                f"{json.dumps(report)[:300]}"
+            )
+        finally:
+            self.phases.lifecycle_redrive_running = False
 
     def _workload_text(self) -> str:
         w = self.work
@@ -1957,6 +2005,14 @@ def check_redrive(state: EndState) -> list[Check]:
     report = phases.redrive
     moved = report.get("moved")
     ok = bool(phases.redrive_at) and report.get("exit") == 0 and not report.get("failed")
+    lifecycle = phases.lifecycle_redrives
+    ok = ok and all(r.get("exit") == 0 and not r.get("failed") for r in lifecycle)
+    lifecycle_text = (
+        "; lifecycle changes dead-lettered unknown_user, redriven once their users registered: "
+        + ", ".join(f"{r.get('moved')} at {r.get('at')} s (exit {r.get('exit')})" for r in lifecycle)
+        if lifecycle
+        else "; no lifecycle change needed a redrive"
+    )
     return [
         Check(
             "Operator redrive",
@@ -1965,7 +2021,7 @@ def check_redrive(state: EndState) -> list[Check]:
                 f"telematics-reg dlq redrive --queue registration {state.soak.at(phases.redrive_at)} s in: "
                 f"exit {report.get('exit')}, moved {moved} of the {report.get('letters')} letters there; those it "
                 "moved came back with their reasons, the bulk continued under its stamped RequestId (see the checks "
-                "above)"
+                "above)" + lifecycle_text
             )
             if phases.redrive_at
             else "never ran (the main bulk did not settle)",
