@@ -568,3 +568,27 @@ def test_a_deletion_whose_erasure_was_retried_is_still_announced(lc: Lifecycle) 
     assert event.client_id == "c-1"
     assert_erased(lc, "c-1")
     assert lc.eraser.bodies == []
+
+
+def test_an_update_whose_user_is_deleted_while_it_waits_on_the_upstream_is_dropped_not_dead_lettered(
+    lc: Lifecycle,
+) -> None:
+    """Found by the soak: the update holds its lease and calls the upstream; a deletion (final whatever lease a
+    change holds) deletes the user upstream and here and erases its dead letters; the update's call answers "no
+    such user". The update is dropped as ``user_deleted``: a dead letter would bring its profile back."""
+    lc.register("c-1")
+    real_update = lc.world.upstream.update_user
+
+    def update_racing_a_deletion(*args: object, **kwargs: object) -> object:
+        assert lc.send("UserDeleted", {"ClientId": "c-1"}) == "applied"
+        return real_update(*args, **kwargs)  # type: ignore[arg-type]
+
+    lc.world.upstream.update_user = update_racing_a_deletion  # type: ignore[method-assign]
+
+    assert lc.send("UserUpdated", {"ClientId": "c-1", "City": "Rome"}) == "dropped"
+
+    assert lc.dead_letters.letters == []
+    assert_erased(lc, "c-1")
+    (failed,) = failures(lc)
+    assert failed.reason == "user_deleted"
+    assert not failed.dead_lettered

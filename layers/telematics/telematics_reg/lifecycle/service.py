@@ -163,8 +163,24 @@ class LifecycleService:
             to_creds = None  # already in that instance: the marker and the alias move, the upstream is not called
         try:
             self._call_upstream(change, leased, to_creds)
-        except BaseException:
+        except BaseException as exc:
             self._records.release(device_token=leased.device_token, owner=owner, refresh_token_dead=leased.lease_lapsed)
+            if isinstance(exc, LifecycleRejectedError) and exc.reason == "not_found_upstream":
+                # A deletion is final whatever lease a change holds, so it may run while this change waits on the
+                # upstream, which then no longer knows the user:
+                #   change: lease | update(user) ....................... 404
+                #   delete:         begin | delete upstream | erase DLQs | tombstone
+                # Dead-lettering the change would put its profile back into a DLQ the deletion has just erased.
+                erased = next(
+                    (
+                        r
+                        for r in self._user_records(change)
+                        if r.device_token == leased.device_token and r.status.erased
+                    ),
+                    None,
+                )
+                if erased is not None:
+                    return ChangeOutcome("dropped", "user_deleted", erased.device_token, erased.deleted_at)
             raise
         deactivated = {Action.DEACTIVATE: True, Action.REACTIVATE: False}.get(change.action)
         flags = change.update.to_upstream().get("UserFields") if change.update is not None else None
