@@ -26,7 +26,7 @@ from telematics_reg.batching import BatchFailedError
 from telematics_reg.errors import InvalidMessageError, TelematicsError
 from telematics_reg.intake import event_time_ms
 from telematics_reg.lifecycle.changes import FUTURE_TOLERANCE_MS, LifecycleChange, parse_change
-from telematics_reg.lifecycle.events import LifecycleFailed
+from telematics_reg.lifecycle.events import LifecycleFailed, UserDeleted
 from telematics_reg.occurred import has_occurred_at
 
 from .conftest import INPUTS
@@ -119,6 +119,10 @@ def _management_calls(lc: Lifecycle) -> int:
     waited=st.lists(st.sampled_from([0, 1, 899, 900, 10_000]), min_size=6, max_size=6),
 )
 @example(
+    bodies=['{"Action": "delete", "ClientId": "known-1"}', '{"Action": "delete", "ClientId": "known-1"}'],
+    waited=[0] * 6,
+)  # a redelivered deletion: announced again (Duplicate), then dropped
+@example(
     bodies=['{"Action": "Delete", "ClientId": "known-1", "OccurredAt": "0001-01-01T00:00:00+02:00"}'], waited=[0] * 6
 )
 @example(
@@ -181,7 +185,10 @@ def test_every_lifecycle_message_ends_applied_dropped_dead_lettered_with_its_rea
                 assert (announced.reason, announced.dead_lettered) == (letter.reason, True)
             elif result.status == "dropped":
                 assert result.reason in {"stale", "duplicate", "user_deleted"}
-                (announced,) = lc.world.publisher.events[events:]
+                *repeated, announced = lc.world.publisher.events[events:]
+                # A redelivered deletion announces the deletion again (at least once), then its drop.
+                assert all(isinstance(e, UserDeleted) and e.duplicate for e in repeated)
+                assert len(repeated) <= 1
                 assert isinstance(announced, LifecycleFailed)
                 assert (announced.reason, announced.dead_lettered) == (result.reason, False)
             else:
