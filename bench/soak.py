@@ -1982,7 +1982,10 @@ def check_big_bulk(state: EndState) -> list[Check]:
         and len(users) == len(stored) == soak.options.big_bulk
         and made == stored
         and (continued >= 1 or soak.options.big_bulk <= ONE_DELIVERY_WITHOUT_CREATE_MANY)
-        and set(receives) == {1}
+        # Every message seen was received once. A bulk that one delivery makes can be handled between two of the
+        # driver's looks at the queue (none seen); a bigger one must have been seen continuing.
+        and set(receives) <= {1}
+        and (bool(receives) or soak.options.big_bulk <= ONE_DELIVERY_WITHOUT_CREATE_MANY)
     )
     return [
         Check(
